@@ -1,0 +1,34 @@
+"""lightning_adamtype: measure the convergence conditions of Adam-type optimizers while training.
+
+Chen, Liu, Sun & Hong, "On the Convergence of A Class of Adam-Type Algorithms for Non-Convex Optimization",
+ICLR 2019 (arXiv:1808.02941).
+
+- :class:`ConditionTracker`: plain PyTorch (no Lightning import), hooks one optimizer.
+- :class:`AdamTypeMonitor`: the Lightning ``Callback`` (imported lazily, so the core works without Lightning).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .adapters import OptimizerAdapter, find_adapter, register_adapter, registered_adapters
+from .tracker import ACCUMULATOR_KEYS, ConditionTracker
+
+__all__ = [
+    "AdamTypeMonitor",
+    "ConditionTracker",
+    "OptimizerAdapter",
+    "ACCUMULATOR_KEYS",
+    "find_adapter",
+    "register_adapter",
+    "registered_adapters",
+]
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name == "AdamTypeMonitor":
+        from .callback import AdamTypeMonitor
+
+        return AdamTypeMonitor
+    raise AttributeError(f"module 'lightning_adamtype' has no attribute {name!r}")

@@ -1,0 +1,350 @@
+"""Adapters: how each optimizer family maps onto the paper's template.
+
+Chen, Liu, Sun & Hong (ICLR 2019) write every Adam-type method as
+
+    m_t = β1,t m_{t-1} + (1 - β1,t) g_t,    x_{t+1} = x_t - α_t m_t / sqrt(v̂_t),
+
+and call η_t = α_t / sqrt(v̂_t) the *effective stepsize*. An adapter reads an optimizer's state right after its
+step and returns η_t for every parameter of a group, plus the facts needed to rebuild the gradient g_t that the
+optimizer consumed (coupled weight decay, ``maximize``).
+
+Adapters are looked up in a registry by the optimizer's class (walking its MRO), so a subclass of ``Adam`` is
+mapped like ``Adam``. Third parties add theirs with :func:`register_adapter`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Protocol, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "OptimizerAdapter",
+    "register_adapter",
+    "find_adapter",
+    "registered_adapters",
+    "step_value",
+]
+
+Scalar = float | Tensor
+
+
+class OptimizerAdapter(Protocol):
+    """What the tracker needs to know about one optimizer family."""
+
+    def effective_stepsizes(self, group: dict[str, Any], states: Sequence[dict[str, Any]]) -> list[Tensor]:
+        """η_t for each parameter (same shape as the parameter), read from the state after the step.
+
+        Returned tensors may be freshly allocated; the tracker owns them afterwards.
+        """
+
+    def coupled_weight_decay(self, group: dict[str, Any]) -> float:
+        """The weight decay λ that the optimizer adds to the gradient (g = ∇ + λ·p), 0.0 if none or decoupled."""
+
+
+def step_value(state: dict[str, Any]) -> Scalar:
+    """The optimizer step count t of one parameter's state, as a Python float when it lives on the CPU.
+
+    A CPU scalar is read without a device synchronisation; a device tensor (fused or capturable optimizers)
+    is returned as a tensor so that the arithmetic stays on the device.
+    """
+    step = state["step"]
+    if isinstance(step, Tensor):
+        if step.device.type == "cpu":
+            return float(step)
+        return step.to(torch.float32) if not step.is_floating_point() else step
+    return float(step)
+
+
+def _lr(group: dict[str, Any]) -> Scalar:
+    lr = group["lr"]
+    if isinstance(lr, Tensor):
+        return float(lr) if lr.device.type == "cpu" else lr
+    return float(lr)
+
+
+def _work_dtype(t: Tensor) -> torch.dtype:
+    """Effective stepsizes are computed in at least float32 (bf16/fp16 state is upcast)."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def _upcast(tensors: Sequence[Tensor]) -> list[Tensor]:
+    return [t.to(_work_dtype(t)) if t.dtype != _work_dtype(t) else t for t in tensors]
+
+
+def _scale_over_denominator(
+    numerators: Sequence[Scalar], denominators: list[Tensor]
+) -> list[Tensor]:
+    """η_i = s_i / d_i for per-parameter scalars s_i (floats or 0-dim tensors), in place on ``denominators``."""
+    torch._foreach_reciprocal_(denominators)
+    if all(isinstance(s, float) for s in numerators):
+        torch._foreach_mul_(denominators, list(numerators))
+    else:
+        device = denominators[0].device
+        torch._foreach_mul_(
+            denominators,
+            [s if isinstance(s, Tensor) else torch.tensor(s, device=device) for s in numerators],
+        )
+    return denominators
+
+
+def _sqrt_plus_eps(tensors: Sequence[Tensor], eps: float, divisors: Sequence[Scalar] | None = None) -> list[Tensor]:
+    """sqrt(v_i) / c_i + eps with fresh output tensors (the optimizer's state is never written)."""
+    out = torch._foreach_sqrt(_upcast(tensors))
+    if divisors is not None:
+        if all(isinstance(c, float) for c in divisors):
+            torch._foreach_div_(out, list(divisors))
+        else:
+            device = out[0].device
+            torch._foreach_div_(out, [c if isinstance(c, Tensor) else torch.tensor(c, device=device) for c in divisors])
+    torch._foreach_add_(out, eps)
+    return out
+
+
+def _sqrt(x: Scalar) -> Scalar:
+    return x.sqrt() if isinstance(x, Tensor) else math.sqrt(x)
+
+
+class AdamAdapter:
+    """Adam and AdamW (for-loop, foreach and fused implementations).
+
+    η_t = (lr / (1 − β1^t)) / (sqrt(v_t) / sqrt(1 − β2^t) + eps),
+
+    with v = ``exp_avg_sq``, or ``max_exp_avg_sq`` when the group has ``amsgrad=True``. As in torch, AMSGrad's
+    maximum is taken over the *uncorrected* second moments, before the bias correction 1 − β2^t is applied.
+    Adam's ``weight_decay`` is coupled (g = ∇f + λ·x); AdamW's (or ``decoupled_weight_decay=True``) is not part
+    of g.
+    """
+
+    def effective_stepsizes(self, group: dict[str, Any], states: Sequence[dict[str, Any]]) -> list[Tensor]:
+        beta1, beta2 = group["betas"]
+        beta1, beta2 = float(beta1), float(beta2)
+        lr = _lr(group)
+        key = "max_exp_avg_sq" if group.get("amsgrad", False) else "exp_avg_sq"
+        steps = [step_value(s) for s in states]
+        denominators = _sqrt_plus_eps(
+            [s[key] for s in states], group["eps"], [_sqrt(1 - beta2**t) for t in steps]
+        )
+        return _scale_over_denominator([lr / (1 - beta1**t) for t in steps], denominators)
+
+    def coupled_weight_decay(self, group: dict[str, Any]) -> float:
+        if group.get("decoupled_weight_decay", False):
+            return 0.0
+        return float(group.get("weight_decay", 0.0))
+
+
+class AdamWAdapter(AdamAdapter):
+    """AdamW: Adam's effective stepsize; its decoupled weight decay is not part of g."""
+
+    def coupled_weight_decay(self, group: dict[str, Any]) -> float:
+        return 0.0
+
+
+class AdagradAdapter:
+    """Adagrad: η_t = (lr / (1 + (t − 1)·lr_decay)) / (sqrt(sum_t) + eps), with ``sum_t`` = Σ_s g_s².
+
+    In the template v̂_t = (1/t) Σ g_s² and α_t = lr/√t give the same η_t (for lr_decay = 0); weight decay is
+    coupled (g = ∇f + λ·x).
+    """
+
+    def effective_stepsizes(self, group: dict[str, Any], states: Sequence[dict[str, Any]]) -> list[Tensor]:
+        lr, lr_decay = _lr(group), float(group["lr_decay"])
+        steps = [step_value(s) for s in states]
+        denominators = _sqrt_plus_eps([s["sum"] for s in states], group["eps"])
+        return _scale_over_denominator([lr / (1 + (t - 1) * lr_decay) for t in steps], denominators)
+
+    def coupled_weight_decay(self, group: dict[str, Any]) -> float:
+        return float(group.get("weight_decay", 0.0))
+
+
+class RMSpropAdapter:
+    """RMSprop: η_t = lr / ((1 − μ) · (sqrt(v_t) + eps)), v = ``square_avg`` (centered: square_avg − grad_avg²).
+
+    Without momentum (μ = 0) this is exactly torch's step x ← x − η ⊙ g. With momentum torch keeps a heavy-ball
+    buffer of *normalised* gradients, buf_t = μ·buf_{t−1} + g_t / (sqrt(v_t) + eps), and steps x ← x − lr·buf.
+    A gradient's total weight in the steps that follow is lr / (1 − μ), which is the template's α_t/sqrt(v̂_t)
+    with m_t the EMA of g (weight 1 − μ) — hence the factor 1/(1 − μ).
+    """
+
+    def effective_stepsizes(self, group: dict[str, Any], states: Sequence[dict[str, Any]]) -> list[Tensor]:
+        lr, momentum = _lr(group), float(group.get("momentum", 0.0))
+        if group.get("centered", False):
+            second = [
+                torch.addcmul(sa.to(_work_dtype(sa)), ga.to(_work_dtype(ga)), ga.to(_work_dtype(ga)), value=-1)
+                for sa, ga in ((s["square_avg"], s["grad_avg"]) for s in states)
+            ]
+        else:
+            second = [s["square_avg"] for s in states]
+        denominators = _sqrt_plus_eps(second, group["eps"])
+        return _scale_over_denominator([lr / (1 - momentum)] * len(states), denominators)
+
+    def coupled_weight_decay(self, group: dict[str, Any]) -> float:
+        return float(group.get("weight_decay", 0.0))
+
+
+class SGDAdapter:
+    """SGD: v̂ = 1, so η_t = lr for every coordinate; with momentum η_t = lr·(1 − dampening) / (1 − μ).
+
+    Heavy ball with dampening d keeps buf_t = μ·buf_{t−1} + (1 − d)·g_t = (1 − d)/(1 − μ) · m_t with m_t the
+    EMA of g (β1 = μ; torch seeds buf_1 = g_1). Nesterov steps with g_t + μ·buf_t; a gradient's total weight
+    over the following steps is again lr/(1 − μ) (Nesterov requires d = 0). Weight decay is coupled.
+    """
+
+    def effective_stepsizes(self, group: dict[str, Any], states: Sequence[dict[str, Any]]) -> list[Tensor]:
+        raise NotImplementedError  # SGD has no per-coordinate state: see ``uniform_stepsize``.
+
+    def uniform_stepsize(self, group: dict[str, Any]) -> Scalar:
+        """The single η_t shared by every coordinate of the group."""
+        momentum = float(group.get("momentum", 0.0))
+        lr = _lr(group)
+        if momentum == 0.0:
+            return lr
+        return lr * (1 - float(group.get("dampening", 0.0))) / (1 - momentum)
+
+    def coupled_weight_decay(self, group: dict[str, Any]) -> float:
+        return float(group.get("weight_decay", 0.0))
+
+
+class AdamaxAdapter:
+    """Adamax: η_t = (lr / (1 − β1^t)) / u_t with u_t = ``exp_inf`` = max(β2·u_{t−1}, |g_t| + eps).
+
+    The infinity-norm moment replaces sqrt(v̂_t) (eps sits inside the max, as in torch). Weight decay is coupled.
+    """
+
+    def effective_stepsizes(self, group: dict[str, Any], states: Sequence[dict[str, Any]]) -> list[Tensor]:
+        beta1 = float(group["betas"][0])
+        lr = _lr(group)
+        steps = [step_value(s) for s in states]
+        denominators = [t.clone() for t in _upcast([s["exp_inf"] for s in states])]
+        return _scale_over_denominator([lr / (1 - beta1**t) for t in steps], denominators)
+
+    def coupled_weight_decay(self, group: dict[str, Any]) -> float:
+        return float(group.get("weight_decay", 0.0))
+
+
+class NAdamAdapter:
+    """NAdam: η_t = lr·w_t / (sqrt(v_t / (1 − β2^t)) + eps), with
+
+        μ_t = β1 (1 − ½·0.96^(tψ)),   Π_t = Π_{s≤t} μ_s (``mu_product``),
+        w_t = (1 − μ_t)/(1 − Π_t) + μ_{t+1}/(1 − Π_t μ_{t+1}).
+
+    torch steps x ← x − lr/(…)·[(1 − μ_t)/(1 − Π_t)·g_t + μ_{t+1}/(1 − Π_t μ_{t+1})·m_t]; the bracket is the
+    Nesterov-corrected momentum, a weighted mix of g_t and the EMA m_t with total weight w_t (→ 1 as t grows,
+    larger early on, like Adam's bias correction). The template's m is that mix normalised to weight 1, so
+    η_t carries w_t. Weight decay is coupled unless ``decoupled_weight_decay=True``.
+    """
+
+    def effective_stepsizes(self, group: dict[str, Any], states: Sequence[dict[str, Any]]) -> list[Tensor]:
+        beta1, beta2 = (float(b) for b in group["betas"])
+        psi = float(group["momentum_decay"])
+        lr = _lr(group)
+        steps = [step_value(s) for s in states]
+        numerators: list[Scalar] = []
+        for s, t in zip(states, steps):
+            prod = s["mu_product"]
+            prod = float(prod) if not isinstance(prod, Tensor) or prod.device.type == "cpu" else prod
+            mu = beta1 * (1.0 - 0.5 * 0.96 ** (t * psi))
+            mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((t + 1) * psi))
+            numerators.append(lr * ((1 - mu) / (1 - prod) + mu_next / (1 - prod * mu_next)))
+        denominators = _sqrt_plus_eps([s["exp_avg_sq"] for s in states], group["eps"], [_sqrt(1 - beta2**t) for t in steps])
+        return _scale_over_denominator(numerators, denominators)
+
+    def coupled_weight_decay(self, group: dict[str, Any]) -> float:
+        if group.get("decoupled_weight_decay", False):
+            return 0.0
+        return float(group.get("weight_decay", 0.0))
+
+
+class RAdamAdapter:
+    """RAdam: alternates between rectified adaptive steps and un-adapted (SGD-with-momentum) steps.
+
+        ρ_∞ = 2/(1 − β2) − 1,   ρ_t = ρ_∞ − 2tβ2^t/(1 − β2^t),
+        ρ_t > 5:  η_t = (lr/(1 − β1^t)) · r_t · sqrt(1 − β2^t) / (sqrt(v_t) + eps),
+                  r_t = sqrt((ρ_t − 4)(ρ_t − 2)ρ_∞ / ((ρ_∞ − 4)(ρ_∞ − 2)ρ_t)),
+        else:     η_t = lr/(1 − β1^t)  (every coordinate; v̂ = 1).
+
+    Note torch's eps placement: outside the square root of the *uncorrected* v. Weight decay is coupled unless
+    ``decoupled_weight_decay=True``. On CPU-stepped optimizers the branch is taken on the host; for device step
+    counters both branches are computed and selected with ``torch.where`` (no synchronisation).
+    """
+
+    def effective_stepsizes(self, group: dict[str, Any], states: Sequence[dict[str, Any]]) -> list[Tensor]:
+        beta1, beta2 = (float(b) for b in group["betas"])
+        lr = _lr(group)
+        rho_inf = 2 / (1 - beta2) - 1
+        out: list[Tensor] = []
+        for s in states:
+            t = step_value(s)
+            v = s["exp_avg_sq"]
+            bc1, bc2 = 1 - beta1**t, 1 - beta2**t
+            rho_t = rho_inf - 2 * t * beta2**t / bc2
+            plain = lr / bc1
+            if isinstance(rho_t, float):
+                if rho_t > 5.0:
+                    rect = math.sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
+                    eta = v.to(_work_dtype(v)).sqrt().add_(group["eps"]).reciprocal_().mul_(plain * rect * math.sqrt(bc2))
+                else:
+                    eta = torch.full_like(v, plain, dtype=_work_dtype(v))
+            else:
+                rect = ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)).clamp_min(0).sqrt()
+                adaptive = v.to(_work_dtype(v)).sqrt().add_(group["eps"]).reciprocal_().mul_(plain * rect * bc2.sqrt())
+                eta = torch.where(rho_t > 5.0, adaptive, plain.to(adaptive.dtype).expand_as(adaptive))
+            out.append(eta)
+        return out
+
+    def coupled_weight_decay(self, group: dict[str, Any]) -> float:
+        if group.get("decoupled_weight_decay", False):
+            return 0.0
+        return float(group.get("weight_decay", 0.0))
+
+
+_REGISTRY: dict[type, OptimizerAdapter] = {}
+
+
+def register_adapter(optimizer_cls: type, adapter: OptimizerAdapter) -> None:
+    """Register ``adapter`` for ``optimizer_cls`` and its subclasses (a later registration replaces an earlier).
+
+    An adapter provides ``effective_stepsizes(group, states) -> list[Tensor]`` (η_t per parameter, read after the
+    step) and ``coupled_weight_decay(group) -> float``; see :class:`OptimizerAdapter`. Adapters that give every
+    coordinate the same η may instead provide ``uniform_stepsize(group)`` (see :class:`SGDAdapter`).
+    """
+    if not isinstance(optimizer_cls, type):
+        raise TypeError(f"register_adapter expects an optimizer class, got {optimizer_cls!r}; pass e.g. torch.optim.Adam")
+    for attr in ("coupled_weight_decay",):
+        if not callable(getattr(adapter, attr, None)):
+            raise TypeError(f"adapter {adapter!r} has no method {attr}(group); see lightning_adamtype.OptimizerAdapter")
+    if not callable(getattr(adapter, "effective_stepsizes", None)) and not callable(getattr(adapter, "uniform_stepsize", None)):
+        raise TypeError(
+            f"adapter {adapter!r} needs effective_stepsizes(group, states) or uniform_stepsize(group); "
+            "see lightning_adamtype.OptimizerAdapter"
+        )
+    _REGISTRY[optimizer_cls] = adapter
+
+
+def find_adapter(optimizer: torch.optim.Optimizer) -> OptimizerAdapter | None:
+    """The adapter registered for the optimizer's class or its nearest registered base class, else None."""
+    for cls in type(optimizer).__mro__:
+        if cls in _REGISTRY:
+            return _REGISTRY[cls]
+    return None
+
+
+def registered_adapters() -> dict[type, OptimizerAdapter]:
+    """A copy of the registry (optimizer class → adapter)."""
+    return dict(_REGISTRY)
+
+
+_BUILTIN: list[tuple[type, Callable[[], OptimizerAdapter]]] = [
+    (torch.optim.Adam, AdamAdapter),
+    (torch.optim.AdamW, AdamWAdapter),
+    (torch.optim.Adagrad, AdagradAdapter),
+    (torch.optim.RMSprop, RMSpropAdapter),
+    (torch.optim.SGD, SGDAdapter),
+    (torch.optim.Adamax, AdamaxAdapter),
+    (torch.optim.NAdam, NAdamAdapter),
+    (torch.optim.RAdam, RAdamAdapter),
+]
+for _cls, _factory in _BUILTIN:
+    register_adapter(_cls, _factory())

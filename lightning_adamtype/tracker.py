@@ -1,0 +1,333 @@
+"""``ConditionTracker``: measures the Adam-type convergence conditions of a plain PyTorch optimizer.
+
+No Lightning here: this is what plain loops and Fabric users attach. The tracker hooks the optimizer's
+``step`` (pre- and post-hooks), reads η_t and g_t through the optimizer's adapter after every step that really
+happened, and keeps per-group accumulators as tensors on the parameters' device. Numbers reach the host only in
+:meth:`ConditionTracker.compute`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.hooks import RemovableHandle
+
+from .adapters import OptimizerAdapter, find_adapter
+from .conditions import accumulator_dtype, min_stepsize, oscillation, squared_step_norm, stepsize_sum
+
+__all__ = ["ConditionTracker", "ACCUMULATOR_KEYS", "group_names"]
+
+#: Accumulated per group, in this order, in one device tensor.
+ACCUMULATOR_KEYS = ("steps", "a", "b", "c", "c2", "a_mean", "c_mean")
+
+
+def group_names(optimizer: torch.optim.Optimizer, prefix: str | None = None) -> list[str]:
+    """``<prefix>/pg<i>`` for each group (prefix defaults to the optimizer's class name), or the group's "name"."""
+    prefix = prefix or type(optimizer).__name__
+    names = []
+    for i, group in enumerate(optimizer.param_groups):
+        name = group.get("name")
+        names.append(f"{prefix}/{name}" if isinstance(name, str) and name else f"{prefix}/pg{i}")
+    return names
+
+
+@dataclass
+class _GroupState:
+    """Bookkeeping of one parameter group: the accumulators and the previous effective stepsizes."""
+
+    accumulators: Tensor | None = None  # float64 [len(ACCUMULATOR_KEYS)] on the group's device
+    previous: dict[int, Tensor | float] = field(default_factory=dict)  # param index → η_{t−1}
+    last_seen: dict[int, int] = field(default_factory=dict)  # param index → observation at which η was taken
+
+
+class ConditionTracker:
+    """Track A_T, B_T, C_T, C2_T (Chen et al., ICLR 2019) for every parameter group of ``optimizer``.
+
+    At every optimizer step t (per group, over the parameters that had a gradient):
+
+        A_T  = Σ_t min_j η_{t,j}                B_T  = Σ_t ‖η_t ⊙ g_t‖₂²
+        C_T  = Σ_{t≥2} ‖η_t − η_{t−1}‖₁         C2_T = Σ_{t≥2} ‖η_t − η_{t−1}‖₂²
+
+    and :meth:`compute` adds variance_ratio = B/A and bias_ratio = C/A (both should go to 0), plus the
+    per-coordinate view a_mean = Σ_t mean_j η_{t,j}, c_mean = Σ_t ‖η_t − η_{t−1}‖₁ / n_t and
+    bias_ratio_mean = c_mean / a_mean.
+
+    Args:
+        optimizer: any ``torch.optim.Optimizer`` with a registered adapter (see :func:`register_adapter`).
+            Others get one warning and are left untouched.
+        name: prefix of the group names (default: the optimizer's class name).
+
+    The tracker may be attached at any time; its first observation has no η_{t−1}, so c counts from its second.
+    A parameter whose ``grad`` is None at a step is left out of that step, and c/c2 only count parameters that
+    also had an η at the previous observed step. A step skipped by a ``GradScaler`` is not counted: the plain
+    optimizers are not stepped at all, and fused ones are masked with the scaler's ``found_inf`` on the device.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, name: str | None = None) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"ConditionTracker expects a torch.optim.Optimizer, got {type(optimizer).__name__}; "
+                "pass the optimizer itself (for a LightningOptimizer, its .optimizer)"
+            )
+        self.optimizer = optimizer
+        self.name = name or type(optimizer).__name__
+        self.adapter: OptimizerAdapter | None = find_adapter(optimizer)
+        self.observations = 0  # optimizer steps seen by this tracker (host counter)
+        self._groups: list[_GroupState] = []
+        self._snapshots: dict[int, list[Tensor]] = {}
+        self._handles: list[RemovableHandle] = []
+        self._warned: set[str] = set()
+        if self.adapter is None:
+            warnings.warn(
+                f"lightning_adamtype: no adapter for optimizer class {type(optimizer).__qualname__!r} "
+                f"({type(optimizer).__module__}); it is not monitored and trains untouched. Map it onto the paper's "
+                "template with lightning_adamtype.register_adapter(YourOptimizer, adapter) "
+                "(see lightning_adamtype.OptimizerAdapter).",
+                UserWarning,
+                stacklevel=2,
+            )
+            return
+        self._handles.append(optimizer.register_step_pre_hook(self._pre_step))
+        self._handles.append(optimizer.register_step_post_hook(self._post_step))
+
+    # ------------------------------------------------------------------ hooks
+    @property
+    def attached(self) -> bool:
+        """Whether the tracker is hooked to its optimizer."""
+        return bool(self._handles)
+
+    def remove(self) -> None:
+        """Detach from the optimizer; the accumulators stay readable."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._snapshots.clear()
+
+    def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        # Coupled weight decay puts λ·x_t (the parameter *before* the step) into g_t: keep it for the post-hook.
+        assert self.adapter is not None
+        self._snapshots.clear()
+        for gi, group in enumerate(optimizer.param_groups):
+            wd = self.adapter.coupled_weight_decay(group)
+            if wd != 0.0:
+                params = [p for p in group["params"] if p.grad is not None]
+                if params:
+                    self._snapshots[gi] = [p.detach().clone() for p in params]
+
+    @torch.no_grad()
+    def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        assert self.adapter is not None
+        self.observations += 1
+        found_inf = getattr(optimizer, "found_inf", None)
+        grad_scale = getattr(optimizer, "grad_scale", None)
+        while len(self._groups) < len(optimizer.param_groups):
+            self._groups.append(_GroupState())
+        for gi, group in enumerate(optimizer.param_groups):
+            self._observe_group(optimizer, gi, group, found_inf, grad_scale)
+        self._snapshots.clear()
+
+    # ------------------------------------------------------------------ math per group
+    def _observe_group(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gi: int,
+        group: dict[str, Any],
+        found_inf: Tensor | None,
+        grad_scale: Tensor | None,
+    ) -> None:
+        assert self.adapter is not None
+        state = self._groups[gi]
+        with_grad = [(pi, p) for pi, p in enumerate(group["params"]) if p.grad is not None]
+        snapshot = self._snapshots.get(gi)
+        entries = []
+        for k, (pi, p) in enumerate(with_grad):
+            if p.grad.is_sparse:
+                self._warn_once("sparse", "sparse gradients are not measured; those parameters are left out")
+                continue
+            if not optimizer.state.get(p):
+                continue
+            entries.append((pi, p, snapshot[k] if snapshot is not None else None))
+        if not entries:
+            return
+        device = entries[0][1].device
+        dtype = accumulator_dtype(device)
+        if state.accumulators is None:
+            state.accumulators = torch.zeros(len(ACCUMULATOR_KEYS), dtype=dtype, device=device)
+
+        # g_t: the gradient the optimizer consumed (unscaled; + coupled weight decay with maximize's sign).
+        grads = [p.grad for _, p, _ in entries]
+        if grad_scale is not None:
+            grads = torch._foreach_div(grads, grad_scale.to(device))
+        wd = self.adapter.coupled_weight_decay(group)
+        if wd != 0.0:
+            sign = -1.0 if group.get("maximize", False) else 1.0
+            # ‖η ⊙ (±∇ + λx)‖ = ‖η ⊙ (∇ ± λx)‖
+            grads = torch._foreach_add(grads, [s for _, _, s in entries], alpha=sign * wd)
+
+        indices = [pi for pi, _, _ in entries]
+        numel = sum(p.numel() for _, p, _ in entries)
+        with_previous = [i for i, pi in enumerate(indices) if state.last_seen.get(pi) == self.observations - 1]
+        uniform = getattr(self.adapter, "uniform_stepsize", None)
+        if callable(uniform):
+            contributions, new_previous = self._uniform_contributions(
+                state, uniform(group), grads, entries, with_previous, numel, dtype, device
+            )
+        else:
+            etas = self.adapter.effective_stepsizes(group, [optimizer.state[p] for _, p, _ in entries])
+            contributions, new_previous = self._tensor_contributions(
+                state, etas, grads, indices, with_previous, numel, dtype, found_inf
+            )
+        if found_inf is not None:
+            contributions = contributions * (1 - found_inf.to(device=device, dtype=dtype))
+        state.accumulators.add_(contributions)
+        for pi, eta in zip(indices, new_previous):
+            state.previous[pi] = eta
+            state.last_seen[pi] = self.observations
+
+    @staticmethod
+    def _tensor_contributions(
+        state: _GroupState,
+        etas: list[Tensor],
+        grads: list[Tensor],
+        indices: list[int],
+        with_previous: list[int],
+        numel: int,
+        dtype: torch.dtype,
+        found_inf: Tensor | None,
+    ) -> tuple[Tensor, list[Tensor]]:
+        zero = torch.zeros((), dtype=dtype, device=etas[0].device)
+        c = c2 = c_mean = zero
+        new_previous = etas
+        if with_previous:
+            current = [etas[i] for i in with_previous]
+            previous = [state.previous[indices[i]] for i in with_previous]
+            c, c2, diffs = oscillation(current, previous, dtype)
+            c_mean = c / sum(e.numel() for e in current)
+            if found_inf is not None:
+                # A skipped step keeps η_{t−1}: previous + (1 − found_inf)·(η − previous).
+                keep = 1 - found_inf.to(device=etas[0].device, dtype=etas[0].dtype)
+                new_previous = list(etas)
+                for k, i in enumerate(with_previous):
+                    new_previous[i] = previous[k] + keep * diffs[k]
+        one = torch.ones((), dtype=dtype, device=etas[0].device)
+        return (
+            torch.stack(
+                [
+                    one,
+                    min_stepsize(etas, dtype),
+                    squared_step_norm(etas, grads, dtype),
+                    c,
+                    c2,
+                    stepsize_sum(etas, dtype) / numel,
+                    c_mean,
+                ]
+            ),
+            new_previous,
+        )
+
+    @staticmethod
+    def _uniform_contributions(
+        state: _GroupState,
+        eta: float | Tensor,
+        grads: list[Tensor],
+        entries: list[tuple[int, Tensor, Any]],
+        with_previous: list[int],
+        numel: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> tuple[Tensor, list[float | Tensor]]:
+        """Every coordinate shares one η (SGD): no per-coordinate η is materialised or stored."""
+        eta_t = torch.as_tensor(eta, dtype=dtype, device=device)
+        grad_sq = torch.stack([n.to(dtype).square() for n in torch._foreach_norm(grads, 2)]).sum()
+        coords = sum(entries[i][1].numel() for i in with_previous)
+        if with_previous:
+            prev = torch.stack([torch.as_tensor(state.previous[entries[i][0]], dtype=dtype, device=device) for i in with_previous])
+            sizes = torch.tensor([float(entries[i][1].numel()) for i in with_previous], dtype=dtype, device=device)
+            diff = (eta_t - prev).abs()
+            c, c2 = (diff * sizes).sum(), (diff.square() * sizes).sum()
+            c_mean = c / coords
+        else:
+            c = c2 = c_mean = torch.zeros((), dtype=dtype, device=device)
+        contributions = torch.stack(
+            [torch.ones((), dtype=dtype, device=device), eta_t, eta_t.square() * grad_sq, c, c2, eta_t, c_mean]
+        )
+        return contributions, [eta] * len(entries)
+
+    # ------------------------------------------------------------------ reading
+    def group_names(self) -> list[str]:
+        """The names of the optimizer's groups, in order (design: ``<name>/pg<i>`` or the group's "name")."""
+        return group_names(self.optimizer, self.name)
+
+    def compute(self) -> dict[str, dict[str, float]]:
+        """``{group name: {key: value}}`` with one host transfer.
+
+        Keys: steps, a, b, c, c2, a_mean, c_mean (accumulated) and variance_ratio = b/a, bias_ratio = c/a,
+        bias_ratio_mean = c_mean/a_mean (NaN before the first step). Groups never stepped are left out.
+        """
+        names = self.group_names()
+        live = [(names[i], g.accumulators) for i, g in enumerate(self._groups) if g.accumulators is not None and i < len(names)]
+        if not live:
+            return {}
+        host = torch.stack([acc.detach().to("cpu", torch.float64) for _, acc in live]).tolist()
+        return {name: _with_ratios(dict(zip(ACCUMULATOR_KEYS, values))) for (name, _), values in zip(live, host)}
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        """Accumulators and previous effective stepsizes (on the CPU), so a resumed run continues exactly."""
+        return {
+            "version": 1,
+            "observations": self.observations,
+            "groups": [
+                {
+                    "accumulators": None if g.accumulators is None else g.accumulators.detach().cpu().clone(),
+                    "previous": {
+                        pi: (eta.detach().cpu().clone() if isinstance(eta, Tensor) else eta) for pi, eta in g.previous.items()
+                    },
+                    "last_seen": dict(g.last_seen),
+                }
+                for g in self._groups
+            ],
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output; tensors move to the device of the group's parameters."""
+        self.observations = int(state_dict.get("observations", 0))
+        self._groups = []
+        for gi, saved in enumerate(state_dict.get("groups", [])):
+            params = self.optimizer.param_groups[gi]["params"] if gi < len(self.optimizer.param_groups) else []
+            device = params[0].device if params else torch.device("cpu")
+            g = _GroupState()
+            acc = saved.get("accumulators")
+            if acc is not None:
+                g.accumulators = acc.to(device=device, dtype=accumulator_dtype(device)).clone()
+            for pi, eta in saved.get("previous", {}).items():
+                pi = int(pi)
+                target = params[pi].device if pi < len(params) else device
+                g.previous[pi] = eta.to(target) if isinstance(eta, Tensor) else eta
+            g.last_seen = {int(k): int(v) for k, v in saved.get("last_seen", {}).items()}
+            self._groups.append(g)
+
+    # ------------------------------------------------------------------ misc
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(f"lightning_adamtype ({self.name}): {message}", UserWarning, stacklevel=3)
+
+    def __repr__(self) -> str:
+        return f"ConditionTracker({type(self.optimizer).__name__}, name={self.name!r}, observations={self.observations})"
+
+
+def _with_ratios(values: dict[str, float]) -> dict[str, float]:
+    def ratio(num: float, den: float) -> float:
+        return num / den if den > 0 else math.nan
+
+    values["steps"] = float(values["steps"])
+    values["variance_ratio"] = ratio(values["b"], values["a"])
+    values["bias_ratio"] = ratio(values["c"], values["a"])
+    values["bias_ratio_mean"] = ratio(values["c_mean"], values["a_mean"])
+    return values
