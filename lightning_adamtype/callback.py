@@ -1,0 +1,160 @@
+"""``AdamTypeMonitor``: the Lightning ``Callback`` around :class:`~lightning_adamtype.ConditionTracker`.
+
+A thin layer: it creates one tracker per optimizer the LightningModule configures, logs every key of every
+group to all the trainer's loggers (``adamtype/<group name>/<key>``) from global rank zero, and checkpoints the
+trackers' state so a resumed run continues its curves where the interrupted one stopped.
+
+The class derives from ``pytorch_lightning.Callback`` and from ``lightning.pytorch.Callback``, whichever are
+installed, so both ``pytorch_lightning.Trainer`` and ``lightning.pytorch.Trainer`` accept it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import torch
+
+from .tracker import ConditionTracker
+
+__all__ = ["AdamTypeMonitor", "TAG_PREFIX"]
+
+TAG_PREFIX = "adamtype"
+
+
+def _callback_bases() -> tuple[type, ...]:
+    bases = []
+    for module in ("pytorch_lightning", "lightning.pytorch"):
+        try:
+            bases.append(importlib.import_module(module).Callback)
+        except ImportError:
+            continue
+    if not bases:
+        raise ImportError(
+            "AdamTypeMonitor needs Lightning: pip install pytorch-lightning (or lightning). "
+            "Without Lightning, use lightning_adamtype.ConditionTracker directly."
+        )
+    return tuple(dict.fromkeys(bases))
+
+
+def _optimizer_prefixes(optimizers: list[torch.optim.Optimizer]) -> list[str]:
+    """``<Class>``, then ``<Class>-1``, ``<Class>-2`` … for further optimizers of one class (as LearningRateMonitor)."""
+    seen: dict[str, int] = {}
+    prefixes = []
+    for opt in optimizers:
+        cls = type(opt).__name__
+        count = seen.get(cls, 0)
+        prefixes.append(cls if count == 0 else f"{cls}-{count}")
+        seen[cls] = count + 1
+    return prefixes
+
+
+class AdamTypeMonitor(*_callback_bases()):  # type: ignore[misc]
+    """Log the Adam-type convergence conditions (Chen et al., ICLR 2019) of every optimizer, per param group.
+
+    For each group: A_T = Σ_t min_j η_{t,j}, B_T = Σ_t ‖η_t ⊙ g_t‖², C_T = Σ_t ‖η_t − η_{t−1}‖₁,
+    C2_T = Σ_t ‖η_t − η_{t−1}‖², variance_ratio = B/A and bias_ratio = C/A (see :class:`ConditionTracker`).
+
+    Args:
+        log_every_n_steps: log every this many optimizer steps (``trainer.global_step``); default: the
+            trainer's ``log_every_n_steps``.
+
+    Example::
+
+        trainer = Trainer(callbacks=[AdamTypeMonitor()], logger=TensorBoardLogger("runs"))
+    """
+
+    def __init__(self, log_every_n_steps: int | None = None) -> None:
+        if log_every_n_steps is not None and (
+            isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1
+        ):
+            raise ValueError(
+                f"AdamTypeMonitor(log_every_n_steps={log_every_n_steps!r}): expected a positive int, "
+                "or None to use the Trainer's log_every_n_steps"
+            )
+        self.log_every_n_steps = log_every_n_steps
+        self.trackers: list[ConditionTracker] = []
+        self._pending_state: dict[str, Any] | None = None
+        self._last_logged_bucket = 0
+        self._last_logged_step = -1
+
+    # ------------------------------------------------------------------ attaching
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        """Attach a tracker to each optimizer (after the checkpoint, if any, has restored their state)."""
+        self._detach()
+        optimizers = list(trainer.optimizers)
+        for opt, prefix in zip(optimizers, _optimizer_prefixes(optimizers)):
+            raw = getattr(opt, "optimizer", opt)  # a LightningOptimizer wraps the torch one
+            self.trackers.append(ConditionTracker(raw, name=prefix))
+        if self._pending_state is not None:
+            saved = self._pending_state.get("trackers", {})
+            for tracker in self.trackers:
+                if tracker.name in saved:
+                    tracker.load_state_dict(saved[tracker.name])
+            self._last_logged_bucket = int(self._pending_state.get("last_logged_bucket", 0))
+            self._last_logged_step = int(self._pending_state.get("last_logged_step", -1))
+            self._pending_state = None
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        """Log the final values (if the last step was not logged already) and detach from the optimizers."""
+        if trainer.global_step != self._last_logged_step:
+            self._log(trainer)
+        self._detach()
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self._detach()
+
+    def _detach(self) -> None:
+        for tracker in self.trackers:
+            tracker.remove()
+
+    # ------------------------------------------------------------------ logging
+    def _interval(self, trainer: Any) -> int:
+        return self.log_every_n_steps or max(int(getattr(trainer, "log_every_n_steps", 50) or 50), 1)
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Log when ``global_step`` crossed a multiple of the interval (one host transfer per log)."""
+        bucket = trainer.global_step // self._interval(trainer)
+        if bucket != self._last_logged_bucket and trainer.global_step != self._last_logged_step:
+            self._last_logged_bucket = bucket
+            self._log(trainer)
+
+    def _log(self, trainer: Any) -> None:
+        self._last_logged_step = trainer.global_step
+        if not trainer.loggers or not trainer.is_global_zero:
+            return
+        metrics = self.metrics()
+        if not metrics:
+            return
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+
+    def metrics(self) -> dict[str, float]:
+        """The flat ``{"adamtype/<group>/<key>": value}`` mapping that is logged."""
+        return {
+            f"{TAG_PREFIX}/{group}/{key}": value
+            for group, values in self.compute().items()
+            for key, value in values.items()
+        }
+
+    def compute(self) -> dict[str, dict[str, float]]:
+        """``{group name: {key: value}}`` over all optimizers (see :meth:`ConditionTracker.compute`)."""
+        out: dict[str, dict[str, float]] = {}
+        for tracker in self.trackers:
+            out.update(tracker.compute())
+        return out
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        if not self.trackers and self._pending_state is not None:
+            return dict(self._pending_state)
+        return {
+            "version": 1,
+            "trackers": {tracker.name: tracker.state_dict() for tracker in self.trackers},
+            "last_logged_bucket": self._last_logged_bucket,
+            "last_logged_step": self._last_logged_step,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Applied in on_train_start, once the optimizers exist and their own state is restored.
+        self._pending_state = dict(state_dict)
