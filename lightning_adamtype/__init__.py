@@ -13,11 +13,14 @@ from typing import Any
 
 from .adapters import OptimizerAdapter, find_adapter, register_adapter, registered_adapters
 from .tracker import ACCUMULATOR_KEYS, ConditionTracker
+from .trend import TrendDetector, TrendOptions
 
 __all__ = [
     "AdamTypeMonitor",
     "ConditionTracker",
     "OptimizerAdapter",
+    "TrendDetector",
+    "TrendOptions",
     "ACCUMULATOR_KEYS",
     "find_adapter",
     "register_adapter",

@@ -134,6 +134,22 @@ class AdamAdapter:
             return 0.0
         return float(group.get("weight_decay", 0.0))
 
+    def enable_amsgrad(self, optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> None:
+        """Switch ``group`` to AMSGrad in place: ``group["amsgrad"] = True`` and, for every parameter with state,
+        ``max_exp_avg_sq = exp_avg_sq.clone()``.
+
+        The next step is then exactly the step ``torch.optim.Adam(amsgrad=True)`` takes from this state:
+        v̂_{t+1} = max(v_t, v_{t+1}). Seeding the maximum with the current v_t (rather than torch's zeros at
+        initialisation) makes v̂ non-decreasing from the switch on, the property AMSGrad's guarantee rests on, and
+        it costs nothing in the first step: the optimizer's own ``max`` takes over from there. Parameters without
+        state yet get their zeros from torch at their first step, as in a fresh AMSGrad.
+        """
+        for p in group["params"]:
+            st = optimizer.state.get(p)
+            if st and "exp_avg_sq" in st and "max_exp_avg_sq" not in st:
+                st["max_exp_avg_sq"] = st["exp_avg_sq"].clone(memory_format=torch.preserve_format)
+        group["amsgrad"] = True
+
 
 class AdamWAdapter(AdamAdapter):
     """AdamW: Adam's effective stepsize; its decoupled weight decay is not part of g."""

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from .tracker import ConditionTracker
+from .trend import TrendOptions
 
 __all__ = ["AdamTypeMonitor", "TAG_PREFIX"]
 
@@ -58,13 +59,29 @@ class AdamTypeMonitor(*_callback_bases()):  # type: ignore[misc]
     Args:
         log_every_n_steps: log every this many optimizer steps (``trainer.global_step``); default: the
             trainer's ``log_every_n_steps``.
+        switch_to_amsgrad: switch a group of an Adam/AdamW optimizer to AMSGrad in place when its bias verdict
+            holds (see :class:`ConditionTracker`). Each switch logs ``adamtype/<group>/switched`` = 1 at the step
+            it took effect and prints one rank-zero message with the reason.
+        trend: options of the trend detectors behind the verdicts (:class:`TrendOptions`).
 
     Example::
 
         trainer = Trainer(callbacks=[AdamTypeMonitor()], logger=TensorBoardLogger("runs"))
     """
 
-    def __init__(self, log_every_n_steps: int | None = None) -> None:
+    def __init__(
+        self,
+        log_every_n_steps: int | None = None,
+        *,
+        switch_to_amsgrad: bool = False,
+        trend: TrendOptions | None = None,
+    ) -> None:
+        if not isinstance(switch_to_amsgrad, bool):
+            raise ValueError(f"AdamTypeMonitor(switch_to_amsgrad={switch_to_amsgrad!r}): expected True or False")
+        if trend is not None and not isinstance(trend, TrendOptions):
+            raise ValueError(f"AdamTypeMonitor(trend={trend!r}): expected a lightning_adamtype.TrendOptions or None")
+        self.switch_to_amsgrad = switch_to_amsgrad
+        self.trend = trend
         if log_every_n_steps is not None and (
             isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1
         ):
@@ -85,7 +102,9 @@ class AdamTypeMonitor(*_callback_bases()):  # type: ignore[misc]
         optimizers = list(trainer.optimizers)
         for opt, prefix in zip(optimizers, _optimizer_prefixes(optimizers)):
             raw = getattr(opt, "optimizer", opt)  # a LightningOptimizer wraps the torch one
-            self.trackers.append(ConditionTracker(raw, name=prefix))
+            self.trackers.append(
+                ConditionTracker(raw, name=prefix, switch_to_amsgrad=self.switch_to_amsgrad, trend=self.trend)
+            )
         if self._pending_state is not None:
             saved = self._pending_state.get("trackers", {})
             for tracker in self.trackers:
@@ -114,10 +133,22 @@ class AdamTypeMonitor(*_callback_bases()):  # type: ignore[misc]
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         """Log when ``global_step`` crossed a multiple of the interval (one host transfer per log)."""
+        self._report_switches(trainer)
         bucket = trainer.global_step // self._interval(trainer)
         if bucket != self._last_logged_bucket and trainer.global_step != self._last_logged_step:
             self._last_logged_bucket = bucket
             self._log(trainer)
+
+    def _report_switches(self, trainer: Any) -> None:
+        """One rank-zero message and a scalar marker per switch (host lists only: no device work)."""
+        for tracker in self.trackers:
+            while tracker.switch_events:
+                group, step, reason = tracker.switch_events.pop(0)
+                if not trainer.is_global_zero:
+                    continue
+                print(f"[lightning_adamtype] {group}: switched to AMSGrad from optimizer step {step}: {reason}")
+                for logger in trainer.loggers:
+                    logger.log_metrics({f"{TAG_PREFIX}/{group}/switched": 1.0}, step=step)
 
     def _log(self, trainer: Any) -> None:
         self._last_logged_step = trainer.global_step
@@ -132,7 +163,7 @@ class AdamTypeMonitor(*_callback_bases()):  # type: ignore[misc]
     def metrics(self) -> dict[str, float]:
         """The flat ``{"adamtype/<group>/<key>": value}`` mapping that is logged."""
         return {
-            f"{TAG_PREFIX}/{group}/{key}": value
+            f"{TAG_PREFIX}/{group}/{key}": float(value)
             for group, values in self.compute().items()
             for key, value in values.items()
         }

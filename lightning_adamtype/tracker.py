@@ -19,6 +19,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .adapters import OptimizerAdapter, find_adapter
 from .conditions import accumulator_dtype, min_stepsize, oscillation, squared_step_norm, stepsize_sum
+from .trend import TrendDetector, TrendOptions
 
 __all__ = ["ConditionTracker", "ACCUMULATOR_KEYS", "group_names"]
 
@@ -43,6 +44,8 @@ class _GroupState:
     accumulators: Tensor | None = None  # float64 [len(ACCUMULATOR_KEYS)] on the group's device
     previous: dict[int, Tensor | float] = field(default_factory=dict)  # param index → η_{t−1}
     last_seen: dict[int, int] = field(default_factory=dict)  # param index → observation at which η was taken
+    count: int = 0  # observations of this group (host clock of the trend detectors)
+    detectors: dict[str, TrendDetector] = field(default_factory=dict)  # "variance" / "bias"
 
 
 class ConditionTracker:
@@ -57,10 +60,20 @@ class ConditionTracker:
     per-coordinate view a_mean = Σ_t mean_j η_{t,j}, c_mean = Σ_t ‖η_t − η_{t−1}‖₁ / n_t and
     bias_ratio_mean = c_mean / a_mean.
 
+    Verdicts: per group, two :class:`~lightning_adamtype.trend.TrendDetector` estimate the slope of
+    log(ratio) against log(step) (keys ``variance_slope``, ``bias_slope``) and decide whether each condition
+    trends toward violation (``variance_violation``, ``bias_violation``). They update on the device at
+    log-spaced sample steps only.
+
     Args:
         optimizer: any ``torch.optim.Optimizer`` with a registered adapter (see :func:`register_adapter`).
             Others get one warning and are left untouched.
         name: prefix of the group names (default: the optimizer's class name).
+        switch_to_amsgrad: when a group's bias verdict holds, switch that group to AMSGrad in place (Adam and
+            AdamW; others get one warning). The verdict is read on the host only at the detector's sample steps
+            (``points_per_decade`` per decade), the only steps at which it can change; under
+            ``torch.distributed`` rank 0's decision is broadcast so every rank switches at the same step.
+        trend: options of the trend detectors (:class:`~lightning_adamtype.trend.TrendOptions`).
 
     The tracker may be attached at any time; its first observation has no η_{t−1}, so c counts from its second.
     A parameter whose ``grad`` is None at a step is left out of that step, and c/c2 only count parameters that
@@ -68,7 +81,20 @@ class ConditionTracker:
     optimizers are not stepped at all, and fused ones are masked with the scaler's ``found_inf`` on the device.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, name: str | None = None) -> None:
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        name: str | None = None,
+        *,
+        switch_to_amsgrad: bool = False,
+        trend: TrendOptions | None = None,
+    ) -> None:
+        if not isinstance(switch_to_amsgrad, bool):
+            raise ValueError(f"ConditionTracker(switch_to_amsgrad={switch_to_amsgrad!r}): expected True or False")
+        if trend is not None and not isinstance(trend, TrendOptions):
+            raise ValueError(
+                f"ConditionTracker(trend={trend!r}): expected a lightning_adamtype.TrendOptions or None"
+            )
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
                 f"ConditionTracker expects a torch.optim.Optimizer, got {type(optimizer).__name__}; "
@@ -78,6 +104,12 @@ class ConditionTracker:
         self.name = name or type(optimizer).__name__
         self.adapter: OptimizerAdapter | None = find_adapter(optimizer)
         self.observations = 0  # optimizer steps seen by this tracker (host counter)
+        self.switch_to_amsgrad = switch_to_amsgrad
+        self.trend_options = trend or TrendOptions()
+        #: group name → the optimizer step (this tracker's count) from which the group ran AMSGrad.
+        self.switched: dict[str, int] = {}
+        #: (group name, step, reason) for every switch, in order; readers may pop them (the callback does).
+        self.switch_events: list[tuple[str, int, str]] = []
         self._groups: list[_GroupState] = []
         self._snapshots: dict[int, list[Tensor]] = {}
         self._handles: list[RemovableHandle] = []
@@ -127,8 +159,10 @@ class ConditionTracker:
         grad_scale = getattr(optimizer, "grad_scale", None)
         while len(self._groups) < len(optimizer.param_groups):
             self._groups.append(_GroupState())
+        names = self.group_names()
         for gi, group in enumerate(optimizer.param_groups):
-            self._observe_group(optimizer, gi, group, found_inf, grad_scale)
+            if self._observe_group(optimizer, gi, group, found_inf, grad_scale):
+                self._update_verdicts(gi, names[gi])
         self._snapshots.clear()
 
     # ------------------------------------------------------------------ math per group
@@ -144,16 +178,18 @@ class ConditionTracker:
         state = self._groups[gi]
         with_grad = [(pi, p) for pi, p in enumerate(group["params"]) if p.grad is not None]
         snapshot = self._snapshots.get(gi)
+        uniform = getattr(self.adapter, "uniform_stepsize", None)
+        needs_state = not callable(uniform)  # plain SGD keeps no state at all
         entries = []
         for k, (pi, p) in enumerate(with_grad):
             if p.grad.is_sparse:
                 self._warn_once("sparse", "sparse gradients are not measured; those parameters are left out")
                 continue
-            if not optimizer.state.get(p):
+            if needs_state and not optimizer.state.get(p):
                 continue
             entries.append((pi, p, snapshot[k] if snapshot is not None else None))
         if not entries:
-            return
+            return False
         device = entries[0][1].device
         dtype = accumulator_dtype(device)
         if state.accumulators is None:
@@ -172,7 +208,6 @@ class ConditionTracker:
         indices = [pi for pi, _, _ in entries]
         numel = sum(p.numel() for _, p, _ in entries)
         with_previous = [i for i, pi in enumerate(indices) if state.last_seen.get(pi) == self.observations - 1]
-        uniform = getattr(self.adapter, "uniform_stepsize", None)
         if callable(uniform):
             contributions, new_previous = self._uniform_contributions(
                 state, uniform(group), grads, entries, with_previous, numel, dtype, device
@@ -188,6 +223,58 @@ class ConditionTracker:
         for pi, eta in zip(indices, new_previous):
             state.previous[pi] = eta
             state.last_seen[pi] = self.observations
+        state.count += 1
+        return True
+
+    # ------------------------------------------------------------------ verdicts and the switch
+    def _update_verdicts(self, gi: int, name: str) -> None:
+        state = self._groups[gi]
+        acc = state.accumulators
+        assert acc is not None
+        if not state.detectors:
+            state.detectors = {
+                kind: TrendDetector(self.trend_options, device=acc.device, dtype=acc.dtype) for kind in ("variance", "bias")
+            }
+        a = acc[ACCUMULATOR_KEYS.index("a")]
+        sampled = False
+        for kind, key in (("variance", "b"), ("bias", "c")):
+            detector = state.detectors[kind]
+            if state.count >= detector.next_sample_step:  # host ints: no device work on other steps
+                sampled |= detector.update(state.count, acc[ACCUMULATOR_KEYS.index(key)] / a)
+        if sampled and self.switch_to_amsgrad and name not in self.switched:
+            self._maybe_switch(gi, name)
+
+    def _maybe_switch(self, gi: int, name: str) -> None:
+        """Read the bias verdict (one byte, only at a sample step), share rank 0's, and switch if it holds."""
+        detector = self._groups[gi].detectors["bias"]
+        flag = detector.violation.to(torch.uint8).reshape(1)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            if torch.distributed.get_backend() == "gloo":
+                flag = flag.cpu()
+            torch.distributed.broadcast(flag, src=0)
+        if not bool(flag):
+            return
+        group = self.optimizer.param_groups[gi]
+        enable = getattr(self.adapter, "enable_amsgrad", None)
+        if not callable(enable):
+            self._warn_once(
+                "switch",
+                f"switch_to_amsgrad=True but {type(self.optimizer).__name__} cannot switch to AMSGrad "
+                "(only Adam and AdamW can); it is left alone",
+            )
+            self.switched[name] = -1
+            return
+        if group.get("amsgrad", False):
+            return
+        enable(self.optimizer, group)
+        step = self.observations + 1
+        self.switched[name] = step
+        slope = float(detector.slope)
+        reason = (
+            f"bias ratio C/A is not going to 0: log-log slope {slope:.3f} > -{self.trend_options.margin} "
+            f"for {self.trend_options.patience} samples in a row"
+        )
+        self.switch_events.append((name, step, reason))
 
     @staticmethod
     def _tensor_contributions(
@@ -270,11 +357,31 @@ class ConditionTracker:
         bias_ratio_mean = c_mean/a_mean (NaN before the first step). Groups never stepped are left out.
         """
         names = self.group_names()
-        live = [(names[i], g.accumulators) for i, g in enumerate(self._groups) if g.accumulators is not None and i < len(names)]
+        live = [(names[i], g) for i, g in enumerate(self._groups) if g.accumulators is not None and i < len(names)]
         if not live:
             return {}
-        host = torch.stack([acc.detach().to("cpu", torch.float64) for _, acc in live]).tolist()
-        return {name: _with_ratios(dict(zip(ACCUMULATOR_KEYS, values))) for (name, _), values in zip(live, host)}
+        rows = []
+        for _, g in live:
+            assert g.accumulators is not None
+            verdicts = [
+                torch.stack([d.slope.to(g.accumulators), d.violation.to(g.accumulators)]) if d is not None
+                else torch.full((2,), math.nan, dtype=g.accumulators.dtype, device=g.accumulators.device)
+                for d in (g.detectors.get("variance"), g.detectors.get("bias"))
+            ]
+            rows.append(torch.cat([g.accumulators.detach(), *verdicts]).to("cpu", torch.float64))
+        host = torch.stack(rows).tolist()
+        out = {}
+        for (name, _), values in zip(live, host):
+            row = _with_ratios(dict(zip(ACCUMULATOR_KEYS, values[: len(ACCUMULATOR_KEYS)])))
+            v_slope, v_viol, b_slope, b_viol = values[len(ACCUMULATOR_KEYS):]
+            row.update(
+                variance_slope=v_slope,
+                bias_slope=b_slope,
+                variance_violation=v_viol == 1.0,
+                bias_violation=b_viol == 1.0,
+            )
+            out[name] = row
+        return out
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
@@ -282,6 +389,7 @@ class ConditionTracker:
         return {
             "version": 1,
             "observations": self.observations,
+            "switched": dict(self.switched),
             "groups": [
                 {
                     "accumulators": None if g.accumulators is None else g.accumulators.detach().cpu().clone(),
@@ -289,6 +397,8 @@ class ConditionTracker:
                         pi: (eta.detach().cpu().clone() if isinstance(eta, Tensor) else eta) for pi, eta in g.previous.items()
                     },
                     "last_seen": dict(g.last_seen),
+                    "count": g.count,
+                    "detectors": {kind: d.state_dict() for kind, d in g.detectors.items()},
                 }
                 for g in self._groups
             ],
@@ -310,7 +420,13 @@ class ConditionTracker:
                 target = params[pi].device if pi < len(params) else device
                 g.previous[pi] = eta.to(target) if isinstance(eta, Tensor) else eta
             g.last_seen = {int(k): int(v) for k, v in saved.get("last_seen", {}).items()}
+            g.count = int(saved.get("count", 0))
+            for kind, det_state in saved.get("detectors", {}).items():
+                det = TrendDetector(self.trend_options, device=device, dtype=accumulator_dtype(device))
+                det.load_state_dict(det_state)
+                g.detectors[kind] = det
             self._groups.append(g)
+        self.switched = {str(k): int(v) for k, v in state_dict.get("switched", {}).items()}
 
     # ------------------------------------------------------------------ misc
     def _warn_once(self, key: str, message: str) -> None:
