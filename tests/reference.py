@@ -1,0 +1,239 @@
+"""A plain, slow float64 oracle for the Adam-type convergence conditions (Chen et al., ICLR 2019).
+
+Independent of ``lightning_adamtype`` on purpose: nothing is imported from the package. Every effective stepsize
+η_t is recomputed here in float64, parameter by parameter (no foreach), straight from the optimizer's state after
+its step and torch's documented update rules. The training loop drives it explicitly:
+
+    ref = Reference(optimizer)
+    ...
+    ref.before_step()      # snapshot x_t and ∇f (clones) of every parameter with a gradient
+    optimizer.step()
+    ref.after_step()       # read the state, compute η_t and g_t, accumulate
+
+Per group and observed step t (over the parameters that had a gradient):
+
+    a  += min_j η_{t,j}                 b  += Σ_j (η_{t,j} g_{t,j})²
+    c  += Σ_j |η_{t,j} − η_{t−1,j}|     c2 += Σ_j (η_{t,j} − η_{t−1,j})²   (parameters with an η at t−1 only)
+    a_mean += mean_j η_{t,j}            c_mean += (Σ_j |Δη_j|) / (number of coordinates in Δη)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+KEYS = ("steps", "a", "b", "c", "c2", "a_mean", "c_mean")
+
+
+def num(x: Any) -> float:
+    """A Python float from a number or a one-element tensor."""
+    return float(x.item()) if isinstance(x, Tensor) else float(x)
+
+
+def f64(t: Tensor) -> Tensor:
+    return t.detach().to(torch.float64).clone()
+
+
+# ---------------------------------------------------------------------------------------------- η per optimizer
+# Each function: (group, state of one parameter after the step, parameter) -> η_t in float64, shape of the param.
+
+
+def eta_adam(group: dict, state: dict, p: Tensor) -> Tensor:
+    """Adam/AdamW: η = (lr/(1 − β1^t)) / (sqrt(v)/sqrt(1 − β2^t) + eps); v = max_exp_avg_sq under amsgrad."""
+    lr = num(group["lr"])
+    beta1, beta2 = num(group["betas"][0]), num(group["betas"][1])
+    eps = num(group["eps"])
+    t = num(state["step"])
+    v = f64(state["max_exp_avg_sq"] if group["amsgrad"] else state["exp_avg_sq"])
+    bc1 = 1.0 - beta1**t
+    bc2 = 1.0 - beta2**t
+    return (lr / bc1) / (v.sqrt() / math.sqrt(bc2) + eps)
+
+
+def eta_adagrad(group: dict, state: dict, p: Tensor) -> Tensor:
+    """Adagrad: η = (lr/(1 + (t − 1)·lr_decay)) / (sqrt(sum) + eps)."""
+    lr = num(group["lr"])
+    t = num(state["step"])
+    clr = lr / (1.0 + (t - 1.0) * num(group["lr_decay"]))
+    return clr / (f64(state["sum"]).sqrt() + num(group["eps"]))
+
+
+def eta_rmsprop(group: dict, state: dict, p: Tensor) -> Tensor:
+    """RMSprop: η = lr / ((1 − μ)(sqrt(v) + eps)); centered v = square_avg − grad_avg²."""
+    lr = num(group["lr"])
+    mu = num(group["momentum"])
+    v = f64(state["square_avg"])
+    if group["centered"]:
+        ga = f64(state["grad_avg"])
+        v = v - ga * ga
+    return lr / ((1.0 - mu) * (v.sqrt() + num(group["eps"])))
+
+
+def eta_sgd(group: dict, state: dict, p: Tensor) -> Tensor:
+    """SGD: η = lr (μ = 0), else lr·(1 − dampening)/(1 − μ)."""
+    lr = num(group["lr"])
+    mu = num(group["momentum"])
+    value = lr if mu == 0.0 else lr * (1.0 - num(group["dampening"])) / (1.0 - mu)
+    return torch.full(p.shape, value, dtype=torch.float64)
+
+
+def eta_adamax(group: dict, state: dict, p: Tensor) -> Tensor:
+    """Adamax: η = lr/(1 − β1^t) / exp_inf."""
+    lr = num(group["lr"])
+    beta1 = num(group["betas"][0])
+    t = num(state["step"])
+    return (lr / (1.0 - beta1**t)) / f64(state["exp_inf"])
+
+
+def eta_nadam(group: dict, state: dict, p: Tensor) -> Tensor:
+    """NAdam: η = lr·w_t / (sqrt(v/(1 − β2^t)) + eps), w_t = (1 − μ_t)/(1 − Π_t) + μ_{t+1}/(1 − Π_t μ_{t+1})."""
+    lr = num(group["lr"])
+    beta1, beta2 = num(group["betas"][0]), num(group["betas"][1])
+    psi = num(group["momentum_decay"])
+    t = num(state["step"])
+    prod = num(state["mu_product"])  # Π_t, already including μ_t
+    mu_t = beta1 * (1.0 - 0.5 * 0.96 ** (t * psi))
+    mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((t + 1.0) * psi))
+    w = (1.0 - mu_t) / (1.0 - prod) + mu_next / (1.0 - prod * mu_next)
+    v = f64(state["exp_avg_sq"])
+    return lr * w / ((v / (1.0 - beta2**t)).sqrt() + num(group["eps"]))
+
+
+def eta_radam(group: dict, state: dict, p: Tensor) -> Tensor:
+    """RAdam: rectified adaptive step when ρ_t > 5, else the un-adapted lr/(1 − β1^t) on every coordinate."""
+    lr = num(group["lr"])
+    beta1, beta2 = num(group["betas"][0]), num(group["betas"][1])
+    t = num(state["step"])
+    bc1 = 1.0 - beta1**t
+    bc2 = 1.0 - beta2**t
+    rho_inf = 2.0 / (1.0 - beta2) - 1.0
+    rho_t = rho_inf - 2.0 * t * beta2**t / bc2
+    if rho_t > 5.0:
+        r = math.sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
+        v = f64(state["exp_avg_sq"])
+        return (lr / bc1) * r * math.sqrt(bc2) / (v.sqrt() + num(group["eps"]))
+    return torch.full(p.shape, lr / bc1, dtype=torch.float64)
+
+
+def radam_rectified(group: dict, t: float) -> bool:
+    """Whether RAdam's step t takes the rectified (adaptive) branch."""
+    beta2 = num(group["betas"][1])
+    rho_inf = 2.0 / (1.0 - beta2) - 1.0
+    return rho_inf - 2.0 * t * beta2**t / (1.0 - beta2**t) > 5.0
+
+
+def wd_coupled(group: dict) -> float:
+    """Weight decay added to the gradient (Adam, Adagrad, RMSprop, SGD, Adamax, NAdam/RAdam unless decoupled)."""
+    if group.get("decoupled_weight_decay", False):
+        return 0.0
+    return num(group.get("weight_decay", 0.0))
+
+
+def wd_none(group: dict) -> float:
+    return 0.0
+
+
+ETA: dict[str, tuple[Callable, Callable]] = {
+    "Adam": (eta_adam, wd_coupled),
+    "AdamW": (eta_adam, wd_none),
+    "Adagrad": (eta_adagrad, wd_coupled),
+    "RMSprop": (eta_rmsprop, wd_coupled),
+    "SGD": (eta_sgd, wd_coupled),
+    "Adamax": (eta_adamax, wd_coupled),
+    "NAdam": (eta_nadam, wd_coupled),
+    "RAdam": (eta_radam, wd_coupled),
+}
+
+
+# ---------------------------------------------------------------------------------------------- the oracle
+
+
+class Reference:
+    """Accumulates steps, a, b, c, c2, a_mean, c_mean per group in float64 Python numbers."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, eta_fn: Callable | None = None, wd_fn: Callable | None = None):
+        self.optimizer = optimizer
+        if eta_fn is None:
+            eta_fn, default_wd = ETA[type(optimizer).__name__]
+            wd_fn = wd_fn or default_wd
+        self.eta_fn = eta_fn
+        self.wd_fn = wd_fn or wd_none
+        self.observations = 0
+        self.acc: list[dict[str, float]] = []
+        self.previous: list[dict[int, Tensor]] = []
+        self.last_seen: list[dict[int, int]] = []
+        self.seen: list[bool] = []
+        self._snap: list[list[tuple[Tensor, Tensor] | None]] = []
+
+    def before_step(self) -> None:
+        self._snap = [
+            [None if p.grad is None else (f64(p), f64(p.grad)) for p in group["params"]]
+            for group in self.optimizer.param_groups
+        ]
+
+    def after_step(self) -> None:
+        self.observations += 1
+        while len(self.acc) < len(self.optimizer.param_groups):
+            self.acc.append(dict.fromkeys(KEYS, 0.0))
+            self.previous.append({})
+            self.last_seen.append({})
+            self.seen.append(False)
+        for gi, group in enumerate(self.optimizer.param_groups):
+            etas: dict[int, Tensor] = {}
+            grads: dict[int, Tensor] = {}
+            for pi, p in enumerate(group["params"]):
+                snap = self._snap[gi][pi]
+                if snap is None:
+                    continue
+                p_before, grad = snap
+                state = self.optimizer.state[p] if p in self.optimizer.state else {}
+                eta = self.eta_fn(group, state, p)
+                g = -grad if group.get("maximize", False) else grad
+                wd = self.wd_fn(group)
+                if wd != 0.0:
+                    g = g + wd * p_before
+                etas[pi] = eta
+                grads[pi] = g
+            if not etas:
+                continue
+            acc = self.acc[gi]
+            self.seen[gi] = True
+            acc["steps"] += 1.0
+            acc["a"] += min(e.min().item() for e in etas.values())
+            acc["b"] += sum(((etas[pi] * grads[pi]) ** 2).sum().item() for pi in etas)
+            n = sum(e.numel() for e in etas.values())
+            acc["a_mean"] += sum(e.sum().item() for e in etas.values()) / n
+            c = c2 = 0.0
+            n_diff = 0
+            for pi, eta in etas.items():
+                if self.last_seen[gi].get(pi) == self.observations - 1:
+                    d = eta - self.previous[gi][pi]
+                    c += d.abs().sum().item()
+                    c2 += (d * d).sum().item()
+                    n_diff += d.numel()
+            acc["c"] += c
+            acc["c2"] += c2
+            if n_diff:
+                acc["c_mean"] += c / n_diff
+            for pi, eta in etas.items():
+                self.previous[gi][pi] = eta
+                self.last_seen[gi][pi] = self.observations
+        self._snap = []
+
+    def compute(self) -> list[dict[str, float] | None]:
+        """Per group (by index): the accumulators and the ratios b/a, c/a, c_mean/a_mean; None if never stepped."""
+        out: list[dict[str, float] | None] = []
+        for gi, acc in enumerate(self.acc):
+            if not self.seen[gi]:
+                out.append(None)
+                continue
+            values = dict(acc)
+            a = values["a"]
+            values["variance_ratio"] = values["b"] / a if a > 0 else math.nan
+            values["bias_ratio"] = values["c"] / a if a > 0 else math.nan
+            values["bias_ratio_mean"] = values["c_mean"] / values["a_mean"] if values["a_mean"] > 0 else math.nan
+            out.append(values)
+        return out

@@ -1,0 +1,570 @@
+"""The tracker against a plain float64 oracle (tests/reference.py) for every supported optimizer and implementation.
+
+Each run: a small float32 model with two parameter groups (different lr), an LR scheduler stepping every step,
+one parameter whose grad is None at some steps, at least 12 steps. Tolerances (the tracker works in float32,
+the oracle in float64 from the same optimizer state): rtol 1e-4 for a, b, a_mean, variance_ratio;
+1e-3 for c, c2, c_mean, bias_ratio; steps exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import lightning_adamtype
+from lightning_adamtype import ConditionTracker
+
+from reference import Reference, f64, radam_rectified
+
+STEPS = 14
+NONE_STEPS = {2, 5, 6, 10}  # 1-based steps at which `extra` has no gradient
+RTOL = {
+    "a": 1e-4,
+    "b": 1e-4,
+    "a_mean": 1e-4,
+    "variance_ratio": 1e-4,
+    "c": 1e-3,
+    "c2": 1e-3,
+    "c_mean": 1e-3,
+    "bias_ratio": 1e-3,
+    "bias_ratio_mean": 1e-3,
+}
+
+A = torch.optim.Adam
+AW = torch.optim.AdamW
+
+CONFIGS = [
+    # Adam: three implementations, amsgrad, coupled weight decay, maximize
+    ("adam-forloop", A, dict(lr=1e-2, foreach=False)),
+    ("adam-foreach", A, dict(lr=1e-2, foreach=True)),
+    ("adam-fused", A, dict(lr=1e-2, fused=True)),
+    ("adam-amsgrad-forloop", A, dict(lr=1e-2, amsgrad=True, foreach=False)),
+    ("adam-amsgrad-foreach", A, dict(lr=1e-2, amsgrad=True, foreach=True)),
+    ("adam-amsgrad-fused", A, dict(lr=1e-2, amsgrad=True, fused=True)),
+    ("adam-wd-forloop", A, dict(lr=1e-2, weight_decay=0.1, foreach=False)),
+    ("adam-wd-foreach", A, dict(lr=1e-2, weight_decay=0.1, foreach=True)),
+    ("adam-wd-fused", A, dict(lr=1e-2, weight_decay=0.1, fused=True)),
+    ("adam-maximize-wd-foreach", A, dict(lr=1e-3, weight_decay=0.1, maximize=True, foreach=True)),
+    ("adam-maximize-wd-fused", A, dict(lr=1e-3, weight_decay=0.1, maximize=True, fused=True)),
+    ("adam-decoupled-wd", A, dict(lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True, foreach=True)),
+    # AdamW: three implementations, amsgrad
+    ("adamw-forloop", AW, dict(lr=1e-2, weight_decay=0.1, foreach=False)),
+    ("adamw-foreach", AW, dict(lr=1e-2, weight_decay=0.1, foreach=True)),
+    ("adamw-fused", AW, dict(lr=1e-2, weight_decay=0.1, fused=True)),
+    ("adamw-amsgrad-forloop", AW, dict(lr=1e-2, amsgrad=True, foreach=False)),
+    ("adamw-amsgrad-foreach", AW, dict(lr=1e-2, amsgrad=True, foreach=True)),
+    ("adamw-amsgrad-fused", AW, dict(lr=1e-2, amsgrad=True, fused=True)),
+    # Adagrad
+    ("adagrad-forloop", torch.optim.Adagrad, dict(lr=0.1, foreach=False)),
+    ("adagrad-foreach", torch.optim.Adagrad, dict(lr=0.1, foreach=True)),
+    ("adagrad-lrdecay-wd-forloop", torch.optim.Adagrad, dict(lr=0.1, lr_decay=0.05, weight_decay=0.1, foreach=False)),
+    ("adagrad-lrdecay-wd-foreach", torch.optim.Adagrad, dict(lr=0.1, lr_decay=0.05, weight_decay=0.1, foreach=True)),
+    ("adagrad-init-acc", torch.optim.Adagrad, dict(lr=0.1, initial_accumulator_value=0.3, foreach=True)),
+    # RMSprop
+    ("rmsprop-forloop", torch.optim.RMSprop, dict(lr=1e-2, foreach=False)),
+    ("rmsprop-foreach", torch.optim.RMSprop, dict(lr=1e-2, foreach=True)),
+    ("rmsprop-centered-forloop", torch.optim.RMSprop, dict(lr=1e-2, centered=True, foreach=False)),
+    ("rmsprop-centered-foreach", torch.optim.RMSprop, dict(lr=1e-2, centered=True, foreach=True)),
+    ("rmsprop-momentum-forloop", torch.optim.RMSprop, dict(lr=1e-2, momentum=0.9, foreach=False)),
+    ("rmsprop-momentum-foreach", torch.optim.RMSprop, dict(lr=1e-2, momentum=0.9, foreach=True)),
+    ("rmsprop-centered-momentum", torch.optim.RMSprop, dict(lr=1e-2, centered=True, momentum=0.5, foreach=True)),
+    ("rmsprop-wd-forloop", torch.optim.RMSprop, dict(lr=1e-2, weight_decay=0.1, foreach=False)),
+    ("rmsprop-wd-foreach", torch.optim.RMSprop, dict(lr=1e-2, weight_decay=0.1, foreach=True)),
+    ("rmsprop-wd-maximize", torch.optim.RMSprop, dict(lr=1e-3, weight_decay=0.1, maximize=True, foreach=True)),
+    # SGD
+    ("sgd-plain-forloop", torch.optim.SGD, dict(lr=0.1, foreach=False)),
+    ("sgd-plain-foreach", torch.optim.SGD, dict(lr=0.1, foreach=True)),
+    ("sgd-momentum", torch.optim.SGD, dict(lr=0.1, momentum=0.9, foreach=True)),
+    ("sgd-momentum-forloop", torch.optim.SGD, dict(lr=0.1, momentum=0.9, foreach=False)),
+    ("sgd-nesterov", torch.optim.SGD, dict(lr=0.1, momentum=0.9, nesterov=True)),
+    ("sgd-dampening", torch.optim.SGD, dict(lr=0.1, momentum=0.8, dampening=0.3)),
+    ("sgd-wd", torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=0.1)),
+    ("sgd-wd-plain", torch.optim.SGD, dict(lr=0.1, weight_decay=0.1)),
+    ("sgd-maximize-wd", torch.optim.SGD, dict(lr=1e-2, momentum=0.5, weight_decay=0.1, maximize=True)),
+    ("sgd-fused", torch.optim.SGD, dict(lr=0.1, momentum=0.9, fused=True)),
+    # Adamax
+    ("adamax-forloop", torch.optim.Adamax, dict(lr=2e-2, foreach=False)),
+    ("adamax-foreach", torch.optim.Adamax, dict(lr=2e-2, foreach=True)),
+    ("adamax-wd", torch.optim.Adamax, dict(lr=2e-2, weight_decay=0.1, foreach=True)),
+    # NAdam
+    ("nadam-forloop", torch.optim.NAdam, dict(lr=2e-2, foreach=False)),
+    ("nadam-foreach", torch.optim.NAdam, dict(lr=2e-2, foreach=True)),
+    ("nadam-wd", torch.optim.NAdam, dict(lr=2e-2, weight_decay=0.1, foreach=True)),
+    ("nadam-decoupled-wd", torch.optim.NAdam, dict(lr=2e-2, weight_decay=0.1, decoupled_weight_decay=True)),
+    ("nadam-momentum-decay", torch.optim.NAdam, dict(lr=2e-2, momentum_decay=0.1, foreach=False)),
+    # RAdam: β2 = 0.9 → ρ_t ≤ 5 for t ≤ 5 (un-adapted), > 5 from t = 6 (rectified)
+    ("radam-forloop", torch.optim.RAdam, dict(lr=1e-2, betas=(0.9, 0.9), foreach=False)),
+    ("radam-foreach", torch.optim.RAdam, dict(lr=1e-2, betas=(0.9, 0.9), foreach=True)),
+    ("radam-wd", torch.optim.RAdam, dict(lr=1e-2, betas=(0.9, 0.9), weight_decay=0.1, foreach=True)),
+    ("radam-decoupled-wd", torch.optim.RAdam, dict(lr=1e-2, betas=(0.9, 0.9), weight_decay=0.1, decoupled_weight_decay=True)),
+]
+CONFIG_IDS = [c[0] for c in CONFIGS]
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1 = nn.Linear(4, 6)
+        self.l2 = nn.Linear(6, 2)
+        self.extra = nn.Parameter(torch.randn(5))  # its grad is None at NONE_STEPS
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.l2(torch.tanh(self.l1(x))) + 0.1 * self.extra[:2] * self.extra.sum()
+
+
+def make_run(cls, kwargs, seed: int = 0, lr_factor: float = 0.5):
+    """Model, optimizer with two groups (group 1 at lr_factor × the lr), ExponentialLR scheduler, data stream."""
+    torch.manual_seed(seed)
+    model = Net()
+    kwargs = dict(kwargs)
+    lr = kwargs.pop("lr")
+    lr1 = lr * lr_factor if not isinstance(lr, torch.Tensor) else torch.tensor(float(lr) * lr_factor)
+    groups = [
+        {"params": [model.l1.weight, model.l1.bias]},
+        {"params": [model.l2.weight, model.extra, model.l2.bias], "lr": lr1},
+    ]
+    opt = cls(groups, lr=lr, **kwargs)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.9)
+    gen = torch.Generator().manual_seed(seed + 1)
+    data = [(torch.randn(8, 4, generator=gen), torch.randn(8, 2, generator=gen)) for _ in range(64)]
+    return model, opt, sched, data
+
+
+def train(model, opt, sched, data, steps: range, ref: Reference | None = None) -> None:
+    """Steps `steps` (1-based numbers) of training; `ref` (if any) observes each optimizer step."""
+    for t in steps:
+        x, y = data[t - 1]
+        opt.zero_grad(set_to_none=True)
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        if t in NONE_STEPS:
+            model.extra.grad = None
+        if ref is not None:
+            ref.before_step()
+        opt.step()
+        if ref is not None:
+            ref.after_step()
+        sched.step()
+
+
+def assert_matches(tracker: ConditionTracker, ref: Reference, prefix: str | None = None) -> dict:
+    got = tracker.compute()
+    prefix = prefix or type(tracker.optimizer).__name__
+    expected = {f"{prefix}/pg{i}": e for i, e in enumerate(ref.compute()) if e is not None}
+    assert set(got) == set(expected), (got.keys(), expected.keys())
+    for name, exp in expected.items():
+        values = got[name]
+        assert values["steps"] == exp["steps"], (name, values["steps"], exp["steps"])
+        for key, rtol in RTOL.items():
+            assert values[key] == pytest.approx(exp[key], rel=rtol, abs=1e-12), (name, key, values[key], exp[key])
+    return got
+
+
+def assert_same(got: dict, expected: dict, rel: float) -> None:
+    """Two compute() results agree key by key (NaN equals NaN; rel=0 means bit for bit)."""
+    assert got.keys() == expected.keys()
+    for name in expected:
+        assert got[name].keys() == expected[name].keys(), name
+        for key, value in expected[name].items():
+            if isinstance(value, float) and math.isnan(value):
+                assert math.isnan(got[name][key]), (name, key, got[name][key])
+            elif rel == 0.0:
+                assert got[name][key] == value, (name, key, got[name][key], value)
+            else:
+                assert got[name][key] == pytest.approx(value, rel=rel, abs=1e-15), (name, key, got[name][key], value)
+
+
+# ---------------------------------------------------------------------------------------------- the main comparison
+
+
+@pytest.mark.parametrize("attach_after", [0, 3], ids=["from-start", "attached-after-3"])
+@pytest.mark.parametrize("name,cls,kwargs", CONFIGS, ids=CONFIG_IDS)
+def test_matches_float64_reference(name, cls, kwargs, attach_after):
+    model, opt, sched, data = make_run(cls, kwargs)
+    # A tracker attached late sees the optimizer mid-run; the oracle starts observing at the same point.
+    train(model, opt, sched, data, range(1, attach_after + 1))
+    tracker = ConditionTracker(opt)
+    ref = Reference(opt)
+    train(model, opt, sched, data, range(attach_after + 1, STEPS + 1), ref)
+    got = assert_matches(tracker, ref)
+
+    assert len(got) == 2
+    for values in got.values():
+        assert values["steps"] == STEPS - attach_after
+        assert values["a"] > 0 and values["b"] > 0
+        # the scheduler changes lr every step, so η moves and c is strictly positive
+        assert values["c"] > 0 and values["c2"] > 0
+    if cls is torch.optim.RAdam:
+        steps_seen = {float(s["step"]) for s in opt.state.values()}
+        group = opt.param_groups[0]
+        branches = {radam_rectified(group, t) for t in range(attach_after + 1, STEPS + 1)}
+        assert branches == {True, False}, steps_seen
+
+
+def test_reference_counts_by_hand():
+    """The oracle itself on a hand-computable case: SGD, one coordinate, constant lr, c only from step 2."""
+    p = nn.Parameter(torch.tensor([1.0]))
+    opt = torch.optim.SGD([p], lr=0.5)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    ref = Reference(opt)
+    for _ in range(3):
+        p.grad = torch.tensor([2.0])
+        ref.before_step()
+        opt.step()
+        ref.after_step()
+        sched.step()
+    (r,) = ref.compute()
+    # η = 0.5, 0.25, 0.125; g = 2
+    assert r["steps"] == 3
+    assert r["a"] == pytest.approx(0.875)
+    assert r["b"] == pytest.approx(4 * (0.25 + 0.0625 + 0.015625))
+    assert r["c"] == pytest.approx(0.25 + 0.125)
+    assert r["c2"] == pytest.approx(0.0625 + 0.015625)
+
+
+def test_group_without_any_grad_at_some_steps():
+    """A group whose only parameter has no grad at a step: not a step for that group; c restarts after the gap."""
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(3))
+    lonely = nn.Parameter(torch.randn(4))
+    opt = torch.optim.Adam([{"params": [w]}, {"params": [lonely], "lr": 3e-3}], lr=1e-2)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    tracker = ConditionTracker(opt)
+    ref = Reference(opt)
+    for t in range(1, 13):
+        w.grad = torch.randn(3)
+        lonely.grad = None if t in {3, 4, 8} else torch.randn(4)
+        ref.before_step()
+        opt.step()
+        ref.after_step()
+        sched.step()
+    got = assert_matches(tracker, ref)
+    assert got["Adam/pg0"]["steps"] == 12
+    assert got["Adam/pg1"]["steps"] == 9
+
+
+# ---------------------------------------------------------------------------------------------- LR as a tensor
+
+
+@pytest.mark.parametrize("impl", [dict(foreach=False), dict(fused=True)], ids=["forloop", "fused"])
+@pytest.mark.parametrize("cls", [torch.optim.Adam, torch.optim.AdamW], ids=["Adam", "AdamW"])
+def test_tensor_lr(cls, impl):
+    model, opt, sched, data = make_run(cls, dict(lr=torch.tensor(1e-2), **impl))
+    assert isinstance(opt.param_groups[0]["lr"], torch.Tensor) and opt.param_groups[0]["lr"].dim() == 0
+    tracker = ConditionTracker(opt)
+    ref = Reference(opt)
+    train(model, opt, sched, data, range(1, STEPS + 1), ref)
+    got = assert_matches(tracker, ref)
+    assert all(math.isfinite(v["a"]) and v["a"] > 0 for v in got.values())
+
+
+# ---------------------------------------------------------------------------------------------- unsupported / custom
+
+
+def test_unsupported_optimizer_warns_once_and_trains():
+    torch.manual_seed(0)
+    p = nn.Parameter(torch.randn(3))
+    opt = torch.optim.LBFGS([p], lr=0.1, max_iter=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tracker = ConditionTracker(opt)
+        before = p.detach().clone()
+
+        def closure():
+            opt.zero_grad()
+            loss = ((p - 1.0) ** 2).sum()
+            loss.backward()
+            return loss
+
+        for _ in range(4):
+            opt.step(closure)
+        tracker.compute()
+    ours = [w for w in caught if "lightning_adamtype" in str(w.message) or "LBFGS" in str(w.message)]
+    assert len(ours) == 1, [str(w.message) for w in caught]
+    message = str(ours[0].message)
+    assert "LBFGS" in message and "register_adapter" in message
+    assert not torch.equal(p.detach(), before)  # training went on
+    assert tracker.compute() == {}
+
+
+class TinyRMS(torch.optim.Optimizer):
+    """v ← βv + (1 − β)g², x ← x − lr·g/(sqrt(v) + eps): a minimal optimizer not known to the package."""
+
+    def __init__(self, params, lr=1e-2, beta=0.9, eps=1e-8):
+        super().__init__(params, dict(lr=lr, beta=beta, eps=eps))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["v"] = torch.zeros_like(p)
+                state["v"].mul_(group["beta"]).addcmul_(p.grad, p.grad, value=1 - group["beta"])
+                p.addcdiv_(p.grad, state["v"].sqrt().add_(group["eps"]), value=-group["lr"])
+
+
+class TinyRMSAdapter:
+    def effective_stepsizes(self, group, states):
+        return [group["lr"] / (s["v"].sqrt() + group["eps"]) for s in states]
+
+    def coupled_weight_decay(self, group):
+        return 0.0
+
+
+def tiny_rms_eta(group, state, p):
+    return group["lr"] / (f64(state["v"]).sqrt() + group["eps"])
+
+
+class TinySignSGD(torch.optim.Optimizer):
+    """x ← x − lr·sign(g)... kept stateless on purpose; mapped as a uniform-η method (η = lr)."""
+
+    def __init__(self, params, lr=1e-2):
+        super().__init__(params, dict(lr=lr))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad, alpha=-group["lr"])
+
+
+class UniformAdapter:
+    def uniform_stepsize(self, group):
+        return group["lr"]
+
+    def coupled_weight_decay(self, group):
+        return 0.0
+
+
+def test_custom_adapter_makes_custom_optimizer_tracked():
+    model, _, _, data = make_run(torch.optim.SGD, dict(lr=0.1))
+    with pytest.warns(UserWarning, match="register_adapter"):
+        untracked = ConditionTracker(TinyRMS(model.parameters()))
+    assert not untracked.attached
+
+    lightning_adamtype.register_adapter(TinyRMS, TinyRMSAdapter())
+    model, _, _, data = make_run(torch.optim.SGD, dict(lr=0.1))
+    opt = TinyRMS([{"params": [model.l1.weight, model.l1.bias]}, {"params": [model.l2.weight, model.extra], "lr": 3e-3}])
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tracker = ConditionTracker(opt)
+    ref = Reference(opt, eta_fn=tiny_rms_eta)
+    train(model, opt, sched, data, range(1, STEPS + 1), ref)
+    got = assert_matches(tracker, ref)
+    assert got["TinyRMS/pg0"]["steps"] == STEPS and got["TinyRMS/pg0"]["c"] > 0
+
+
+def test_custom_uniform_adapter_on_stateless_optimizer():
+    """An optimizer without per-parameter state (like plain SGD) mapped with ``uniform_stepsize`` is tracked."""
+    lightning_adamtype.register_adapter(TinySignSGD, UniformAdapter())
+    model, _, _, data = make_run(torch.optim.SGD, dict(lr=0.1))
+    opt = TinySignSGD([{"params": [model.l1.weight, model.l1.bias]}, {"params": [model.l2.weight, model.extra], "lr": 3e-3}])
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.9)
+    tracker = ConditionTracker(opt)
+    ref = Reference(opt, eta_fn=lambda g, s, p: torch.full(p.shape, float(g["lr"]), dtype=torch.float64))
+    train(model, opt, sched, data, range(1, STEPS + 1), ref)
+    assert_matches(tracker, ref)
+
+
+# ---------------------------------------------------------------------------------------------- lifecycle
+
+
+@pytest.mark.parametrize(
+    "cls,kwargs",
+    [(torch.optim.Adam, dict(lr=1e-2, foreach=True)), (torch.optim.SGD, dict(lr=0.1, momentum=0.9))],
+    ids=["Adam", "SGD"],
+)
+def test_remove_stops_accumulation(cls, kwargs):
+    model, opt, sched, data = make_run(cls, kwargs)
+    tracker = ConditionTracker(opt)
+    ref = Reference(opt)
+    train(model, opt, sched, data, range(1, 7), ref)
+    before = assert_matches(tracker, ref)
+    tracker.remove()
+    assert not tracker.attached
+    train(model, opt, sched, data, range(7, STEPS + 1))
+    assert_same(tracker.compute(), before, rel=0.0)
+    assert tracker.observations == 6
+    assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
+
+
+@pytest.mark.parametrize(
+    "cls,kwargs",
+    [
+        (torch.optim.Adam, dict(lr=1e-2, weight_decay=0.1, foreach=True)),
+        (torch.optim.AdamW, dict(lr=1e-2, amsgrad=True, fused=True)),
+        (torch.optim.SGD, dict(lr=0.1, momentum=0.9)),
+        (torch.optim.RAdam, dict(lr=1e-2, betas=(0.9, 0.9))),
+        (torch.optim.RMSprop, dict(lr=1e-2, centered=True, momentum=0.5)),
+    ],
+    ids=["Adam", "AdamW", "SGD", "RAdam", "RMSprop"],
+)
+@pytest.mark.parametrize("split", [5, 6], ids=["resume-after-5", "resume-after-6-gap"])
+def test_state_dict_resume_matches_uninterrupted(cls, kwargs, split):
+    # uninterrupted
+    model, opt, sched, data = make_run(cls, kwargs)
+    full = ConditionTracker(opt)
+    train(model, opt, sched, data, range(1, STEPS + 1))
+    expected = full.compute()
+
+    # interrupted at `split`; the tracker's state goes through torch.save / torch.load(weights_only=True)
+    model, opt, sched, data = make_run(cls, kwargs)
+    first = ConditionTracker(opt)
+    train(model, opt, sched, data, range(1, split + 1))
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)
+    first.remove()
+    model2, opt2, sched2 = copy.deepcopy((model, opt, sched))
+    del model, opt, sched
+    buffer.seek(0)
+    resumed = ConditionTracker(opt2)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    train(model2, opt2, sched2, data, range(split + 1, STEPS + 1))
+    got = resumed.compute()
+
+    assert_same(got, expected, rel=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------- no host sync
+
+
+class _HostReadRecorder:
+    """Wraps Tensor.item/tolist/__bool__/__float__/__int__ and records the tensors they run on while `active`."""
+
+    METHODS = ("item", "tolist", "__bool__", "__float__", "__int__")
+
+    def __init__(self) -> None:
+        self.active = False
+        self.calls: list[tuple[str, torch.Tensor]] = []
+        self._saved: dict[str, tuple[bool, object]] = {}
+
+    def __enter__(self):
+        for name in self.METHODS:
+            own = name in torch.Tensor.__dict__
+            original = getattr(torch.Tensor, name)
+            self._saved[name] = (own, torch.Tensor.__dict__.get(name))
+
+            def wrapper(t, *args, _name=name, _original=original, **kwargs):
+                if self.active:
+                    self.calls.append((_name, t))
+                return _original(t, *args, **kwargs)
+
+            setattr(torch.Tensor, name, wrapper)
+        return self
+
+    def __exit__(self, *exc):
+        for name, (own, value) in self._saved.items():
+            if own:
+                setattr(torch.Tensor, name, value)
+            else:
+                delattr(torch.Tensor, name)
+
+    def on(self, *args, **kwargs):
+        self.active = True
+
+    def off(self, *args, **kwargs):
+        self.active = False
+
+
+def host_reads_in_hooks(opt: torch.optim.Optimizer, tracker_cls=ConditionTracker, steps: int = 4):
+    """(calls to host-reading methods made inside the tracker's hooks, allowed tensors, the tracker).
+
+    Only the tracker's own hooks are watched: recording is switched on by hooks registered just before the
+    tracker's and off by hooks registered just after (the optimizer runs its hooks in registration order).
+    """
+    torch.manual_seed(0)
+    rec = _HostReadRecorder()
+    opt.register_step_pre_hook(rec.on)
+    opt.register_step_post_hook(rec.on)
+    tracker = tracker_cls(opt)
+    opt.register_step_pre_hook(rec.off)
+    opt.register_step_post_hook(rec.off)
+    with rec:
+        for _ in range(steps):
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    p.grad = torch.randn_like(p)
+            opt.step()
+    # Reading a 0-dim CPU step counter, lr or NAdam's mu_product on the host is free (no device sync).
+    allowed = set()
+    for state in opt.state.values():
+        for key in ("step", "mu_product"):
+            if isinstance(state.get(key), torch.Tensor):
+                allowed.add(id(state[key]))
+    for group in opt.param_groups:
+        if isinstance(group["lr"], torch.Tensor):
+            allowed.add(id(group["lr"]))
+    bad = [
+        (name, tuple(t.shape), t.device.type, t.dtype)
+        for name, t in rec.calls
+        if not (t.device.type == "cpu" and t.dim() == 0 and id(t) in allowed)
+    ]
+    return bad, rec.calls, tracker
+
+
+def _two_group_params():
+    torch.manual_seed(0)
+    return [
+        {"params": [nn.Parameter(torch.randn(3, 2)), nn.Parameter(torch.randn(2))]},
+        {"params": [nn.Parameter(torch.randn(4))], "lr": 1e-3},
+    ]
+
+
+NO_SYNC = [
+    ("adam-foreach", torch.optim.Adam, dict(lr=1e-2, foreach=True, weight_decay=0.1)),
+    ("adam-fused", torch.optim.Adam, dict(lr=1e-2, fused=True)),
+    ("adamw-amsgrad-fused", torch.optim.AdamW, dict(lr=1e-2, amsgrad=True, fused=True)),
+    ("adam-tensor-lr-fused", torch.optim.Adam, dict(lr=torch.tensor(1e-2), fused=True)),
+    ("nadam-foreach", torch.optim.NAdam, dict(lr=1e-2, foreach=True)),
+    ("radam-foreach", torch.optim.RAdam, dict(lr=1e-2, betas=(0.9, 0.9), foreach=True)),
+    ("adagrad", torch.optim.Adagrad, dict(lr=1e-2, foreach=True)),
+    ("rmsprop-centered", torch.optim.RMSprop, dict(lr=1e-2, centered=True, foreach=True)),
+    ("sgd-momentum", torch.optim.SGD, dict(lr=1e-2, momentum=0.9)),
+    ("adamax", torch.optim.Adamax, dict(lr=1e-2)),
+]
+
+
+@pytest.mark.parametrize("name,cls,kwargs", NO_SYNC, ids=[c[0] for c in NO_SYNC])
+def test_hooks_make_no_host_reads_except_cpu_step_counters(name, cls, kwargs):
+    opt = cls(_two_group_params(), **kwargs)
+    bad, calls, tracker = host_reads_in_hooks(opt)
+    assert not bad, bad
+    assert tracker.observations == 4
+    assert tracker.compute()  # it did measure
+
+
+def test_no_sync_guard_catches_a_host_read_of_the_accumulators():
+    """The guard above is not vacuous: a tracker that reads an accumulator in its post-step hook is caught."""
+
+    class Leaky(ConditionTracker):
+        def _post_step(self, optimizer, args, kwargs):
+            super()._post_step(optimizer, args, kwargs)
+            float(self._groups[0].accumulators[1])
+
+    opt = torch.optim.Adam(_two_group_params(), lr=1e-2, foreach=True)
+    bad, _, _ = host_reads_in_hooks(opt, tracker_cls=Leaky)
+    assert bad and all(name == "__float__" for name, *_ in bad)
+
+    class LeakyItem(ConditionTracker):
+        def _post_step(self, optimizer, args, kwargs):
+            super()._post_step(optimizer, args, kwargs)
+            if self._groups[0].accumulators.sum():
+                pass
+
+    opt = torch.optim.Adam(_two_group_params(), lr=1e-2, fused=True)
+    bad, _, _ = host_reads_in_hooks(opt, tracker_cls=LeakyItem)
+    assert bad and all(name == "__bool__" for name, *_ in bad)
