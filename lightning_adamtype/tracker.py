@@ -24,7 +24,7 @@ from .trend import TrendDetector, TrendOptions
 __all__ = ["ConditionTracker", "ACCUMULATOR_KEYS", "group_names"]
 
 #: Accumulated per group, in this order, in one device tensor.
-ACCUMULATOR_KEYS = ("steps", "a", "b", "c", "c2", "a_mean", "c_mean")
+ACCUMULATOR_KEYS = ("steps", "a", "b", "c", "c2", "a_mean", "c_mean", "nonfinite_steps")
 
 
 def group_names(optimizer: torch.optim.Optimizer, prefix: str | None = None) -> list[str]:
@@ -219,7 +219,11 @@ class ConditionTracker:
             )
         if found_inf is not None:
             contributions = contributions * (1 - found_inf.to(device=device, dtype=dtype))
-        state.accumulators.add_(contributions)
+        # A step with a NaN/Inf anywhere in its contributions is left out of every sum and counted on its own;
+        # decided on the device (the warning is issued when the numbers are read, in compute()).
+        finite = torch.isfinite(contributions).all()
+        contributions = torch.where(finite, contributions, torch.zeros_like(contributions))
+        state.accumulators.add_(torch.cat([contributions, (~finite).to(dtype).reshape(1)]))
         for pi, eta in zip(indices, new_previous):
             state.previous[pi] = eta
             state.last_seen[pi] = self.observations
@@ -381,6 +385,12 @@ class ConditionTracker:
                 bias_violation=b_viol == 1.0,
             )
             out[name] = row
+            if row["nonfinite_steps"] > 0:
+                self._warn_once(
+                    "nonfinite",
+                    f"{name}: {int(row['nonfinite_steps'])} step(s) had non-finite (NaN/Inf) gradients or optimizer "
+                    "state; they are left out of a, b, c, c2 and counted under 'nonfinite_steps'",
+                )
         return out
 
     # ------------------------------------------------------------------ checkpointing
@@ -414,7 +424,10 @@ class ConditionTracker:
             g = _GroupState()
             acc = saved.get("accumulators")
             if acc is not None:
-                g.accumulators = acc.to(device=device, dtype=accumulator_dtype(device)).clone()
+                acc = acc.to(device=device, dtype=accumulator_dtype(device)).clone()
+                if acc.numel() < len(ACCUMULATOR_KEYS):  # a checkpoint of an older version: new keys start at 0
+                    acc = torch.cat([acc, acc.new_zeros(len(ACCUMULATOR_KEYS) - acc.numel())])
+                g.accumulators = acc
             for pi, eta in saved.get("previous", {}).items():
                 pi = int(pi)
                 target = params[pi].device if pi < len(params) else device
@@ -443,6 +456,7 @@ def _with_ratios(values: dict[str, float]) -> dict[str, float]:
         return num / den if den > 0 else math.nan
 
     values["steps"] = float(values["steps"])
+    values["nonfinite_steps"] = float(values["nonfinite_steps"])
     values["variance_ratio"] = ratio(values["b"], values["a"])
     values["bias_ratio"] = ratio(values["c"], values["a"])
     values["bias_ratio_mean"] = ratio(values["c_mean"], values["a_mean"])
