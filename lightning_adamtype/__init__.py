@@ -14,6 +14,7 @@ from typing import Any
 from .adapters import OptimizerAdapter, find_adapter, register_adapter, registered_adapters
 from .tracker import ACCUMULATOR_KEYS, ConditionTracker
 from .trend import TrendDetector, TrendOptions
+from . import optim  # noqa: F401  (registers AdaFom's adapter)
 
 __all__ = [
     "AdamTypeMonitor",
