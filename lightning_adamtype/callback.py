@@ -21,6 +21,8 @@ from .trend import TrendOptions
 __all__ = ["AdamTypeMonitor", "TAG_PREFIX"]
 
 TAG_PREFIX = "adamtype"
+#: Strategies whose optimizer state is sharded across ranks (refused at setup).
+_SHARDED_STRATEGIES = frozenset({"FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy"})
 
 
 def _callback_bases() -> tuple[type, ...]:
@@ -63,6 +65,14 @@ class AdamTypeMonitor(*_callback_bases()):  # type: ignore[misc]
             holds (see :class:`ConditionTracker`). Each switch logs ``adamtype/<group>/switched`` = 1 at the step
             it took effect and prints one rank-zero message with the reason.
         trend: options of the trend detectors behind the verdicts (:class:`TrendOptions`).
+        tensorboard_layout: write a TensorBoard custom-scalars layout once training starts: per group, a
+            Multiline chart of b, a and b/a (variance condition) and one of c, a and c/a (bias condition), in the
+            "CUSTOM SCALARS" dashboard (TensorBoard loggers only; others are skipped).
+        histogram_every_n_logs: every this many logs, add a histogram of the effective stepsizes η of each group
+            (``adamtype/<group>/eta``, one value per coordinate, from the last observed step) to TensorBoard
+            loggers; ``None`` (default) writes none.
+        progress_bar: show the first group's ``variance_ratio`` and ``bias_ratio`` in Lightning's progress bar as
+            ``adamtype_variance_ratio`` / ``adamtype_bias_ratio`` (updated at log steps only, not sent to loggers).
 
     Example::
 
@@ -75,7 +85,24 @@ class AdamTypeMonitor(*_callback_bases()):  # type: ignore[misc]
         *,
         switch_to_amsgrad: bool = False,
         trend: TrendOptions | None = None,
+        tensorboard_layout: bool = True,
+        histogram_every_n_logs: int | None = None,
+        progress_bar: bool = False,
     ) -> None:
+        for option, value in (("tensorboard_layout", tensorboard_layout), ("progress_bar", progress_bar)):
+            if not isinstance(value, bool):
+                raise ValueError(f"AdamTypeMonitor({option}={value!r}): expected True or False")
+        if histogram_every_n_logs is not None and (
+            isinstance(histogram_every_n_logs, bool) or not isinstance(histogram_every_n_logs, int) or histogram_every_n_logs < 1
+        ):
+            raise ValueError(
+                f"AdamTypeMonitor(histogram_every_n_logs={histogram_every_n_logs!r}): expected a positive int, "
+                "or None for no histograms"
+            )
+        self.tensorboard_layout = tensorboard_layout
+        self.histogram_every_n_logs = histogram_every_n_logs
+        self.progress_bar = progress_bar
+        self._logs_written = 0
         if not isinstance(switch_to_amsgrad, bool):
             raise ValueError(f"AdamTypeMonitor(switch_to_amsgrad={switch_to_amsgrad!r}): expected True or False")
         if trend is not None and not isinstance(trend, TrendOptions):
@@ -96,6 +123,16 @@ class AdamTypeMonitor(*_callback_bases()):  # type: ignore[misc]
         self._last_logged_step = -1
 
     # ------------------------------------------------------------------ attaching
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        """Refuse strategies that shard optimizer state: each rank would see one shard and log wrong numbers."""
+        strategy = type(getattr(trainer, "strategy", None)).__name__
+        if strategy in _SHARDED_STRATEGIES:
+            raise RuntimeError(
+                f"AdamTypeMonitor does not support {strategy}: it shards the optimizer state, so each rank sees "
+                "only its shard and the logged a, b, c would be wrong. Use strategy='ddp' (or a single device), "
+                "or remove AdamTypeMonitor from the callbacks."
+            )
+
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         """Attach a tracker to each optimizer (after the checkpoint, if any, has restored their state)."""
         self._detach()
@@ -113,6 +150,10 @@ class AdamTypeMonitor(*_callback_bases()):  # type: ignore[misc]
             self._last_logged_bucket = int(self._pending_state.get("last_logged_bucket", 0))
             self._last_logged_step = int(self._pending_state.get("last_logged_step", -1))
             self._pending_state = None
+        if self.tensorboard_layout and trainer.is_global_zero and trainer.loggers:
+            from .tensorboard_layout import write_layout
+
+            write_layout(trainer.loggers, [name for tracker in self.trackers for name in tracker.group_names()])
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         """Log the final values (if the last step was not logged already) and detach from the optimizers."""
@@ -137,7 +178,23 @@ class AdamTypeMonitor(*_callback_bases()):  # type: ignore[misc]
         bucket = trainer.global_step // self._interval(trainer)
         if bucket != self._last_logged_bucket and trainer.global_step != self._last_logged_step:
             self._last_logged_bucket = bucket
-            self._log(trainer)
+            metrics = self._log(trainer)
+            if self.progress_bar and metrics:
+                self._show_in_progress_bar(pl_module, metrics)
+
+    def _show_in_progress_bar(self, pl_module: Any, metrics: dict[str, float]) -> None:
+        """The first group's two ratios in the progress bar (host floats computed for logging: no extra sync)."""
+        names = [name for tracker in self.trackers for name in tracker.group_names()]
+        first = next((n for n in names if f"{TAG_PREFIX}/{n}/variance_ratio" in metrics), None)
+        if first is None:
+            return
+        for key in ("variance_ratio", "bias_ratio"):
+            value = metrics.get(f"{TAG_PREFIX}/{first}/{key}")
+            if value is not None:
+                pl_module.log(
+                    f"{TAG_PREFIX}_{key}", value, prog_bar=True, logger=False, on_step=True, on_epoch=False,
+                    rank_zero_only=True,
+                )
 
     def _report_switches(self, trainer: Any) -> None:
         """One rank-zero message and a scalar marker per switch (host lists only: no device work)."""
@@ -150,15 +207,21 @@ class AdamTypeMonitor(*_callback_bases()):  # type: ignore[misc]
                 for logger in trainer.loggers:
                     logger.log_metrics({f"{TAG_PREFIX}/{group}/switched": 1.0}, step=step)
 
-    def _log(self, trainer: Any) -> None:
+    def _log(self, trainer: Any) -> dict[str, float] | None:
         self._last_logged_step = trainer.global_step
-        if not trainer.loggers or not trainer.is_global_zero:
-            return
+        if not trainer.is_global_zero or not (trainer.loggers or self.progress_bar):
+            return None
         metrics = self.metrics()
         if not metrics:
-            return
+            return None
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
+        self._logs_written += 1
+        if self.histogram_every_n_logs and trainer.loggers and self._logs_written % self.histogram_every_n_logs == 0:
+            from .tensorboard_layout import write_histograms
+
+            write_histograms(trainer.loggers, self.trackers, trainer.global_step)
+        return metrics
 
     def metrics(self) -> dict[str, float]:
         """The flat ``{"adamtype/<group>/<key>": value}`` mapping that is logged."""

@@ -215,3 +215,19 @@ def test_accepted_by_every_installed_lightning_trainer():
             except ImportError:
                 continue
         assert isinstance(AdamTypeMonitor(), mod.Callback)
+
+
+def test_sharded_strategy_is_refused_at_setup(tmp_path):
+    from lightning_adamtype.callback import _SHARDED_STRATEGIES
+
+    class FakeFSDP:  # only the class name matters to the check; no process group is started
+        pass
+
+    FakeFSDP.__name__ = "FSDPStrategy"
+    assert FakeFSDP.__name__ in _SHARDED_STRATEGIES
+
+    class FakeTrainer:
+        strategy = FakeFSDP()
+
+    with pytest.raises(RuntimeError, match="FSDPStrategy.*shard"):
+        AdamTypeMonitor().setup(FakeTrainer(), None, "fit")
