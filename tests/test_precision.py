@@ -10,7 +10,7 @@ import torch
 pl = pytest.importorskip("pytorch_lightning")
 
 from lightning_adamtype import AdamTypeMonitor, ConditionTracker  # noqa: E402
-from tests.test_callback import TinyModel, _data, _trainer  # noqa: E402
+from test_callback import TinyModel, _data, _trainer  # noqa: E402
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
