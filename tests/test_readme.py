@@ -1,0 +1,43 @@
+"""Keep the README's commands and the CI script from drifting apart."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _readme_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    quickstart = text.split("## Quickstart", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```(?:bash|sh|console)?\n(.*?)```", quickstart, flags=re.S)
+    return [line.strip() for block in blocks for line in block.splitlines() if line.strip()]
+
+
+def test_quickstart_has_exactly_two_commands():
+    commands = _readme_commands()
+    assert len(commands) == 2, commands
+    assert "examples/divergence.py" in commands[0]
+    assert "pytest" in commands[1]
+
+
+def test_ci_runs_the_readme_test_command_verbatim():
+    test_command = _readme_commands()[1]
+    ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()]
+    assert test_command in ci_lines, f"{test_command!r} is not a line of .ci/run"
+
+
+def test_ci_script_is_strict_and_executable():
+    ci = ROOT / ".ci" / "run"
+    text = ci.read_text(encoding="utf-8")
+    assert text.startswith("#!/usr/bin/env bash")
+    assert "set -euo pipefail" in text
+    assert ci.stat().st_mode & 0o111, ".ci/run must be executable"
+
+
+def test_readme_cites_the_paper_and_embeds_the_figure():
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "1808.02941" in text
+    assert "docs/divergence.png" in text
+    assert (ROOT / "docs" / "divergence.png").is_file()
