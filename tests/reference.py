@@ -118,6 +118,11 @@ def eta_radam(group: dict, state: dict, p: Tensor) -> Tensor:
     return torch.full(p.shape, lr / bc1, dtype=torch.float64)
 
 
+def eta_adafom(group: dict, state: dict, p: Tensor) -> Tensor:
+    """AdaFom (the paper's method): α_t = lr/√t, v̂_t = (1/t)Σ g², so η = lr / (sqrt(sum) + eps)."""
+    return num(group["lr"]) / (f64(state["sum"]).sqrt() + num(group["eps"]))
+
+
 def radam_rectified(group: dict, t: float) -> bool:
     """Whether RAdam's step t takes the rectified (adaptive) branch."""
     beta2 = num(group["betas"][1])
@@ -145,6 +150,7 @@ ETA: dict[str, tuple[Callable, Callable]] = {
     "Adamax": (eta_adamax, wd_coupled),
     "NAdam": (eta_nadam, wd_coupled),
     "RAdam": (eta_radam, wd_coupled),
+    "AdaFom": (eta_adafom, wd_coupled),
 }
 
 

@@ -19,6 +19,7 @@ from torch import nn
 
 import lightning_adamtype
 from lightning_adamtype import ConditionTracker
+from lightning_adamtype.optim import AdaFom
 
 try:  # tests/ as a package or as plain sibling modules
     from .reference import Reference, f64, radam_rectified
@@ -106,6 +107,10 @@ CONFIGS = [
     ("radam-foreach", torch.optim.RAdam, dict(lr=1e-2, betas=(0.9, 0.9), foreach=True)),
     ("radam-wd", torch.optim.RAdam, dict(lr=1e-2, betas=(0.9, 0.9), weight_decay=0.1, foreach=True)),
     ("radam-decoupled-wd", torch.optim.RAdam, dict(lr=1e-2, betas=(0.9, 0.9), weight_decay=0.1, decoupled_weight_decay=True)),
+    # AdaFom (the paper's method, shipped by the package)
+    ("adafom-forloop", AdaFom, dict(lr=0.1, foreach=False)),
+    ("adafom-foreach", AdaFom, dict(lr=0.1, foreach=True)),
+    ("adafom-wd", AdaFom, dict(lr=0.1, weight_decay=0.1, beta1=0.5)),
 ]
 CONFIG_IDS = [c[0] for c in CONFIGS]
 
