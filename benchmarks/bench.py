@@ -1,0 +1,416 @@
+"""Performance benchmark of lightning_adamtype's hot path (CPU; GPU rows are reported as pending).
+
+Measures, in ONE run, with alternating repetitions (bare, tracked, bare, tracked, ...) and medians:
+
+1. the tracker's cost per optimizer step relative to the optimizer's own ``step()``
+   (Adam foreach, Adam fused, AdamW, Adagrad; 1M and 10M parameters in 10 tensors, fixed random gradients);
+2. end-to-end Lightning training throughput of a small CNN on synthetic data with and without
+   ``AdamTypeMonitor``;
+3. the extra persistent memory the tracker holds (bytes per parameter);
+4. host reads (Tensor.item / tolist / __bool__ / __float__ / __int__) the tracker makes on steps that are not
+   trend-sample steps.
+
+Usage::
+
+    python benchmarks/bench.py --out benchmarks/results.md          # default run, ~3-4 min on 2 cores
+    python benchmarks/bench.py --quick                              # smoke run, ~30 s
+
+Everything runs on the CPU; the GPU rows are printed as "pending (no GPU)" unless CUDA is available, in which
+case they are still marked pending (GPU measurements are not implemented here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from lightning_adamtype import ConditionTracker, TrendOptions
+from lightning_adamtype.trend import TrendDetector
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def make_params(total: int, n_tensors: int = 10, seed: int = 0) -> list[torch.nn.Parameter]:
+    """``n_tensors`` float32 parameters with ``total`` coordinates in all, each with a fixed random grad."""
+    g = torch.Generator().manual_seed(seed)
+    sizes = [total // n_tensors] * n_tensors
+    sizes[-1] += total - sum(sizes)
+    params = []
+    for n in sizes:
+        p = torch.nn.Parameter(torch.randn(n, generator=g))
+        p.grad = torch.randn(n, generator=g)
+        params.append(p)
+    return params
+
+
+OPTIMIZERS = {
+    "Adam (foreach)": lambda ps: torch.optim.Adam(ps, lr=1e-3, foreach=True),
+    "Adam (fused)": lambda ps: torch.optim.Adam(ps, lr=1e-3, fused=True),
+    "AdamW (foreach)": lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=1e-2, foreach=True),
+    "Adagrad (foreach)": lambda ps: torch.optim.Adagrad(ps, lr=1e-2, foreach=True),
+}
+
+
+def tracker_tensors(tracker: ConditionTracker) -> list[torch.Tensor]:
+    """Every tensor the tracker keeps between steps: accumulators, previous η, trend-detector buffers."""
+    out: list[torch.Tensor] = []
+    for g in tracker._groups:
+        if g.accumulators is not None:
+            out.append(g.accumulators)
+        out.extend(v for v in g.previous.values() if isinstance(v, torch.Tensor))
+        for det in g.detectors.values():
+            out.extend(v for v in vars(det).values() if isinstance(v, torch.Tensor))
+    for snap in tracker._snapshots.values():
+        out.extend(snap)
+    return out
+
+
+def tracker_nbytes(tracker: ConditionTracker) -> int:
+    seen, total = set(), 0
+    for t in tracker_tensors(tracker):
+        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+# ---------------------------------------------------------------------------------------------- 1. step cost
+
+
+@dataclass
+class StepRow:
+    optimizer: str
+    numel: int
+    bare_ms: float
+    tracked_ms: float
+    bare_spread: float
+    tracked_spread: float
+
+    @property
+    def cost_ms(self) -> float:
+        return self.tracked_ms - self.bare_ms
+
+    @property
+    def ratio(self) -> float:
+        return self.cost_ms / self.bare_ms
+
+
+def _time_steps(opt: torch.optim.Optimizer, steps: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        opt.step()
+    return (time.perf_counter() - t0) / steps * 1e3
+
+
+def bench_step(name: str, numel: int, reps: int, steps: int, warmup: int = 3) -> StepRow:
+    """Alternate ``steps`` bare steps and ``steps`` tracked steps, ``reps`` times each; medians of per-step ms."""
+    make = OPTIMIZERS[name]
+    bare = make(make_params(numel))
+    tracked = make(make_params(numel))
+    tracker = ConditionTracker(tracked)
+    _time_steps(bare, warmup)
+    _time_steps(tracked, warmup)
+    b, t = [], []
+    for _ in range(reps):
+        b.append(_time_steps(bare, steps))
+        t.append(_time_steps(tracked, steps))
+    assert tracker.observations == warmup + reps * steps
+    row = StepRow(name, numel, median(b), median(t), (max(b) - min(b)) / median(b), (max(t) - min(t)) / median(t))
+    del bare, tracked, tracker
+    return row
+
+
+# ---------------------------------------------------------------------------------------------- 2. end to end
+
+
+def bench_end_to_end(reps: int, steps: int, skip: int = 10) -> tuple[float, float, list[float], list[float]]:
+    """Samples/s of a small CNN (3×32×32, batch 64, Adam) with and without AdamTypeMonitor, alternated."""
+    try:
+        import pytorch_lightning as pl
+    except ImportError:  # pragma: no cover
+        import lightning.pytorch as pl  # type: ignore[no-redef]
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    from lightning_adamtype import AdamTypeMonitor
+
+    batch = 64
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch * 16, 3, 32, 32, generator=g)
+    y = torch.randint(0, 10, (batch * 16,), generator=g)
+    data = torch.utils.data.TensorDataset(x, y)
+
+    class CNN(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.nn.Sequential(
+                torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+                torch.nn.Conv2d(32, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+                torch.nn.Flatten(), torch.nn.Linear(64 * 8 * 8, 10),
+            )
+
+        def training_step(self, batch, batch_idx):
+            xb, yb = batch
+            return torch.nn.functional.cross_entropy(self.net(xb), yb)
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+    class Clock(pl.Callback):
+        """Wall time from the end of batch ``skip`` to the end of training (excludes setup and warm-up)."""
+
+        def __init__(self) -> None:
+            self.t0 = self.t1 = 0.0
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == skip:
+                self.t0 = time.perf_counter()
+
+        def on_train_end(self, trainer, pl_module):
+            self.t1 = time.perf_counter()
+
+    def run(with_monitor: bool, logdir: str) -> float:
+        torch.manual_seed(0)
+        clock = Clock()
+        callbacks = [clock] + ([AdamTypeMonitor()] if with_monitor else [])
+        trainer = pl.Trainer(
+            max_steps=skip + steps,
+            accelerator="cpu",
+            devices=1,
+            callbacks=callbacks,
+            logger=TensorBoardLogger(logdir, name="bench"),
+            log_every_n_steps=50,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+        )
+        loader = torch.utils.data.DataLoader(data, batch_size=batch, shuffle=True, num_workers=0)
+        trainer.fit(CNN(), loader)
+        return steps * batch / (clock.t1 - clock.t0)
+
+    without, with_ = [], []
+    with tempfile.TemporaryDirectory() as tmp, _quiet():
+        run(False, tmp)  # warm-up (imports, first-call overheads)
+        for _ in range(reps):
+            without.append(run(False, tmp))
+            with_.append(run(True, tmp))
+    return median(without), median(with_), without, with_
+
+
+@contextlib.contextmanager
+def _quiet():
+    import logging
+
+    loggers = [logging.getLogger(n) for n in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            yield
+        finally:
+            for lg, lv in zip(loggers, levels):
+                lg.setLevel(lv)
+
+
+# ---------------------------------------------------------------------------------------------- 3. memory
+
+
+def bench_memory(name: str, numel: int, steps: int = 5) -> tuple[int, int]:
+    opt = OPTIMIZERS[name](make_params(numel))
+    tracker = ConditionTracker(opt)
+    for _ in range(steps):
+        opt.step()
+    return tracker_nbytes(tracker), len(tracker_tensors(tracker))
+
+
+# ---------------------------------------------------------------------------------------------- 4. host reads
+
+READS = ("item", "tolist", "__bool__", "__float__", "__int__")
+
+
+class HostReadCounter:
+    """Counts calls of Tensor.item/tolist/__bool__/__float__/__int__ while ``active``, by kind of tensor."""
+
+    def __init__(self) -> None:
+        self.active = False
+        self.calls: list[torch.Tensor] = []
+        self._saved: dict[str, tuple[bool, object]] = {}
+
+    def __enter__(self) -> "HostReadCounter":
+        for name in READS:
+            own = name in torch.Tensor.__dict__
+            original = getattr(torch.Tensor, name)
+            self._saved[name] = (own, torch.Tensor.__dict__.get(name))
+
+            def wrapper(t, *a, _orig=original, **k):
+                if self.active:
+                    self.calls.append(t)
+                return _orig(t, *a, **k)
+
+            setattr(torch.Tensor, name, wrapper)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name, (own, value) in self._saved.items():
+            if own:
+                setattr(torch.Tensor, name, value)
+            else:
+                delattr(torch.Tensor, name)
+
+
+def bench_host_reads(name: str, numel: int = 10_000, steps: int = 48) -> tuple[int, int, int, int]:
+    """(bare optimizer's reads, tracked run's reads, of which on the optimizer's own 0-dim CPU step/lr tensors,
+    other reads) over steps 2..steps+1, none of them a trend-sample step (TrendOptions(warmup=1000))."""
+    counts = []
+    for tracked in (False, True):
+        opt = OPTIMIZERS[name](make_params(numel, seed=1))
+        tracker = ConditionTracker(opt, trend=TrendOptions(warmup=1000)) if tracked else None
+        opt.step()  # step 1: lazy state
+        with HostReadCounter() as rec:
+            rec.active = True
+            for _ in range(steps):
+                opt.step()
+            rec.active = False
+        allowed = {id(s["step"]) for s in opt.state.values() if isinstance(s.get("step"), torch.Tensor)}
+        allowed |= {id(g["lr"]) for g in opt.param_groups if isinstance(g["lr"], torch.Tensor)}
+        on_counters = sum(1 for t in rec.calls if id(t) in allowed and t.dim() == 0 and t.device.type == "cpu")
+        counts.append((len(rec.calls), on_counters))
+        del tracker
+    (bare_total, bare_counters), (tr_total, tr_counters) = counts
+    extra = tr_total - bare_total
+    extra_counters = tr_counters - bare_counters
+    return bare_total, tr_total, extra_counters, extra - extra_counters
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def machine() -> str:
+    model = platform.processor() or "unknown CPU"
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                model = line.split(":", 1)[1].strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return (
+        f"{model}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"Python {platform.python_version()}"
+    )
+
+
+def fmt_n(n: int) -> str:
+    return f"{n // 1_000_000}M" if n >= 1_000_000 else f"{n // 1000}k"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", help="also write the markdown report to this file")
+    ap.add_argument("--quick", action="store_true", help="few repetitions (smoke run, ~30 s)")
+    ap.add_argument("--reps", type=int, default=None, help="alternating repetitions per row (default 7, quick 3)")
+    ap.add_argument("--only", choices=("step", "e2e", "memory", "syncs"), action="append", help="run only these parts")
+    args = ap.parse_args(argv)
+    reps = args.reps or (3 if args.quick else 7)
+    parts = set(args.only or ("step", "e2e", "memory", "syncs"))
+    t_start = time.perf_counter()
+    lines = [f"Machine: {machine()}", "", f"Command: `python {' '.join(['benchmarks/bench.py', *(argv if argv is not None else sys.argv[1:])])}`", ""]
+
+    def emit(s: str = "") -> None:
+        lines.append(s)
+        print(s, flush=True)
+
+    for s in lines:
+        print(s, flush=True)
+
+    if "step" in parts:
+        emit("### 1. Tracker cost per optimizer step (CPU, 10 tensors, fixed random grads)")
+        emit()
+        emit(f"Alternating repetitions (bare, tracked) × {reps}; medians of ms per `opt.step()`. "
+             "Cost = tracked − bare; ratio = cost / bare. Target: ratio ≤ 0.5 for Adam (foreach) at 10M.")
+        emit()
+        emit("| optimizer | params | device | bare step (ms) | with tracker (ms) | tracker cost (ms) | ratio | spread bare / tracked |")
+        emit("|---|---|---|---|---|---|---|---|")
+        for numel, steps in ((1_000_000, 4 if args.quick else 10), (10_000_000, 2 if args.quick else 4)):
+            for name in OPTIMIZERS:
+                r = bench_step(name, numel, reps, steps)
+                emit(f"| {name} | {fmt_n(numel)} | CPU | {r.bare_ms:.2f} | {r.tracked_ms:.2f} | {r.cost_ms:.2f} | "
+                     f"**{r.ratio:.2f}×** | {r.bare_spread:.0%} / {r.tracked_spread:.0%} |")
+        for numel in (10_000_000, 100_000_000):
+            emit(f"| Adam (foreach / fused) | {fmt_n(numel)} | GPU | pending (no GPU) | | | | |")
+        emit()
+
+    if "e2e" in parts:
+        e2e_reps = 3 if args.quick else 5
+        e2e_steps = 40 if args.quick else 100
+        emit("### 2. End-to-end Lightning training throughput")
+        emit()
+        emit(f"Small CNN (conv 3→32→64, linear 4096→10, 62k params), Adam, batch 64 of 3×32×32 synthetic; "
+             f"{e2e_steps} timed steps per run after 10 warm-up steps, runs alternated without/with × {e2e_reps}; "
+             "TensorBoardLogger in a temp dir, log_every_n_steps=50. Target: slowdown ≤ 2 %.")
+        emit()
+        emit("| model | device | without monitor (samples/s) | with AdamTypeMonitor (samples/s) | slowdown | runs without / with |")
+        emit("|---|---|---|---|---|---|")
+        wo, wi, wo_all, wi_all = bench_end_to_end(e2e_reps, e2e_steps)
+        slow = 1 - wi / wo
+        emit(f"| small CNN | CPU | {wo:.0f} | {wi:.0f} | **{slow:+.1%}** | "
+             f"{', '.join(f'{v:.0f}' for v in wo_all)} / {', '.join(f'{v:.0f}' for v in wi_all)} |")
+        emit("| ResNet-18 | GPU | pending (no GPU) | | | |")
+        emit()
+
+    if "memory" in parts:
+        emit("### 3. Extra persistent memory held by the tracker")
+        emit()
+        emit("Sum of storage bytes of every tensor the tracker keeps between steps (previous η, accumulators, "
+             "trend-detector buffers) after 5 steps. Target: ≤ 4 bytes/param.")
+        emit()
+        emit("| optimizer | params | tensors held | bytes held | bytes / param |")
+        emit("|---|---|---|---|---|")
+        for numel in (1_000_000, 10_000_000):
+            for name in ("Adam (foreach)", "Adagrad (foreach)"):
+                nbytes, ntensors = bench_memory(name, numel)
+                emit(f"| {name} | {fmt_n(numel)} | {ntensors} | {nbytes:,} | **{nbytes / numel:.6f}** |")
+        emit()
+
+    if "syncs" in parts:
+        emit("### 4. Host reads on non-logging steps")
+        emit()
+        emit("Calls of Tensor.item / tolist / \\_\\_bool\\_\\_ / \\_\\_float\\_\\_ / \\_\\_int\\_\\_ during 48 `opt.step()` calls "
+             "(steps 2–49, none a trend-sample step: `TrendOptions(warmup=1000)`), with and without the tracker. "
+             "Reads of the optimizer's own 0-dim CPU `state['step']` / `lr` tensors are not device syncs (on a GPU "
+             "they stay on the CPU for non-capturable optimizers); every other read would be one. Target: 0.")
+        emit()
+        emit("| optimizer | device | bare opt reads | tracked reads | extra reads of CPU step/lr counters | extra reads of anything else (syncs) |")
+        emit("|---|---|---|---|---|---|")
+        for name in OPTIMIZERS:
+            bare, tracked, counters, other = bench_host_reads(name)
+            emit(f"| {name} | CPU | {bare} | {tracked} | {counters} | **{other}** |")
+        emit("| Adam (foreach / fused) | GPU, `torch.cuda.set_sync_debug_mode(\"error\")` | pending (no GPU) | | | |")
+        emit()
+
+    emit(f"Total benchmark time: {time.perf_counter() - t_start:.0f} s")
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
