@@ -34,7 +34,8 @@ def num(x: Any) -> float:
 
 
 def f64(t: Tensor) -> Tensor:
-    return t.detach().to(torch.float64).clone()
+    """A float64 CPU copy (the oracle always computes on the CPU, whatever the parameters' device)."""
+    return t.detach().to("cpu", torch.float64).clone()
 
 
 # ---------------------------------------------------------------------------------------------- η per optimizer

@@ -129,10 +129,10 @@ class Net(nn.Module):
         return self.l2(torch.tanh(self.l1(x))) + 0.1 * self.extra[:2] * self.extra.sum()
 
 
-def make_run(cls, kwargs, seed: int = 0, lr_factor: float = 0.5):
+def make_run(cls, kwargs, seed: int = 0, lr_factor: float = 0.5, device: str = "cpu"):
     """Model, optimizer with two groups (group 1 at lr_factor × the lr), ExponentialLR scheduler, data stream."""
     torch.manual_seed(seed)
-    model = Net()
+    model = Net().to(device)
     kwargs = dict(kwargs)
     lr = kwargs.pop("lr")
     lr1 = lr * lr_factor if not isinstance(lr, torch.Tensor) else torch.tensor(float(lr) * lr_factor)
@@ -143,7 +143,7 @@ def make_run(cls, kwargs, seed: int = 0, lr_factor: float = 0.5):
     opt = cls(groups, lr=lr, **kwargs)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.9)
     gen = torch.Generator().manual_seed(seed + 1)
-    data = [(torch.randn(8, 4, generator=gen), torch.randn(8, 2, generator=gen)) for _ in range(64)]
+    data = [(torch.randn(8, 4, generator=gen).to(device), torch.randn(8, 2, generator=gen).to(device)) for _ in range(64)]
     return model, opt, sched, data
 
 
@@ -219,6 +219,34 @@ def test_matches_float64_reference(name, cls, kwargs, attach_after):
         group = opt.param_groups[0]
         branches = {radam_rectified(group, t) for t in range(attach_after + 1, STEPS + 1)}
         assert branches == {True, False}, steps_seen
+
+
+CUDA_CONFIGS = [
+    ("adam-fused", A, dict(lr=1e-2, fused=True, weight_decay=0.1)),
+    ("adam-capturable-foreach", A, dict(lr=1e-2, capturable=True, foreach=True)),
+    ("adam-capturable-forloop", A, dict(lr=1e-2, capturable=True, foreach=False)),
+    ("adamw-amsgrad-fused", AW, dict(lr=1e-2, amsgrad=True, betas=(0.9, 0.6), fused=True)),
+    ("adagrad-foreach", torch.optim.Adagrad, dict(lr=0.1, lr_decay=0.05, foreach=True)),
+    ("rmsprop-capturable", torch.optim.RMSprop, dict(lr=1e-2, centered=True, momentum=0.5, capturable=True)),
+    ("sgd-fused", torch.optim.SGD, dict(lr=0.1, momentum=0.9, fused=True)),
+    ("adamax-capturable", torch.optim.Adamax, dict(lr=2e-2, capturable=True, foreach=True)),
+    ("nadam-capturable", torch.optim.NAdam, dict(lr=2e-2, capturable=True, foreach=True)),
+    ("radam-capturable", torch.optim.RAdam, dict(lr=1e-2, betas=(0.9, 0.9), capturable=True, foreach=True)),
+    ("radam-capturable-forloop", torch.optim.RAdam, dict(lr=1e-2, betas=(0.9, 0.9), capturable=True, foreach=False)),
+]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (device step counters, fused/capturable paths)")
+@pytest.mark.parametrize("name,cls,kwargs", CUDA_CONFIGS, ids=[c[0] for c in CUDA_CONFIGS])
+def test_matches_float64_reference_cuda(name, cls, kwargs):
+    """The device-tensor paths (step counters on the GPU, RAdam's torch.where branch) against the same oracle."""
+    model, opt, sched, data = make_run(cls, kwargs, device="cuda")
+    train(model, opt, sched, data, range(1, 3))
+    tracker = ConditionTracker(opt)
+    ref = Reference(opt)
+    train(model, opt, sched, data, range(3, STEPS + 1), ref)
+    got = assert_matches(tracker, ref)
+    assert all(v["steps"] == STEPS - 2 and v["c"] > 0 for v in got.values())
 
 
 def test_reference_counts_by_hand():
@@ -556,6 +584,20 @@ def test_hooks_make_no_host_reads_except_cpu_step_counters(name, cls, kwargs):
     assert not bad, bad
     assert tracker.observations == 64
     assert tracker.compute()  # it did measure
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name,cls,kwargs", CUDA_CONFIGS, ids=[c[0] for c in CUDA_CONFIGS])
+def test_hooks_make_no_host_reads_on_cuda(name, cls, kwargs):
+    """On the GPU nothing at all may be read on the host inside the hooks (CPU lr and step counters excepted)."""
+    groups = _two_group_params()
+    for group in groups:
+        group["params"] = [nn.Parameter(p.detach().cuda()) for p in group["params"]]
+    opt = cls(groups, **kwargs)
+    bad, calls, tracker = host_reads_in_hooks(opt)
+    assert not bad, bad
+    assert all(t.device.type == "cpu" for _, t in calls)
+    assert tracker.compute()
 
 
 def test_no_sync_guard_catches_a_host_read_of_the_accumulators():
