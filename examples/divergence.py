@@ -334,7 +334,9 @@ def plot(all_curves: dict[str, dict[str, tuple[list[float], list[float]]]], out:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=20_000, help="optimizer steps per run (default 20000)")
     parser.add_argument("--logdir", default="runs/divergence", help="TensorBoard folder (default runs/divergence)")
     parser.add_argument("--out", default="divergence.png", help="figure to write (default divergence.png)")
@@ -392,7 +394,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     table = format_table(rows)
     print(table)
     print(
-        f"time: " + ", ".join(f"{r['optimizer']} {r['seconds']:.1f} s" for r in rows)
+        "time: " + ", ".join(f"{r['optimizer']} {r['seconds']:.1f} s" for r in rows)
         + f"; figure: {args.out}; logs: tensorboard --logdir {args.logdir}"
     )
     return {"results": results, "curves": all_curves, "rows": rows, "table": table, "out": str(args.out)}
