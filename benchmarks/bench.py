@@ -317,6 +317,13 @@ def machine() -> str:
     )
 
 
+def _loadavg() -> str:
+    try:
+        return "/".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
 def fmt_n(n: int) -> str:
     return f"{n // 1_000_000}M" if n >= 1_000_000 else f"{n // 1000}k"
 
@@ -326,11 +333,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help="also write the markdown report to this file")
     ap.add_argument("--quick", action="store_true", help="few repetitions (smoke run, ~30 s)")
     ap.add_argument("--reps", type=int, default=None, help="alternating repetitions per row (default 7, quick 3)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch.set_num_threads (default: torch's default); 1 is steadier on a loaded machine")
     ap.add_argument("--only", choices=("step", "e2e", "memory", "syncs"), action="append", help="run only these parts")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     reps = args.reps or (3 if args.quick else 7)
     parts = set(args.only or ("step", "e2e", "memory", "syncs"))
     t_start = time.perf_counter()
+    load0 = _loadavg()
     lines = [f"Machine: {machine()}", "", f"Command: `python {' '.join(['benchmarks/bench.py', *(argv if argv is not None else sys.argv[1:])])}`", ""]
 
     def emit(s: str = "") -> None:
@@ -358,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         emit()
 
     if "e2e" in parts:
-        e2e_reps = 3 if args.quick else 5
+        e2e_reps = 3 if args.quick else 7
         e2e_steps = 40 if args.quick else 100
         emit("### 2. End-to-end Lightning training throughput")
         emit()
@@ -366,11 +378,12 @@ def main(argv: list[str] | None = None) -> int:
              f"{e2e_steps} timed steps per run after 10 warm-up steps, runs alternated without/with × {e2e_reps}; "
              "TensorBoardLogger in a temp dir, log_every_n_steps=50. Target: slowdown ≤ 2 %.")
         emit()
-        emit("| model | device | without monitor (samples/s) | with AdamTypeMonitor (samples/s) | slowdown | runs without / with |")
+        emit("| model | device | without monitor (samples/s) | with AdamTypeMonitor (samples/s) | slowdown (1 − with/without, medians) | runs without / with |")
         emit("|---|---|---|---|---|---|")
         wo, wi, wo_all, wi_all = bench_end_to_end(e2e_reps, e2e_steps)
         slow = 1 - wi / wo
-        emit(f"| small CNN | CPU | {wo:.0f} | {wi:.0f} | **{slow:+.1%}** | "
+        paired = median([1 - b / a for a, b in zip(wo_all, wi_all)])
+        emit(f"| small CNN | CPU | {wo:.0f} | {wi:.0f} | **{slow:+.1%}** (median of paired runs: {paired:+.1%}) | "
              f"{', '.join(f'{v:.0f}' for v in wo_all)} / {', '.join(f'{v:.0f}' for v in wi_all)} |")
         emit("| ResNet-18 | GPU | pending (no GPU) | | | |")
         emit()
@@ -405,7 +418,8 @@ def main(argv: list[str] | None = None) -> int:
         emit("| Adam (foreach / fused) | GPU, `torch.cuda.set_sync_debug_mode(\"error\")` | pending (no GPU) | | | |")
         emit()
 
-    emit(f"Total benchmark time: {time.perf_counter() - t_start:.0f} s")
+    emit(f"Total benchmark time: {time.perf_counter() - t_start:.0f} s; load average at start {load0}, at end "
+         f"{_loadavg()} (other processes on the machine inflate and scatter the timings; see the spread column)")
     if args.out:
         with open(args.out, "w") as f:
             f.write("\n".join(lines) + "\n")
