@@ -45,6 +45,7 @@ class _GroupState:
     previous: dict[int, Tensor | float] = field(default_factory=dict)  # param index → η_{t−1}
     last_seen: dict[int, int] = field(default_factory=dict)  # param index → observation at which η was taken
     count: int = 0  # observations of this group (host clock of the trend detectors)
+    last_finite: Tensor | None = None  # bool tensor: was the latest step finite (else the detectors see NaN)
     detectors: dict[str, TrendDetector] = field(default_factory=dict)  # "variance" / "bias"
 
 
@@ -222,6 +223,7 @@ class ConditionTracker:
         # A step with a NaN/Inf anywhere in its contributions is left out of every sum and counted on its own;
         # decided on the device (the warning is issued when the numbers are read, in compute()).
         finite = torch.isfinite(contributions).all()
+        state.last_finite = finite
         contributions = torch.where(finite, contributions, torch.zeros_like(contributions))
         state.accumulators.add_(torch.cat([contributions, (~finite).to(dtype).reshape(1)]))
         for pi, eta in zip(indices, new_previous):
@@ -244,7 +246,10 @@ class ConditionTracker:
         for kind, key in (("variance", "b"), ("bias", "c")):
             detector = state.detectors[kind]
             if state.count >= detector.next_sample_step:  # host ints: no device work on other steps
-                sampled |= detector.update(state.count, acc[ACCUMULATOR_KEYS.index(key)] / a)
+                ratio = acc[ACCUMULATOR_KEYS.index(key)] / a
+                if state.last_finite is not None:  # a non-finite step is an invalid sample, not a frozen ratio
+                    ratio = torch.where(state.last_finite, ratio, torch.full_like(ratio, math.nan))
+                sampled |= detector.update(state.count, ratio)
         if sampled and self.switch_to_amsgrad and name not in self.switched:
             self._maybe_switch(gi, name)
 
