@@ -36,7 +36,6 @@ from dataclasses import dataclass
 import torch
 
 from lightning_adamtype import ConditionTracker, TrendOptions
-from lightning_adamtype.trend import TrendDetector
 
 # ---------------------------------------------------------------------------------------------- helpers
 
@@ -216,7 +215,8 @@ def bench_end_to_end(reps: int, steps: int, skip: int = 10) -> tuple[float, floa
 def _quiet():
     import logging
 
-    loggers = [logging.getLogger(n) for n in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning")]
+    names = ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning")
+    loggers = [logging.getLogger(n) for n in names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
@@ -343,7 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     parts = set(args.only or ("step", "e2e", "memory", "syncs"))
     t_start = time.perf_counter()
     load0 = _loadavg()
-    lines = [f"Machine: {machine()}", "", f"Command: `python {' '.join(['benchmarks/bench.py', *(argv if argv is not None else sys.argv[1:])])}`", ""]
+    command = " ".join(["python", "benchmarks/bench.py", *(argv if argv is not None else sys.argv[1:])])
+    lines = [f"Machine: {machine()}", "", f"Command: `{command}`", ""]
 
     def emit(s: str = "") -> None:
         lines.append(s)
@@ -358,7 +359,8 @@ def main(argv: list[str] | None = None) -> int:
         emit(f"Alternating repetitions (bare, tracked) × {reps}; medians of ms per `opt.step()`. "
              "Cost = tracked − bare; ratio = cost / bare. Target: ratio ≤ 0.5 for Adam (foreach) at 10M.")
         emit()
-        emit("| optimizer | params | device | bare step (ms) | with tracker (ms) | tracker cost (ms) | ratio | spread bare / tracked |")
+        emit("| optimizer | params | device | bare step (ms) | with tracker (ms) | tracker cost (ms) | ratio | "
+             "spread bare / tracked |")
         emit("|---|---|---|---|---|---|---|---|")
         for numel, steps in ((1_000_000, 4 if args.quick else 10), (10_000_000, 2 if args.quick else 4)):
             for name in OPTIMIZERS:
@@ -378,7 +380,8 @@ def main(argv: list[str] | None = None) -> int:
              f"{e2e_steps} timed steps per run after 10 warm-up steps, runs alternated without/with × {e2e_reps}; "
              "TensorBoardLogger in a temp dir, log_every_n_steps=50. Target: slowdown ≤ 2 %.")
         emit()
-        emit("| model | device | without monitor (samples/s) | with AdamTypeMonitor (samples/s) | slowdown (1 − with/without, medians) | runs without / with |")
+        emit("| model | device | without monitor (samples/s) | with AdamTypeMonitor (samples/s) | "
+             "slowdown (1 − with/without, medians) | runs without / with |")
         emit("|---|---|---|---|---|---|")
         wo, wi, wo_all, wi_all = bench_end_to_end(e2e_reps, e2e_steps)
         slow = 1 - wi / wo
@@ -405,12 +408,14 @@ def main(argv: list[str] | None = None) -> int:
     if "syncs" in parts:
         emit("### 4. Host reads on non-logging steps")
         emit()
-        emit("Calls of Tensor.item / tolist / \\_\\_bool\\_\\_ / \\_\\_float\\_\\_ / \\_\\_int\\_\\_ during 48 `opt.step()` calls "
+        emit("Calls of Tensor.item / tolist / \\_\\_bool\\_\\_ / \\_\\_float\\_\\_ / \\_\\_int\\_\\_ "
+             "during 48 `opt.step()` calls "
              "(steps 2–49, none a trend-sample step: `TrendOptions(warmup=1000)`), with and without the tracker. "
              "Reads of the optimizer's own 0-dim CPU `state['step']` / `lr` tensors are not device syncs (on a GPU "
              "they stay on the CPU for non-capturable optimizers); every other read would be one. Target: 0.")
         emit()
-        emit("| optimizer | device | bare opt reads | tracked reads | extra reads of CPU step/lr counters | extra reads of anything else (syncs) |")
+        emit("| optimizer | device | bare opt reads | tracked reads | extra reads of CPU step/lr counters | "
+             "extra reads of anything else (syncs) |")
         emit("|---|---|---|---|---|---|")
         for name in OPTIMIZERS:
             bare, tracked, counters, other = bench_host_reads(name)

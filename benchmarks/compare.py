@@ -1,6 +1,7 @@
 """A/B the tracker's per-step cost: the installed ``lightning_adamtype`` against a modified copy of the package.
 
-    mkdir -p /tmp/variant && cp -r lightning_adamtype /tmp/variant/ && patch -d /tmp/variant -p1 < benchmarks/proposals.patch
+    mkdir -p /tmp/variant && cp -r lightning_adamtype /tmp/variant/
+    patch -d /tmp/variant -p1 < benchmarks/proposals.patch
     python benchmarks/compare.py /tmp/variant/lightning_adamtype
 
 Three optimizers on identical parameters (bare, tracked by the installed package, tracked by the variant) are
@@ -40,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     variant = load_variant(args.variant)
     assert variant.__file__ != base.__file__
-    print("| optimizer | params | bare (ms) | tracker cost, installed (ms) | tracker cost, variant (ms) | change | same results |")
+    print("| optimizer | params | bare (ms) | tracker cost, installed (ms) | tracker cost, variant (ms) | change | "
+          "same results |")
     print("|---|---|---|---|---|---|---|")
     for name in bench.OPTIMIZERS:
         for numel, steps in ((1_000_000, 10), (10_000_000, 3)):
