@@ -129,6 +129,20 @@ class AdamAdapter:
         )
         return _scale_over_denominator([lr / (1 - beta1**t) for t in steps], denominators)
 
+    def min_effective_stepsize(self, group: dict[str, Any], states: Sequence[dict[str, Any]], dtype: torch.dtype) -> Tensor:
+        """min_j η_j = min_i s_i / (sqrt(max_j v_ij) / c_i + eps): η is decreasing in v, so one read-only max pass
+        over v gives the same value as the min over η, without a full-size copy."""
+        beta1, beta2 = float(group["betas"][0]), float(group["betas"][1])
+        lr = _lr(group)
+        key = "max_exp_avg_sq" if group.get("amsgrad", False) else "exp_avg_sq"
+        vmax = torch._foreach_max([s[key] for s in states])
+        mins = []
+        for s, m in zip(states, vmax):
+            t = step_value(s)
+            m = m.to(_work_dtype(m))
+            mins.append(((lr / (1 - beta1**t)) / (m.sqrt() / _sqrt(1 - beta2**t) + group["eps"])).to(dtype))
+        return torch.stack(mins).min()
+
     def coupled_weight_decay(self, group: dict[str, Any]) -> float:
         if group.get("decoupled_weight_decay", False):
             return 0.0
@@ -170,6 +184,16 @@ class AdagradAdapter:
         steps = [step_value(s) for s in states]
         denominators = _sqrt_plus_eps([s["sum"] for s in states], group["eps"])
         return _scale_over_denominator([lr / (1 + (t - 1) * lr_decay) for t in steps], denominators)
+
+    def min_effective_stepsize(self, group: dict[str, Any], states: Sequence[dict[str, Any]], dtype: torch.dtype) -> Tensor:
+        """min_j η_j = min_i s_i / (sqrt(max_j sum_ij) + eps): one read-only max pass over ``sum``, no copy."""
+        lr, lr_decay = _lr(group), float(group["lr_decay"])
+        smax = torch._foreach_max([s["sum"] for s in states])
+        mins = [
+            ((lr / (1 + (step_value(s) - 1) * lr_decay)) / (m.to(_work_dtype(m)).sqrt() + group["eps"])).to(dtype)
+            for s, m in zip(states, smax)
+        ]
+        return torch.stack(mins).min()
 
     def coupled_weight_decay(self, group: dict[str, Any]) -> float:
         return float(group.get("weight_decay", 0.0))

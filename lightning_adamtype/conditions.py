@@ -28,7 +28,7 @@ def accumulator_dtype(device: torch.device) -> torch.dtype:
 
 
 def _sum(values: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
-    return torch.stack([v.to(dtype) for v in values]).sum()
+    return torch.stack(list(values)).to(dtype).sum()  # P4: one cast
 
 
 def min_stepsize(etas: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
@@ -37,7 +37,7 @@ def min_stepsize(etas: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
 
 
 def _sum_max(values: list[Tensor], dtype: torch.dtype) -> Tensor:
-    return torch.stack([m.to(dtype) for m in torch._foreach_max(values)]).max()
+    return torch.stack(torch._foreach_max(values)).max().to(dtype)  # P4: one cast
 
 
 def stepsize_sum(etas: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
@@ -45,16 +45,26 @@ def stepsize_sum(etas: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
     return _sum(torch._foreach_norm(list(etas), 1), dtype)
 
 
-def squared_step_norm(etas: Sequence[Tensor], grads: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
-    """‖η ⊙ g‖₂² = Σ_j (η_j g_j)², summed over the tensors."""
+def squared_step_norm(
+    etas: Sequence[Tensor], grads: Sequence[Tensor], dtype: torch.dtype, out: Sequence[Tensor | None] | None = None
+) -> Tensor:
+    """‖η ⊙ g‖₂² = Σ_j (η_j g_j)², summed over the tensors.
+
+    ``out``: optional scratch buffers (one per tensor, or None) that receive η ⊙ g instead of a fresh tensor.
+    """
     if not etas:
         return torch.zeros((), dtype=dtype)
-    steps = torch._foreach_mul(list(etas), [g.to(e.dtype) for e, g in zip(etas, grads)])
+    if out is None:
+        out = [None] * len(etas)
+    steps = [
+        torch.mul(e, g.to(e.dtype), out=buf) if buf is not None else e * g.to(e.dtype)
+        for e, g, buf in zip(etas, grads, out)
+    ]
     return _sum_squares(torch._foreach_norm(steps, 2), dtype)
 
 
 def _sum_squares(norms: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
-    return torch.stack([n.to(dtype).square() for n in norms]).sum()
+    return torch.stack(list(norms)).to(dtype).square().sum()  # P4: one cast
 
 
 def oscillation(etas: Sequence[Tensor], previous: Sequence[Tensor], dtype: torch.dtype) -> tuple[Tensor, Tensor, list[Tensor]]:

@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
 from .adapters import OptimizerAdapter, find_adapter
-from .conditions import accumulator_dtype, min_stepsize, oscillation, squared_step_norm, stepsize_sum
+from .conditions import _sum, _sum_squares, accumulator_dtype, min_stepsize, oscillation, squared_step_norm, stepsize_sum
 from .trend import TrendDetector, TrendOptions
 
 __all__ = ["ConditionTracker", "ACCUMULATOR_KEYS", "group_names"]
@@ -214,9 +214,12 @@ class ConditionTracker:
                 state, uniform(group), grads, entries, with_previous, numel, dtype, device
             )
         else:
-            etas = self.adapter.effective_stepsizes(group, [optimizer.state[p] for _, p, _ in entries])
+            states = [optimizer.state[p] for _, p, _ in entries]
+            min_fn = getattr(self.adapter, "min_effective_stepsize", None)  # P1: min η from max v, no copy
+            amin = min_fn(group, states, dtype) if callable(min_fn) else None
+            etas = self.adapter.effective_stepsizes(group, states)
             contributions, new_previous = self._tensor_contributions(
-                state, etas, grads, indices, with_previous, numel, dtype, found_inf
+                state, etas, grads, indices, with_previous, numel, dtype, found_inf, amin
             )
         if found_inf is not None:
             contributions = contributions * (1 - found_inf.to(device=device, dtype=dtype))
@@ -295,11 +298,23 @@ class ConditionTracker:
         numel: int,
         dtype: torch.dtype,
         found_inf: Tensor | None,
+        amin: Tensor | None = None,
     ) -> tuple[Tensor, list[Tensor]]:
         zero = torch.zeros((), dtype=dtype, device=etas[0].device)
         c = c2 = c_mean = zero
         new_previous = etas
-        if with_previous:
+        scratch: dict[int, Tensor] = {}
+        if with_previous and found_inf is None:
+            # P2: η_{t−1} is owned by the tracker and replaced below: take the differences in place, then reuse
+            # the buffers for η ⊙ g (no full-size temporaries).
+            current = [etas[i] for i in with_previous]
+            previous = [state.previous[indices[i]] for i in with_previous]
+            torch._foreach_sub_(previous, current)  # η_{t−1} − η_t: same norms as η_t − η_{t−1}
+            c = _sum(torch._foreach_norm(previous, 1), dtype)
+            c2 = _sum_squares(torch._foreach_norm(previous, 2), dtype)
+            c_mean = c / sum(e.numel() for e in current)
+            scratch = dict(zip(with_previous, previous))
+        elif with_previous:
             current = [etas[i] for i in with_previous]
             previous = [state.previous[indices[i]] for i in with_previous]
             c, c2, diffs = oscillation(current, previous, dtype)
@@ -315,8 +330,8 @@ class ConditionTracker:
             torch.stack(
                 [
                     one,
-                    min_stepsize(etas, dtype),
-                    squared_step_norm(etas, grads, dtype),
+                    min_stepsize(etas, dtype) if amin is None else amin,
+                    squared_step_norm(etas, grads, dtype, out=[scratch.get(i) for i in range(len(etas))]),
                     c,
                     c2,
                     stepsize_sum(etas, dtype) / numel,
@@ -436,7 +451,7 @@ class ConditionTracker:
             for pi, eta in saved.get("previous", {}).items():
                 pi = int(pi)
                 target = params[pi].device if pi < len(params) else device
-                g.previous[pi] = eta.to(target) if isinstance(eta, Tensor) else eta
+                g.previous[pi] = eta.to(target).clone() if isinstance(eta, Tensor) else eta  # P2 writes into it
             g.last_seen = {int(k): int(v) for k, v in saved.get("last_seen", {}).items()}
             g.count = int(saved.get("count", 0))
             for kind, det_state in saved.get("detectors", {}).items():
