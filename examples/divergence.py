@@ -10,9 +10,11 @@ many small repelling ones let Adam's v̂ shrink again, so Adam's effective steps
 noise: the bias condition C_T / A_T → 0 fails and Adam drifts away. AMSGrad keeps v̂ at its running maximum,
 its bias ratio falls by about 10× per decade of steps, and it converges.
 
-The script trains the problem twice, with Adam and with Adam(amsgrad=True), through a ``pytorch_lightning``
-Trainer with :class:`lightning_adamtype.AdamTypeMonitor`, which logs the paper's quantities to TensorBoard.
-It then reads the event files back, draws them (``--out``) and prints a verdict table.
+The script trains the problem three times through a ``pytorch_lightning`` Trainer with
+:class:`lightning_adamtype.AdamTypeMonitor`, which logs the paper's quantities to TensorBoard: with Adam, with
+Adam(amsgrad=True), and with Adam plus ``AdamTypeMonitor(switch_to_amsgrad=True)`` ("Adam + switch"), which
+switches the group to AMSGrad in place once its bias verdict holds. It then reads the event files back, draws
+them (``--out``, the switch step as a dashed vertical line) and prints a verdict table.
 
     python examples/divergence.py                      # 20 000 steps per optimizer, writes divergence.png
     tensorboard --logdir runs/divergence               # the logged curves
@@ -50,8 +52,14 @@ LABELS = {
     "bias_ratio": "bias ratio C_T / A_T",
     "abs_x": "|x_t|",
 }
-RUNS = (("adam", "Adam", False), ("amsgrad", "AMSGrad", True))
+# (run folder, label, Adam(amsgrad=...), AdamTypeMonitor(switch_to_amsgrad=...))
+RUNS = (
+    ("adam", "Adam", False, False),
+    ("amsgrad", "AMSGrad", True, False),
+    ("adam_switch", "Adam + switch", False, True),
+)
 ABS_X_TAG = "divergence/abs_x"
+SWITCHED_TAG = "adamtype/Adam/pg0/switched"
 BIAS_SLOPE_THRESHOLD = -0.2  # slope of log(C/A) vs log(t) above this: the bias condition is violated
 
 
@@ -154,14 +162,16 @@ def train(
     lr_schedule: str,
     steps_per_batch: int,
     log_every_n_steps: int,
+    switch_to_amsgrad: bool = False,
 ) -> dict[str, Any]:
-    """Train one optimizer; returns the final |x|, the monitor's final numbers and the TensorBoard run folder."""
+    """Train one optimizer; returns the final |x|, the monitor's final numbers, the switch step (``None`` if the
+    group was not switched) and the TensorBoard run folder."""
     pl.seed_everything(seed, verbose=False)
     model = DivergenceProblem(amsgrad=amsgrad, lr_schedule=lr_schedule, log_every_n_steps=log_every_n_steps)
     batches = make_batches(steps, seed, steps_per_batch)
     loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False, num_workers=0)
     logger = TensorBoardLogger(str(logdir), name=run)
-    monitor = AdamTypeMonitor(log_every_n_steps=log_every_n_steps)
+    monitor = AdamTypeMonitor(log_every_n_steps=log_every_n_steps, switch_to_amsgrad=switch_to_amsgrad)
     trainer = pl.Trainer(
         max_steps=steps,
         max_epochs=1,
@@ -181,12 +191,14 @@ def train(
     logger.finalize("success")
     final = monitor.compute()
     group = next(iter(final.values())) if final else {}
+    switched = {name: step for tracker in monitor.trackers for name, step in tracker.switched.items() if step > 0}
     return {
         "run": run,
         "amsgrad": amsgrad,
         "steps": int(trainer.global_step),
         "abs_x": float(model.x.detach().abs()),
         "final": {k: float(v) for k, v in group.items()},
+        "switched_at": next(iter(switched.values()), None),
         "log_dir": logger.log_dir,
         "seconds": seconds,
     }
@@ -232,6 +244,17 @@ def condition_curves(scalars: dict[str, tuple[list[int], list[float]]]) -> dict[
         event_steps, values = scalars[ABS_X_TAG]
         curves["abs_x"] = ([float(s) for s in event_steps], list(values))
     return curves
+
+
+def switch_step(scalars: dict[str, tuple[list[int], list[float]]]) -> int | None:
+    """The optimizer step of the first ``adamtype/<group>/switched`` marker in the event files, or ``None``."""
+    steps = [
+        s
+        for tag, (xs, _) in scalars.items()
+        if tag.startswith("adamtype/") and tag.endswith("/switched")
+        for s in xs
+    ]
+    return min(steps) if steps else None
 
 
 def value_at(curve: tuple[Sequence[float], Sequence[float]], step: float) -> float:
@@ -280,6 +303,7 @@ def verdict(result: dict[str, Any], curves: dict[str, tuple[list[float], list[fl
         # The package's own trend detector (warm-up, patience, margin), where the monitor reports it.
         "detector_slope": result["final"].get("bias_slope", float("nan")),
         "detector_violation": result["final"].get("bias_violation", float("nan")),
+        "switched_at": result.get("switched_at"),
         "seconds": result["seconds"],
     }
 
@@ -288,27 +312,37 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     """The verdict table as Markdown."""
     lines = [
         "| optimizer | steps | final \\|x\\| | C/A at 10% | C/A at 100% | slope of C/A (last decade) | bias condition "
-        "| monitor's bias_slope / verdict |",
-        "|---|---|---|---|---|---|---|---|",
+        "| monitor's bias_slope / verdict | switched at |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         flag = r["detector_violation"]
         detector = "n/a" if math.isnan(flag) else "violation" if flag > 0.5 else "ok"
+        switched = "—" if r.get("switched_at") is None else str(r["switched_at"])
         lines.append(
             f"| {r['optimizer']} | {r['steps']} | {r['abs_x']:.4g} | {r['ca_10']:.4g} | {r['ca_100']:.4g} "
-            f"| {r['slope']:+.3f} | {r['bias_condition']} | {r['detector_slope']:+.3f} / {detector} |"
+            f"| {r['slope']:+.3f} | {r['bias_condition']} | {r['detector_slope']:+.3f} / {detector} | {switched} |"
         )
     return "\n".join(lines)
 
 
-def plot(all_curves: dict[str, dict[str, tuple[list[float], list[float]]]], out: str | os.PathLike, title: str) -> None:
-    """A 2×3 grid: a, b, c, B/A, C/A and |x| against the step on log-log axes, one line per optimizer."""
+def plot(
+    all_curves: dict[str, dict[str, tuple[list[float], list[float]]]],
+    out: str | os.PathLike,
+    title: str,
+    switches: dict[str, int | None] | None = None,
+) -> None:
+    """A 2×3 grid: a, b, c, B/A, C/A and |x| against the step on log-log axes, one line per optimizer.
+
+    ``switches`` maps a run's label to its switch step: a dashed vertical line in that run's colour in every panel.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     keys = (*KEYS, "abs_x")
+    colors = {label: f"C{k}" for k, label in enumerate(all_curves)}
     fig, axes = plt.subplots(2, 3, figsize=(13, 7), constrained_layout=True)
     for ax, key in zip(axes.flat, keys):
         for label, curves in all_curves.items():
@@ -317,7 +351,12 @@ def plot(all_curves: dict[str, dict[str, tuple[list[float], list[float]]]], out:
             xs, ys = curves[key]
             pts = [(x, y) for x, y in zip(xs, ys) if x > 0 and y > 0 and math.isfinite(y)]
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label, lw=1.4)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label, lw=1.4, color=colors[label])
+        for label, step in (switches or {}).items():
+            if step is not None and step > 0:
+                ax.axvline(
+                    step, color=colors.get(label, "k"), ls="--", lw=1.0, alpha=0.8, label=f"switch at t = {step}"
+                )
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_title(LABELS[key], fontsize=10)
@@ -362,12 +401,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Run both optimizers, draw the figure, print the verdict table; returns everything it measured."""
+    """Run the three optimizers, draw the figure, print the verdict table; returns everything it measured."""
     args = parse_args(argv)
     log_every = args.log_every_n_steps or max(1, args.steps // 1000)
 
     results, all_curves, rows = {}, {}, []
-    for run, label, amsgrad in RUNS:
+    for run, label, amsgrad, switch in RUNS:
         result = train(
             run,
             amsgrad,
@@ -377,9 +416,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             lr_schedule=args.lr_schedule,
             steps_per_batch=args.steps_per_batch,
             log_every_n_steps=log_every,
+            switch_to_amsgrad=switch,
         )
         result["label"] = label
         result["scalars"] = read_scalars(result["log_dir"])
+        # The switch step as the event files record it (the monitor's own record is result["switched_at"]).
+        result["switched_at_logged"] = switch_step(result["scalars"])
         curves = condition_curves(result["scalars"])
         all_curves[label] = curves
         rows.append(verdict(result, curves))
@@ -389,7 +431,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     plot(
         all_curves,
         args.out,
-        f"Chen et al. (2019) divergence example: Adam vs AMSGrad, betas (0, 0.9), {lr_text}, seed {args.seed}",
+        f"Chen et al. (2019) divergence example: Adam, AMSGrad and Adam + switch to AMSGrad, betas (0, 0.9), "
+        f"{lr_text}, seed {args.seed}",
+        switches={results[run]["label"]: results[run]["switched_at_logged"] for run, *_ in RUNS},
     )
     table = format_table(rows)
     print(table)
