@@ -157,12 +157,11 @@ class ConditionTracker:
         assert self.adapter is not None
         self.observations += 1
         found_inf = getattr(optimizer, "found_inf", None)
-        grad_scale = getattr(optimizer, "grad_scale", None)
         while len(self._groups) < len(optimizer.param_groups):
             self._groups.append(_GroupState())
         names = self.group_names()
         for gi, group in enumerate(optimizer.param_groups):
-            if self._observe_group(optimizer, gi, group, found_inf, grad_scale):
+            if self._observe_group(optimizer, gi, group, found_inf):
                 self._update_verdicts(gi, names[gi])
         self._snapshots.clear()
 
@@ -173,8 +172,8 @@ class ConditionTracker:
         gi: int,
         group: dict[str, Any],
         found_inf: Tensor | None,
-        grad_scale: Tensor | None,
-    ) -> None:
+    ) -> bool:
+        """Add this step's contributions for one group; False when no parameter of the group took part."""
         assert self.adapter is not None
         state = self._groups[gi]
         with_grad = [(pi, p) for pi, p in enumerate(group["params"]) if p.grad is not None]
@@ -198,8 +197,8 @@ class ConditionTracker:
 
         # g_t: the gradient the optimizer consumed (unscaled; + coupled weight decay with maximize's sign).
         grads = [p.grad for _, p, _ in entries]
-        if grad_scale is not None:
-            grads = torch._foreach_div(grads, grad_scale.to(device))
+        # With a GradScaler, plain optimizers get unscaled grads (scaler.unscale_), and fused ones (which receive
+        # grad_scale/found_inf) write the unscaled gradient back into p.grad during their step: p.grad is g_t.
         wd = self.adapter.coupled_weight_decay(group)
         if wd != 0.0:
             sign = -1.0 if group.get("maximize", False) else 1.0
@@ -221,14 +220,19 @@ class ConditionTracker:
             contributions, new_previous = self._tensor_contributions(
                 state, etas, grads, indices, with_previous, numel, dtype, found_inf, amin
             )
-        if found_inf is not None:
-            contributions = contributions * (1 - found_inf.to(device=device, dtype=dtype))
-        # A step with a NaN/Inf anywhere in its contributions is left out of every sum and counted on its own;
-        # decided on the device (the warning is issued when the numbers are read, in compute()).
+        # A step with a NaN/Inf anywhere in its contributions is left out of every sum and counted on its own; a
+        # step a GradScaler skipped inside a fused optimizer (found_inf) is left out and not counted at all.
+        # Both are decided on the device (the warning is issued when the numbers are read, in compute()).
         finite = torch.isfinite(contributions).all()
-        state.last_finite = finite
-        contributions = torch.where(finite, contributions, torch.zeros_like(contributions))
-        state.accumulators.add_(torch.cat([contributions, (~finite).to(dtype).reshape(1)]))
+        nonfinite = ~finite
+        keep = finite
+        if found_inf is not None:
+            skipped = found_inf.to(device) > 0
+            keep = finite & ~skipped
+            nonfinite = nonfinite & ~skipped
+        state.last_finite = keep | ~nonfinite
+        contributions = torch.where(keep, contributions, torch.zeros_like(contributions))
+        state.accumulators.add_(torch.cat([contributions, nonfinite.to(dtype).reshape(1)]))
         for pi, eta in zip(indices, new_previous):
             state.previous[pi] = eta
             state.last_seen[pi] = self.observations

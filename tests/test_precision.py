@@ -67,3 +67,33 @@ def test_bf16_parameters_accumulate_in_float32_or_better():
     assert tracker._groups[0].accumulators.dtype == torch.float64
     assert all(eta.dtype == torch.float32 for eta in tracker._groups[0].previous.values())
     assert result["a"] == pytest.approx(a_ref, rel=1e-4)
+
+
+def _scaled_run(**impl):
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(4, 2)
+    opt = torch.optim.Adam(layer.parameters(), lr=0.01, **impl)
+    tracker = ConditionTracker(opt)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    data = torch.randn(8, 3, 4, generator=torch.Generator().manual_seed(1))
+    for step in range(8):
+        opt.zero_grad()
+        scaler.scale(layer(data[step]).pow(2).sum()).backward()
+        if step == 3:
+            layer.weight.grad[0, 0] = float("inf")  # the scaler must skip this step
+        scaler.step(opt)
+        scaler.update()
+    return opt, layer, tracker
+
+
+@pytest.mark.parametrize("impl", [dict(foreach=False), dict(foreach=True), dict(fused=True)])
+def test_grad_scaler_skipped_step_is_not_a_step_and_grads_are_unscaled(impl):
+    opt, layer, tracker = _scaled_run(**impl)
+    result = tracker.compute()["Adam/pg0"]
+    assert float(opt.state[layer.weight]["step"]) == 7
+    assert result["steps"] == 7 and result["nonfinite_steps"] == 0
+    # unscaled: the same numbers as the reference for-loop run (a scaled gradient would inflate b by 1024²)
+    ref_opt, _, ref_tracker = _scaled_run(foreach=False)
+    expected = ref_tracker.compute()["Adam/pg0"]
+    for key in ("a", "b", "c", "c2"):
+        assert result[key] == pytest.approx(expected[key], rel=1e-4), key
