@@ -40,6 +40,11 @@ def _callback_bases() -> tuple[type, ...]:
     return tuple(dict.fromkeys(bases))
 
 
+def _check_positive_int_or_none(option: str, value: Any, none_means: str) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"AdamTypeMonitor({option}={value!r}): expected a positive int, or None {none_means}")
+
+
 def _optimizer_prefixes(optimizers: list[torch.optim.Optimizer]) -> list[str]:
     """``<Class>``, then ``<Class>-1``, ``<Class>-2`` … for further optimizers of one class (as LearningRateMonitor)."""
     seen: dict[str, int] = {}
@@ -89,34 +94,24 @@ class AdamTypeMonitor(*_callback_bases()):  # type: ignore[misc]
         histogram_every_n_logs: int | None = None,
         progress_bar: bool = False,
     ) -> None:
-        for option, value in (("tensorboard_layout", tensorboard_layout), ("progress_bar", progress_bar)):
+        for option, value in (
+            ("switch_to_amsgrad", switch_to_amsgrad),
+            ("tensorboard_layout", tensorboard_layout),
+            ("progress_bar", progress_bar),
+        ):
             if not isinstance(value, bool):
                 raise ValueError(f"AdamTypeMonitor({option}={value!r}): expected True or False")
-        if histogram_every_n_logs is not None and (
-            isinstance(histogram_every_n_logs, bool) or not isinstance(histogram_every_n_logs, int) or histogram_every_n_logs < 1
-        ):
-            raise ValueError(
-                f"AdamTypeMonitor(histogram_every_n_logs={histogram_every_n_logs!r}): expected a positive int, "
-                "or None for no histograms"
-            )
+        _check_positive_int_or_none("log_every_n_steps", log_every_n_steps, "to use the Trainer's log_every_n_steps")
+        _check_positive_int_or_none("histogram_every_n_logs", histogram_every_n_logs, "for no histograms")
+        if trend is not None and not isinstance(trend, TrendOptions):
+            raise ValueError(f"AdamTypeMonitor(trend={trend!r}): expected a lightning_adamtype.TrendOptions or None")
+        self.log_every_n_steps = log_every_n_steps
+        self.switch_to_amsgrad = switch_to_amsgrad
+        self.trend = trend
         self.tensorboard_layout = tensorboard_layout
         self.histogram_every_n_logs = histogram_every_n_logs
         self.progress_bar = progress_bar
         self._logs_written = 0
-        if not isinstance(switch_to_amsgrad, bool):
-            raise ValueError(f"AdamTypeMonitor(switch_to_amsgrad={switch_to_amsgrad!r}): expected True or False")
-        if trend is not None and not isinstance(trend, TrendOptions):
-            raise ValueError(f"AdamTypeMonitor(trend={trend!r}): expected a lightning_adamtype.TrendOptions or None")
-        self.switch_to_amsgrad = switch_to_amsgrad
-        self.trend = trend
-        if log_every_n_steps is not None and (
-            isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1
-        ):
-            raise ValueError(
-                f"AdamTypeMonitor(log_every_n_steps={log_every_n_steps!r}): expected a positive int, "
-                "or None to use the Trainer's log_every_n_steps"
-            )
-        self.log_every_n_steps = log_every_n_steps
         self.trackers: list[ConditionTracker] = []
         self._pending_state: dict[str, Any] | None = None
         self._last_logged_bucket = 0
