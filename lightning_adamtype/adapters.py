@@ -29,6 +29,8 @@ __all__ = [
 ]
 
 Scalar = float | Tensor
+#: (v per parameter, (s, e) per parameter) with η = s / (sqrt(v) + e): see ``sqrt_form`` on the adapters.
+SqrtForm = tuple[list[Tensor], list[tuple[Scalar, Scalar]]]
 
 
 class OptimizerAdapter(Protocol):
@@ -143,6 +145,25 @@ class AdamAdapter:
             mins.append(((lr / (1 - beta1**t)) / (m.sqrt() / _sqrt(1 - beta2**t) + group["eps"])).to(dtype))
         return torch.stack(mins).min()
 
+    def sqrt_form(self, group: dict[str, Any], states: Sequence[dict[str, Any]]) -> SqrtForm:
+        """η = s / (sqrt(v) + e) with s = lr·sqrt(1 − β2^t)/(1 − β1^t), e = eps·sqrt(1 − β2^t) (same η as above)."""
+        beta1, beta2 = float(group["betas"][0]), float(group["betas"][1])
+        lr, eps = _lr(group), float(group["eps"])
+        key = "max_exp_avg_sq" if group.get("amsgrad", False) else "exp_avg_sq"
+        scalars = []
+        for s in states:
+            t = step_value(s)
+            root = _sqrt(1 - beta2**t)
+            scalars.append((lr * root / (1 - beta1**t), eps * root))
+        return [s[key] for s in states], scalars
+
+    def second_moment_update(self, group: dict[str, Any]) -> tuple[float, float] | None:
+        """v_t = β2·v_{t−1} + (1 − β2)·g_t²; None for AMSGrad (a running max cannot be undone) or β2 = 0."""
+        beta2 = float(group["betas"][1])
+        if group.get("amsgrad", False) or beta2 == 0.0:
+            return None
+        return beta2, 1.0 - beta2
+
     def coupled_weight_decay(self, group: dict[str, Any]) -> float:
         if group.get("decoupled_weight_decay", False):
             return 0.0
@@ -195,6 +216,15 @@ class AdagradAdapter:
         ]
         return torch.stack(mins).min()
 
+    def sqrt_form(self, group: dict[str, Any], states: Sequence[dict[str, Any]]) -> SqrtForm:
+        """η = s / (sqrt(sum) + e) with s = lr / (1 + (t − 1)·lr_decay), e = eps."""
+        lr, lr_decay, eps = _lr(group), float(group["lr_decay"]), float(group["eps"])
+        return [s["sum"] for s in states], [(lr / (1 + (step_value(s) - 1) * lr_decay), eps) for s in states]
+
+    def second_moment_update(self, group: dict[str, Any]) -> tuple[float, float] | None:
+        """sum_t = sum_{t−1} + g_t²."""
+        return 1.0, 1.0
+
     def coupled_weight_decay(self, group: dict[str, Any]) -> float:
         return float(group.get("weight_decay", 0.0))
 
@@ -219,6 +249,20 @@ class RMSpropAdapter:
             second = [s["square_avg"] for s in states]
         denominators = _sqrt_plus_eps(second, group["eps"])
         return _scale_over_denominator([lr / (1 - momentum)] * len(states), denominators)
+
+    def sqrt_form(self, group: dict[str, Any], states: Sequence[dict[str, Any]]) -> SqrtForm | None:
+        """η = s / (sqrt(square_avg) + e) with s = lr / (1 − μ), e = eps; None when centered (v is a difference)."""
+        if group.get("centered", False):
+            return None
+        scale = _lr(group) / (1 - float(group.get("momentum", 0.0)))
+        return [s["square_avg"] for s in states], [(scale, float(group["eps"]))] * len(states)
+
+    def second_moment_update(self, group: dict[str, Any]) -> tuple[float, float] | None:
+        """v_t = α·v_{t−1} + (1 − α)·g_t²; None for α = 0 or centered."""
+        alpha = float(group["alpha"])
+        if group.get("centered", False) or alpha == 0.0:
+            return None
+        return alpha, 1.0 - alpha
 
     def coupled_weight_decay(self, group: dict[str, Any]) -> float:
         return float(group.get("weight_decay", 0.0))

@@ -18,6 +18,7 @@ from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
 from .adapters import OptimizerAdapter, find_adapter
+from .kernels import sqrt_form_kernels
 from .conditions import _sum, _sum_squares, accumulator_dtype, min_stepsize, oscillation, squared_step_norm, stepsize_sum
 from .trend import TrendDetector, TrendOptions
 
@@ -43,6 +44,7 @@ class _GroupState:
 
     accumulators: Tensor | None = None  # float64 [len(ACCUMULATOR_KEYS)] on the group's device
     previous: dict[int, Tensor | float] = field(default_factory=dict)  # param index → η_{t−1}
+    previous_scales: dict[int, Tensor] = field(default_factory=dict)  # param index → (s, e) of η_{t−1} (recomputed)
     last_seen: dict[int, int] = field(default_factory=dict)  # param index → observation at which η was taken
     count: int = 0  # observations of this group (host clock of the trend detectors)
     last_finite: Tensor | None = None  # bool tensor: was the latest step finite (else the detectors see NaN)
@@ -75,6 +77,16 @@ class ConditionTracker:
             (``points_per_decade`` per decade), the only steps at which it can change; under
             ``torch.distributed`` rank 0's decision is broadcast so every rank switches at the same step.
         trend: options of the trend detectors (:class:`~lightning_adamtype.trend.TrendOptions`).
+        kernel: ``"foreach"`` (default): multi-tensor ``torch._foreach_*`` operations. ``"compiled"``: for
+            optimizers whose η = s/(sqrt(v) + e) (Adam, AdamW, Adagrad, RMSprop not centered), one
+            ``torch.compile``'d pass per tensor that reads v, g (and η_{t−1}) once, with no temporaries; the first
+            steps compile (seconds), other optimizers keep the foreach path. Needs a C++ compiler on CPU (Triton
+            on GPU); without one, one warning and the foreach path.
+        previous_stepsize: ``"stored"`` (default): keep η_{t−1} (4 bytes per coordinate) for c and c2.
+            ``"recomputed"``: keep none and rebuild η_{t−1} from the optimizer state after the step,
+            v_{t−1} = (v_t − w·g_t²)/k, for Adam/AdamW (not AMSGrad), Adagrad and RMSprop (not centered): exact up
+            to the float32 rounding of v_t (see :mod:`lightning_adamtype.kernels`). Groups that cannot be
+            recomputed (AMSGrad, centered RMSprop, other optimizers) store η_{t−1}, with one warning.
 
     The tracker may be attached at any time; its first observation has no η_{t−1}, so c counts from its second.
     A parameter whose ``grad`` is None at a step is left out of that step, and c/c2 only count parameters that
@@ -89,7 +101,18 @@ class ConditionTracker:
         *,
         switch_to_amsgrad: bool = False,
         trend: TrendOptions | None = None,
+        kernel: str = "foreach",
+        previous_stepsize: str = "stored",
     ) -> None:
+        if kernel not in ("foreach", "compiled"):
+            raise ValueError(f"ConditionTracker(kernel={kernel!r}): expected 'foreach' (default) or 'compiled'")
+        if previous_stepsize not in ("stored", "recomputed"):
+            raise ValueError(
+                f"ConditionTracker(previous_stepsize={previous_stepsize!r}): expected 'stored' (default, 4 bytes per "
+                "coordinate) or 'recomputed' (no per-coordinate memory; Adam/AdamW/Adagrad/RMSprop)"
+            )
+        self.kernel = kernel
+        self.previous_stepsize = previous_stepsize
         if not isinstance(switch_to_amsgrad, bool):
             raise ValueError(f"ConditionTracker(switch_to_amsgrad={switch_to_amsgrad!r}): expected True or False")
         if trend is not None and not isinstance(trend, TrendOptions):
@@ -216,10 +239,16 @@ class ConditionTracker:
             states = [optimizer.state[p] for _, p, _ in entries]
             min_fn = getattr(self.adapter, "min_effective_stepsize", None)  # P1: min η from max v, no copy
             amin = min_fn(group, states, dtype) if callable(min_fn) else None
-            etas = self.adapter.effective_stepsizes(group, states)
-            contributions, new_previous = self._tensor_contributions(
-                state, etas, grads, indices, with_previous, numel, dtype, found_inf, amin
-            )
+            form = self._sqrt_form(group, states, entries, found_inf)
+            if form is not None:
+                contributions, new_previous = self._sqrt_form_contributions(
+                    state, group, form, grads, indices, with_previous, numel, dtype, found_inf
+                )
+            else:
+                etas = self.adapter.effective_stepsizes(group, states)
+                contributions, new_previous = self._tensor_contributions(
+                    state, etas, grads, indices, with_previous, numel, dtype, found_inf, amin
+                )
         # A step with a NaN/Inf anywhere in its contributions is left out of every sum and counted on its own; a
         # step a GradScaler skipped inside a fused optimizer (found_inf) is left out and not counted at all.
         # Both are decided on the device (the warning is issued when the numbers are read, in compute()).
@@ -234,10 +263,129 @@ class ConditionTracker:
         contributions = torch.where(keep, contributions, torch.zeros_like(contributions))
         state.accumulators.add_(torch.cat([contributions, nonfinite.to(dtype).reshape(1)]))
         for pi, eta in zip(indices, new_previous):
-            state.previous[pi] = eta
+            if eta is not None:
+                state.previous[pi] = eta
             state.last_seen[pi] = self.observations
         state.count += 1
         return True
+
+    def _sqrt_form(self, group: dict[str, Any], states: list[dict[str, Any]], entries: list, found_inf: Tensor | None):
+        """(v, scalars, recompute) when the square-root-form kernels apply to this group at this step, else None."""
+        recompute = self.previous_stepsize == "recomputed"
+        if self.kernel != "compiled" and not recompute:
+            return None
+        sqrt_form = getattr(self.adapter, "sqrt_form", None)
+        form = sqrt_form(group, states) if callable(sqrt_form) else None
+        update = getattr(self.adapter, "second_moment_update", None)
+        update = update(group) if callable(update) and recompute else None
+        if recompute and (form is None or update is None):
+            self._warn_once(
+                "recompute",
+                f"previous_stepsize='recomputed': {type(self.optimizer).__name__} with these settings (AMSGrad, "
+                "centered, β2 = 0 or an optimizer without a linear second-moment update) cannot rebuild η_{t−1} "
+                "from its state; η_{t−1} is stored for it (4 bytes per coordinate)",
+            )
+            recompute = False
+        if form is None or (not recompute and (self.kernel != "compiled" or found_inf is not None)):
+            return None  # a fused step that a GradScaler may skip keeps η_{t−1} on the foreach path
+        if any(p.numel() == 0 for _, p, _ in entries):
+            return None
+        return form[0], form[1], update if recompute else None
+
+    def _kernels(self):
+        if self.kernel == "compiled" and "compile-failed" not in self._warned:
+            return sqrt_form_kernels(True)
+        return sqrt_form_kernels(False)
+
+    def _run_kernel(self, name: str, *args: Tensor) -> Tensor:
+        kernels = self._kernels()
+        try:
+            return getattr(kernels, name)(*args)
+        except Exception as error:  # no C++ compiler / Triton, or an unsupported dtype: eager is the same math
+            if not kernels.compiled:
+                raise
+            self._warn_once(
+                "compile-failed",
+                f"kernel='compiled' could not compile ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
+                "the same math runs eagerly instead",
+            )
+            return getattr(sqrt_form_kernels(False), name)(*args)
+
+    def _sqrt_form_contributions(
+        self,
+        state: _GroupState,
+        group: dict[str, Any],
+        form: tuple,
+        grads: list[Tensor],
+        indices: list[int],
+        with_previous: list[int],
+        numel: int,
+        dtype: torch.dtype,
+        found_inf: Tensor | None,
+    ) -> tuple[Tensor, list[Tensor | None]]:
+        """The square-root-form path: one kernel call per tensor (see :mod:`lightning_adamtype.kernels`)."""
+        vs, scalars, update = form
+        device = vs[0].device
+        if all(isinstance(x, float) for pair in scalars for x in pair):
+            table = torch.tensor(scalars, dtype=torch.float64, device=device)
+        else:
+            table = torch.stack(
+                [torch.stack([torch.as_tensor(x, device=device).to(torch.float64).reshape(()) for x in pair]) for pair in scalars]
+            )
+        previous_set = set(with_previous)
+        rows: list[Tensor] = []
+        new_previous: list[Tensor | None] = []
+        if update is not None:
+            keep = torch.tensor(update[0], dtype=torch.float64, device=device)
+            weight = torch.tensor(update[1], dtype=torch.float64, device=device)
+        for k, (v, g, pi) in enumerate(zip(vs, grads, indices)):
+            work = torch.promote_types(v.dtype, torch.float32)
+            s, e = table[k].to(work).unbind()
+            flat = v.is_contiguous() and g.is_contiguous()
+            vk, gk = (v.view(-1), g.view(-1)) if flat else (v, g)
+            if update is not None:  # recomputed: no per-coordinate buffer
+                old = state.previous_scales.get(pi)
+                if k in previous_set and old is not None:
+                    ps, pe = old.to(work).unbind()
+                    rows.append(self._run_kernel("recomputed", vk, gk, s, e, ps, pe, keep.to(work), weight.to(work)))
+                else:
+                    rows.append(self._run_kernel("current", vk, gk, s, e))
+                new = table[k]
+                if found_inf is not None and old is not None:  # a skipped step keeps the previous scalars
+                    new = torch.where(found_inf.to(device) > 0, old, new)
+                state.previous_scales[pi] = new
+                state.previous.pop(pi, None)
+                new_previous.append(None)
+            else:  # stored: η_{t−1} buffer read and overwritten in the same pass
+                buf = state.previous.get(pi)
+                if k in previous_set and isinstance(buf, Tensor) and buf.shape == v.shape and buf.dtype == work:
+                    bk = buf.view(-1) if flat and buf.is_contiguous() else buf
+                    if bk.shape != vk.shape:
+                        bk, vk, gk = buf, v, g
+                    rows.append(self._run_kernel("stored", vk, gk, bk, s, e))
+                else:
+                    buf = torch.empty_like(v, dtype=work)
+                    bk = buf.view(-1) if flat and buf.is_contiguous() else buf
+                    if bk.shape != vk.shape:
+                        bk, vk, gk = buf, v, g
+                    rows.append(self._run_kernel("first", vk, gk, bk, s, e))
+                new_previous.append(buf)
+        terms = torch.stack(rows).to(dtype)
+        c, c2 = terms[:, 2].sum(), terms[:, 3].sum()
+        coords = sum(vs[i].numel() for i in with_previous)
+        zero = torch.zeros((), dtype=dtype, device=device)
+        contributions = torch.stack(
+            [
+                torch.ones((), dtype=dtype, device=device),
+                terms[:, 0].min(),
+                terms[:, 1].sum(),
+                c if with_previous else zero,
+                c2 if with_previous else zero,
+                terms[:, 4].sum() / numel,
+                c / coords if with_previous else zero,
+            ]
+        )
+        return contributions, new_previous
 
     # ------------------------------------------------------------------ verdicts and the switch
     def _update_verdicts(self, gi: int, name: str) -> None:
@@ -283,6 +431,16 @@ class ConditionTracker:
         if group.get("amsgrad", False):
             return
         enable(self.optimizer, group)
+        if self.previous_stepsize == "recomputed":
+            # AMSGrad's running max cannot be undone, so from here on this group stores η_{t−1}. Seed it with η_t
+            # (AMSGrad's max starts at v_t, so this is the η_t the next step's oscillation is measured against).
+            state = self._groups[gi]
+            with_state = [(pi, p) for pi, p in enumerate(group["params"]) if self.optimizer.state.get(p)]
+            if with_state:
+                etas = self.adapter.effective_stepsizes(group, [self.optimizer.state[p] for _, p in with_state])
+                for (pi, _), eta in zip(with_state, etas):
+                    state.previous[pi] = eta
+                    state.previous_scales.pop(pi, None)
         step = self.observations + 1
         self.switched[name] = step
         slope = float(detector.slope)
@@ -430,6 +588,7 @@ class ConditionTracker:
                     "previous": {
                         pi: (eta.detach().cpu().clone() if isinstance(eta, Tensor) else eta) for pi, eta in g.previous.items()
                     },
+                    "previous_scales": {pi: sc.detach().cpu().clone() for pi, sc in g.previous_scales.items()},
                     "last_seen": dict(g.last_seen),
                     "count": g.count,
                     "detectors": {kind: d.state_dict() for kind, d in g.detectors.items()},
@@ -456,6 +615,9 @@ class ConditionTracker:
                 pi = int(pi)
                 target = params[pi].device if pi < len(params) else device
                 g.previous[pi] = eta.to(target).clone() if isinstance(eta, Tensor) else eta  # P2 writes into it
+            for pi, sc in saved.get("previous_scales", {}).items():
+                pi = int(pi)
+                g.previous_scales[pi] = sc.to(params[pi].device if pi < len(params) else device).clone()
             g.last_seen = {int(k): int(v) for k, v in saved.get("last_seen", {}).items()}
             g.count = int(saved.get("count", 0))
             for kind, det_state in saved.get("detectors", {}).items():
