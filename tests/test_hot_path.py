@@ -98,11 +98,11 @@ def _allowed_ids(opt: torch.optim.Optimizer) -> set[int]:
     return allowed
 
 
-def _host_reads_on_non_sample_steps(monkeypatch, cls, kwargs, steps=range(2, 51)):
+def _host_reads_on_non_sample_steps(monkeypatch, cls, kwargs, steps=range(2, 51), **tracker_kwargs):
     counter = _ReadCounter()
     counter.watch(monkeypatch)
     opt = cls(_params(), **kwargs)
-    tracker = ConditionTracker(opt, trend=NO_SAMPLES)
+    tracker = ConditionTracker(opt, trend=NO_SAMPLES, **tracker_kwargs)
     _set_grads(opt, 1)
     opt.step()  # step 1: lazy optimizer state, first observation (not watched: it may set things up)
     counter.install(monkeypatch)
@@ -146,6 +146,7 @@ def _held_tensors(tracker: ConditionTracker) -> list[torch.Tensor]:
         if g.accumulators is not None:
             held.append(g.accumulators)
         held.extend(v for v in g.previous.values() if isinstance(v, torch.Tensor))
+        held.extend(g.previous_scales.values())
         for det in g.detectors.values():
             held.extend(v for v in vars(det).values() if isinstance(v, torch.Tensor))
     for snap in tracker._snapshots.values():
