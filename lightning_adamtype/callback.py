@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .tracker import ConditionTracker
+from .tracker import ConditionTracker, check_kernel_options
 from .trend import TrendOptions
 
 __all__ = ["AdamTypeMonitor", "TAG_PREFIX"]
@@ -78,6 +78,9 @@ class AdamTypeMonitor(*_callback_bases()):  # type: ignore[misc]
             loggers; ``None`` (default) writes none.
         progress_bar: show the first group's ``variance_ratio`` and ``bias_ratio`` in Lightning's progress bar as
             ``adamtype_variance_ratio`` / ``adamtype_bias_ratio`` (updated at log steps only, not sent to loggers).
+        kernel, previous_stepsize: how each tracker computes (see :class:`ConditionTracker`): ``kernel="compiled"``
+            fuses the per-step math into one ``torch.compile``'d pass per tensor; ``previous_stepsize="recomputed"``
+            keeps no per-coordinate η_{t−1} (Adam/AdamW/Adagrad/RMSprop).
 
     Example::
 
@@ -93,7 +96,12 @@ class AdamTypeMonitor(*_callback_bases()):  # type: ignore[misc]
         tensorboard_layout: bool = True,
         histogram_every_n_logs: int | None = None,
         progress_bar: bool = False,
+        kernel: str = "foreach",
+        previous_stepsize: str = "stored",
     ) -> None:
+        check_kernel_options("AdamTypeMonitor", kernel, previous_stepsize)
+        self.kernel = kernel
+        self.previous_stepsize = previous_stepsize
         for option, value in (
             ("switch_to_amsgrad", switch_to_amsgrad),
             ("tensorboard_layout", tensorboard_layout),
@@ -135,7 +143,14 @@ class AdamTypeMonitor(*_callback_bases()):  # type: ignore[misc]
         for opt, prefix in zip(optimizers, _optimizer_prefixes(optimizers)):
             raw = getattr(opt, "optimizer", opt)  # a LightningOptimizer wraps the torch one
             self.trackers.append(
-                ConditionTracker(raw, name=prefix, switch_to_amsgrad=self.switch_to_amsgrad, trend=self.trend)
+                ConditionTracker(
+                    raw,
+                    name=prefix,
+                    switch_to_amsgrad=self.switch_to_amsgrad,
+                    trend=self.trend,
+                    kernel=self.kernel,
+                    previous_stepsize=self.previous_stepsize,
+                )
             )
         if self._pending_state is not None:
             saved = self._pending_state.get("trackers", {})

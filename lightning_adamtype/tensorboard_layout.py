@@ -86,11 +86,14 @@ def stepsize_histograms(tracker: Any) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     names = tracker.group_names()
     for gi, state in enumerate(tracker._groups):
-        if gi >= len(names) or not state.previous:
+        if gi >= len(names):
+            continue
+        previous = state.previous or (tracker.stepsizes_from_state(gi) if state.previous_scales else {})
+        if not previous:
             continue
         params = tracker.optimizer.param_groups[gi]["params"]
         pieces = []
-        for pi, eta in sorted(state.previous.items()):
+        for pi, eta in sorted(previous.items()):
             if isinstance(eta, torch.Tensor) and eta.numel() > 1:
                 pieces.append(eta.detach().reshape(-1).to("cpu", torch.float32))
             else:

@@ -28,6 +28,21 @@ __all__ = ["ConditionTracker", "ACCUMULATOR_KEYS", "group_names"]
 ACCUMULATOR_KEYS = ("steps", "a", "b", "c", "c2", "a_mean", "c_mean", "nonfinite_steps")
 
 
+KERNELS = {"foreach": "default", "compiled": "one torch.compile'd pass per tensor"}
+PREVIOUS_STEPSIZES = {
+    "stored": "default, 4 bytes per coordinate",
+    "recomputed": "no per-coordinate memory; Adam/AdamW/Adagrad/RMSprop",
+}
+
+
+def check_kernel_options(owner: str, kernel: Any, previous_stepsize: Any) -> None:
+    """ValueError naming the option, the value and what is allowed, for ``kernel`` and ``previous_stepsize``."""
+    for option, value, allowed in (("kernel", kernel, KERNELS), ("previous_stepsize", previous_stepsize, PREVIOUS_STEPSIZES)):
+        if not isinstance(value, str) or value not in allowed:
+            choices = ", ".join(f"{k!r} ({why})" for k, why in allowed.items())
+            raise ValueError(f"{owner}({option}={value!r}): expected one of {choices}")
+
+
 def group_names(optimizer: torch.optim.Optimizer, prefix: str | None = None) -> list[str]:
     """``<prefix>/pg<i>`` for each group (prefix defaults to the optimizer's class name), or the group's "name"."""
     prefix = prefix or type(optimizer).__name__
@@ -104,13 +119,7 @@ class ConditionTracker:
         kernel: str = "foreach",
         previous_stepsize: str = "stored",
     ) -> None:
-        if kernel not in ("foreach", "compiled"):
-            raise ValueError(f"ConditionTracker(kernel={kernel!r}): expected 'foreach' (default) or 'compiled'")
-        if previous_stepsize not in ("stored", "recomputed"):
-            raise ValueError(
-                f"ConditionTracker(previous_stepsize={previous_stepsize!r}): expected 'stored' (default, 4 bytes per "
-                "coordinate) or 'recomputed' (no per-coordinate memory; Adam/AdamW/Adagrad/RMSprop)"
-            )
+        check_kernel_options("ConditionTracker", kernel, previous_stepsize)
         self.kernel = kernel
         self.previous_stepsize = previous_stepsize
         if not isinstance(switch_to_amsgrad, bool):
@@ -532,6 +541,19 @@ class ConditionTracker:
         return contributions, [eta] * len(entries)
 
     # ------------------------------------------------------------------ reading
+    def stepsizes_from_state(self, group_index: int) -> dict[int, Tensor]:
+        """η of every parameter of a group that has optimizer state, read now through the adapter
+        (``{parameter index: η}``; for the histograms when ``previous_stepsize="recomputed"`` keeps no η)."""
+        if self.adapter is None or not callable(getattr(self.adapter, "effective_stepsizes", None)):
+            return {}
+        group = self.optimizer.param_groups[group_index]
+        with_state = [(pi, p) for pi, p in enumerate(group["params"]) if self.optimizer.state.get(p)]
+        if not with_state:
+            return {}
+        with torch.no_grad():
+            etas = self.adapter.effective_stepsizes(group, [self.optimizer.state[p] for _, p in with_state])
+        return {pi: eta for (pi, _), eta in zip(with_state, etas)}
+
     def group_names(self) -> list[str]:
         """The names of the optimizer's groups, in order (design: ``<name>/pg<i>`` or the group's "name")."""
         return group_names(self.optimizer, self.name)

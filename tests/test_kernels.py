@@ -200,3 +200,41 @@ def test_switch_to_amsgrad_with_recomputed_continues_the_oscillation_sum():
 def test_invalid_kernel_options_name_the_value(option, value):
     with pytest.raises(ValueError, match=f"{option}={value!r}"):
         ConditionTracker(torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))]), **{option: value})
+
+
+# ---------------------------------------------------------------------------------------------- through Lightning
+
+
+def test_monitor_passes_the_options_and_writes_histograms_without_stored_eta(tmp_path):
+    from pytorch_lightning.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lightning_adamtype import AdamTypeMonitor
+    from test_callback import TinyModel, _data, _trainer
+
+    results = {}
+    for kind, options in {"default": {}, "fast": dict(kernel="compiled", previous_stepsize="recomputed")}.items():
+        monitor = AdamTypeMonitor(log_every_n_steps=4, histogram_every_n_logs=1, **options)
+        logger = TensorBoardLogger(tmp_path, name=kind)
+        _trainer(tmp_path, [monitor], logger=logger).fit(TinyModel(), _data())
+        assert all(t.kernel == options.get("kernel", "foreach") for t in monitor.trackers)
+        results[kind] = monitor.compute()
+        acc = EventAccumulator(logger.log_dir, size_guidance={"histograms": 0})
+        acc.Reload()
+        assert "adamtype/Adam/pg0/eta" in acc.Tags()["histograms"], acc.Tags()["histograms"]
+        hist = acc.Histograms("adamtype/Adam/pg0/eta")[-1].histogram_value
+        assert hist.num == 8 * 8 + 8 and hist.min > 0  # every coordinate of the body group
+    fast = results["fast"]
+    assert not any(g.previous for t in monitor.trackers for g in t._groups)  # nothing stored per coordinate
+    for group, expected in results["default"].items():
+        for key in ("a", "b", "c", "c2"):
+            assert fast[group][key] == pytest.approx(expected[key], rel=1e-2), (group, key)
+        assert fast[group]["steps"] == expected["steps"] == 12
+
+
+@pytest.mark.parametrize("option,value", [("kernel", "fused"), ("previous_stepsize", 0)])
+def test_monitor_refuses_invalid_kernel_options(option, value):
+    from lightning_adamtype import AdamTypeMonitor
+
+    with pytest.raises(ValueError, match=f"AdamTypeMonitor\\({option}={value!r}\\): expected one of"):
+        AdamTypeMonitor(**{option: value})
