@@ -61,6 +61,14 @@ OPTIMIZERS = {
 }
 
 
+#: tracker configurations measured side by side (ConditionTracker / AdamTypeMonitor keyword arguments).
+MODES = {
+    "default": {},
+    "compiled": dict(kernel="compiled"),
+    "compiled + recomputed": dict(kernel="compiled", previous_stepsize="recomputed"),
+}
+
+
 def tracker_tensors(tracker: ConditionTracker) -> list[torch.Tensor]:
     """Every tensor the tracker keeps between steps: accumulators, previous η, trend-detector buffers."""
     out: list[torch.Tensor] = []
@@ -68,6 +76,7 @@ def tracker_tensors(tracker: ConditionTracker) -> list[torch.Tensor]:
         if g.accumulators is not None:
             out.append(g.accumulators)
         out.extend(v for v in g.previous.values() if isinstance(v, torch.Tensor))
+        out.extend(g.previous_scales.values())
         for det in g.detectors.values():
             out.extend(v for v in vars(det).values() if isinstance(v, torch.Tensor))
     for snap in tracker._snapshots.values():
@@ -96,6 +105,7 @@ def median(xs: list[float]) -> float:
 class StepRow:
     optimizer: str
     numel: int
+    mode: str
     bare_ms: float
     tracked_ms: float
     bare_spread: float
@@ -117,29 +127,38 @@ def _time_steps(opt: torch.optim.Optimizer, steps: int) -> float:
     return (time.perf_counter() - t0) / steps * 1e3
 
 
-def bench_step(name: str, numel: int, reps: int, steps: int, warmup: int = 3) -> StepRow:
-    """Alternate ``steps`` bare steps and ``steps`` tracked steps, ``reps`` times each; medians of per-step ms."""
+def bench_step(name: str, numel: int, reps: int, steps: int, warmup: int = 3, modes=MODES) -> list[StepRow]:
+    """Alternate ``steps`` bare steps and ``steps`` tracked steps of each mode, ``reps`` times; medians of ms."""
     make = OPTIMIZERS[name]
     bare = make(make_params(numel))
-    tracked = make(make_params(numel))
-    tracker = ConditionTracker(tracked)
+    tracked = {mode: make(make_params(numel)) for mode in modes}
+    trackers = {mode: ConditionTracker(opt, **modes[mode]) for mode, opt in tracked.items()}
     _time_steps(bare, warmup)
-    _time_steps(tracked, warmup)
-    b, t = [], []
+    for opt in tracked.values():
+        _time_steps(opt, warmup)  # includes the compilation of the compiled kernels
+    b: list[float] = []
+    t: dict[str, list[float]] = {mode: [] for mode in modes}
     for _ in range(reps):
         b.append(_time_steps(bare, steps))
-        t.append(_time_steps(tracked, steps))
-    assert tracker.observations == warmup + reps * steps
-    row = StepRow(name, numel, median(b), median(t), (max(b) - min(b)) / median(b), (max(t) - min(t)) / median(t))
-    del bare, tracked, tracker
-    return row
+        for mode, opt in tracked.items():
+            t[mode].append(_time_steps(opt, steps))
+    rows = []
+    for mode, times in t.items():
+        assert trackers[mode].observations == warmup + reps * steps
+        rows.append(
+            StepRow(name, numel, mode, median(b), median(times), (max(b) - min(b)) / median(b),
+                    (max(times) - min(times)) / median(times))
+        )
+    del bare, tracked, trackers
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------- 2. end to end
 
 
-def bench_end_to_end(reps: int, steps: int, skip: int = 10) -> tuple[float, float, list[float], list[float]]:
-    """Samples/s of a small CNN (3×32×32, batch 64, Adam) with and without AdamTypeMonitor, alternated."""
+def bench_end_to_end(reps: int, steps: int, skip: int = 10, modes=MODES) -> dict[str, list[float]]:
+    """Samples/s of a small CNN (3×32×32, batch 64, Adam) without AdamTypeMonitor and with it in each mode,
+    alternated; ``{"without": [...], mode: [...]}``."""
     try:
         import pytorch_lightning as pl
     except ImportError:  # pragma: no cover
@@ -183,10 +202,10 @@ def bench_end_to_end(reps: int, steps: int, skip: int = 10) -> tuple[float, floa
         def on_train_end(self, trainer, pl_module):
             self.t1 = time.perf_counter()
 
-    def run(with_monitor: bool, logdir: str) -> float:
+    def run(mode: str | None, logdir: str) -> float:
         torch.manual_seed(0)
         clock = Clock()
-        callbacks = [clock] + ([AdamTypeMonitor()] if with_monitor else [])
+        callbacks = [clock] + ([AdamTypeMonitor(**modes[mode])] if mode is not None else [])
         trainer = pl.Trainer(
             max_steps=skip + steps,
             accelerator="cpu",
@@ -202,13 +221,16 @@ def bench_end_to_end(reps: int, steps: int, skip: int = 10) -> tuple[float, floa
         trainer.fit(CNN(), loader)
         return steps * batch / (clock.t1 - clock.t0)
 
-    without, with_ = [], []
+    runs: dict[str, list[float]] = {"without": [], **{mode: [] for mode in modes}}
     with tempfile.TemporaryDirectory() as tmp, _quiet():
-        run(False, tmp)  # warm-up (imports, first-call overheads)
+        run(None, tmp)  # warm-up (imports, first-call overheads)
+        for mode in modes:
+            run(mode, tmp)  # and compilation
         for _ in range(reps):
-            without.append(run(False, tmp))
-            with_.append(run(True, tmp))
-    return median(without), median(with_), without, with_
+            runs["without"].append(run(None, tmp))
+            for mode in modes:
+                runs[mode].append(run(mode, tmp))
+    return runs
 
 
 @contextlib.contextmanager
@@ -232,9 +254,9 @@ def _quiet():
 # ---------------------------------------------------------------------------------------------- 3. memory
 
 
-def bench_memory(name: str, numel: int, steps: int = 5) -> tuple[int, int]:
+def bench_memory(name: str, numel: int, steps: int = 5, **tracker_kwargs) -> tuple[int, int]:
     opt = OPTIMIZERS[name](make_params(numel))
-    tracker = ConditionTracker(opt)
+    tracker = ConditionTracker(opt, **tracker_kwargs)
     for _ in range(steps):
         opt.step()
     return tracker_nbytes(tracker), len(tracker_tensors(tracker))
@@ -275,13 +297,13 @@ class HostReadCounter:
                 delattr(torch.Tensor, name)
 
 
-def bench_host_reads(name: str, numel: int = 10_000, steps: int = 48) -> tuple[int, int, int, int]:
+def bench_host_reads(name: str, numel: int = 10_000, steps: int = 48, **tracker_kwargs) -> tuple[int, int, int, int]:
     """(bare optimizer's reads, tracked run's reads, of which on the optimizer's own 0-dim CPU step/lr tensors,
     other reads) over steps 2..steps+1, none of them a trend-sample step (TrendOptions(warmup=1000))."""
     counts = []
     for tracked in (False, True):
         opt = OPTIMIZERS[name](make_params(numel, seed=1))
-        tracker = ConditionTracker(opt, trend=TrendOptions(warmup=1000)) if tracked else None
+        tracker = ConditionTracker(opt, trend=TrendOptions(warmup=1000), **tracker_kwargs) if tracked else None
         opt.step()  # step 1: lazy state
         with HostReadCounter() as rec:
             rec.active = True
@@ -359,16 +381,16 @@ def main(argv: list[str] | None = None) -> int:
         emit(f"Alternating repetitions (bare, tracked) × {reps}; medians of ms per `opt.step()`. "
              "Cost = tracked − bare; ratio = cost / bare. Target: ratio ≤ 0.5 for Adam (foreach) at 10M.")
         emit()
-        emit("| optimizer | params | device | bare step (ms) | with tracker (ms) | tracker cost (ms) | ratio | "
-             "spread bare / tracked |")
-        emit("|---|---|---|---|---|---|---|---|")
+        emit("| optimizer | params | tracker mode | device | bare step (ms) | with tracker (ms) | tracker cost (ms) | "
+             "ratio | spread bare / tracked |")
+        emit("|---|---|---|---|---|---|---|---|---|")
         for numel, steps in ((1_000_000, 4 if args.quick else 10), (10_000_000, 2 if args.quick else 4)):
             for name in OPTIMIZERS:
-                r = bench_step(name, numel, reps, steps)
-                emit(f"| {name} | {fmt_n(numel)} | CPU | {r.bare_ms:.2f} | {r.tracked_ms:.2f} | {r.cost_ms:.2f} | "
-                     f"**{r.ratio:.2f}×** | {r.bare_spread:.0%} / {r.tracked_spread:.0%} |")
+                for r in bench_step(name, numel, reps, steps):
+                    emit(f"| {name} | {fmt_n(numel)} | {r.mode} | CPU | {r.bare_ms:.2f} | {r.tracked_ms:.2f} | "
+                         f"{r.cost_ms:.2f} | **{r.ratio:.2f}×** | {r.bare_spread:.0%} / {r.tracked_spread:.0%} |")
         for numel in (10_000_000, 100_000_000):
-            emit(f"| Adam (foreach / fused) | {fmt_n(numel)} | GPU | pending (no GPU) | | | | |")
+            emit(f"| Adam (foreach / fused) | {fmt_n(numel)} | all | GPU | pending (no GPU) | | | | |")
         emit()
 
     if "e2e" in parts:
@@ -380,15 +402,18 @@ def main(argv: list[str] | None = None) -> int:
              f"{e2e_steps} timed steps per run after 10 warm-up steps, runs alternated without/with × {e2e_reps}; "
              "TensorBoardLogger in a temp dir, log_every_n_steps=50. Target: slowdown ≤ 2 %.")
         emit()
-        emit("| model | device | without monitor (samples/s) | with AdamTypeMonitor (samples/s) | "
+        emit("| model | tracker mode | device | without monitor (samples/s) | with AdamTypeMonitor (samples/s) | "
              "slowdown (1 − with/without, medians) | runs without / with |")
-        emit("|---|---|---|---|---|---|")
-        wo, wi, wo_all, wi_all = bench_end_to_end(e2e_reps, e2e_steps)
-        slow = 1 - wi / wo
-        paired = median([1 - b / a for a, b in zip(wo_all, wi_all)])
-        emit(f"| small CNN | CPU | {wo:.0f} | {wi:.0f} | **{slow:+.1%}** (median of paired runs: {paired:+.1%}) | "
-             f"{', '.join(f'{v:.0f}' for v in wo_all)} / {', '.join(f'{v:.0f}' for v in wi_all)} |")
-        emit("| ResNet-18 | GPU | pending (no GPU) | | | |")
+        emit("|---|---|---|---|---|---|---|")
+        runs = bench_end_to_end(e2e_reps, e2e_steps)
+        wo_all = runs.pop("without")
+        wo = median(wo_all)
+        for mode, wi_all in runs.items():
+            wi = median(wi_all)
+            paired = median([1 - b / a for a, b in zip(wo_all, wi_all)])
+            emit(f"| small CNN | {mode} | CPU | {wo:.0f} | {wi:.0f} | **{1 - wi / wo:+.1%}** (median of paired runs: "
+                 f"{paired:+.1%}) | {', '.join(f'{v:.0f}' for v in wo_all)} / {', '.join(f'{v:.0f}' for v in wi_all)} |")
+        emit("| ResNet-18 | all | GPU | pending (no GPU) | | | |")
         emit()
 
     if "memory" in parts:
@@ -397,12 +422,13 @@ def main(argv: list[str] | None = None) -> int:
         emit("Sum of storage bytes of every tensor the tracker keeps between steps (previous η, accumulators, "
              "trend-detector buffers) after 5 steps. Target: ≤ 4 bytes/param.")
         emit()
-        emit("| optimizer | params | tensors held | bytes held | bytes / param |")
-        emit("|---|---|---|---|---|")
+        emit("| optimizer | params | tracker mode | tensors held | bytes held | bytes / param |")
+        emit("|---|---|---|---|---|---|")
         for numel in (1_000_000, 10_000_000):
-            for name in ("Adam (foreach)", "Adagrad (foreach)"):
-                nbytes, ntensors = bench_memory(name, numel)
-                emit(f"| {name} | {fmt_n(numel)} | {ntensors} | {nbytes:,} | **{nbytes / numel:.6f}** |")
+            for name in ("Adam (foreach)", "AdamW (foreach)", "Adagrad (foreach)"):
+                for mode, kwargs in MODES.items():
+                    nbytes, ntensors = bench_memory(name, numel, **kwargs)
+                    emit(f"| {name} | {fmt_n(numel)} | {mode} | {ntensors} | {nbytes:,} | **{nbytes / numel:.6f}** |")
         emit()
 
     if "syncs" in parts:
@@ -414,13 +440,14 @@ def main(argv: list[str] | None = None) -> int:
              "Reads of the optimizer's own 0-dim CPU `state['step']` / `lr` tensors are not device syncs (on a GPU "
              "they stay on the CPU for non-capturable optimizers); every other read would be one. Target: 0.")
         emit()
-        emit("| optimizer | device | bare opt reads | tracked reads | extra reads of CPU step/lr counters | "
+        emit("| optimizer | tracker mode | device | bare opt reads | tracked reads | extra reads of CPU step/lr counters | "
              "extra reads of anything else (syncs) |")
-        emit("|---|---|---|---|---|---|")
+        emit("|---|---|---|---|---|---|---|")
         for name in OPTIMIZERS:
-            bare, tracked, counters, other = bench_host_reads(name)
-            emit(f"| {name} | CPU | {bare} | {tracked} | {counters} | **{other}** |")
-        emit("| Adam (foreach / fused) | GPU, `torch.cuda.set_sync_debug_mode(\"error\")` | pending (no GPU) | | | |")
+            for mode, kwargs in MODES.items():
+                bare, tracked, counters, other = bench_host_reads(name, **kwargs)
+                emit(f"| {name} | {mode} | CPU | {bare} | {tracked} | {counters} | **{other}** |")
+        emit("| Adam (foreach / fused) | all | GPU, `torch.cuda.set_sync_debug_mode(\"error\")` | pending (no GPU) | | | |")
         emit()
 
     emit(f"Total benchmark time: {time.perf_counter() - t_start:.0f} s; load average at start {load0}, at end "
