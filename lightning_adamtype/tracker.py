@@ -144,7 +144,7 @@ class ConditionTracker:
         #: (group name, step, reason) for every switch, in order; readers may pop them (the callback does).
         self.switch_events: list[tuple[str, int, str]] = []
         self._groups: list[_GroupState] = []
-        self._snapshots: dict[int, list[Tensor]] = {}
+        self._snapshots: dict[int, dict[int, Tensor]] = {}  # group → parameter index → x_t (coupled decay)
         self._handles: list[RemovableHandle] = []
         self._warned: set[str] = set()
         if self.adapter is None:
@@ -173,16 +173,41 @@ class ConditionTracker:
         self._handles.clear()
         self._snapshots.clear()
 
-    def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        # Coupled weight decay puts λ·x_t (the parameter *before* the step) into g_t: keep it for the post-hook.
+    def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> tuple[Any, Any] | None:
+        """Coupled weight decay puts λ·x_t (the parameter *before* the update) into g_t: keep x_t for the post-hook.
+
+        The copy is taken once the gradients exist: now, or, when ``step`` got a closure (Lightning always passes
+        one; the gradients are computed inside it), right after the closure returns, by wrapping it.
+        """
         assert self.adapter is not None
         self._snapshots.clear()
-        for gi, group in enumerate(optimizer.param_groups):
-            wd = self.adapter.coupled_weight_decay(group)
-            if wd != 0.0:
-                params = [p for p in group["params"] if p.grad is not None]
-                if params:
-                    self._snapshots[gi] = [p.detach().clone() for p in params]
+        if not any(self.adapter.coupled_weight_decay(group) != 0.0 for group in optimizer.param_groups):
+            return None
+        first = 1 if args and args[0] is optimizer else 0  # torch passes the optimizer itself as args[0]
+        in_args = len(args) > first and callable(args[first])
+        closure = args[first] if in_args else kwargs.get("closure")
+        if not callable(closure):
+            self._take_snapshots(optimizer)
+            return None
+
+        def closure_then_snapshot() -> Any:
+            loss = closure()
+            self._take_snapshots(optimizer)
+            return loss
+
+        if in_args:
+            return (*args[:first], closure_then_snapshot, *args[first + 1 :]), kwargs
+        return args, {**kwargs, "closure": closure_then_snapshot}
+
+    def _take_snapshots(self, optimizer: torch.optim.Optimizer) -> None:
+        assert self.adapter is not None
+        self._snapshots.clear()
+        with torch.no_grad():
+            for gi, group in enumerate(optimizer.param_groups):
+                if self.adapter.coupled_weight_decay(group) != 0.0:
+                    self._snapshots[gi] = {
+                        pi: p.detach().clone() for pi, p in enumerate(group["params"]) if p.grad is not None
+                    }
 
     @torch.no_grad()
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -209,7 +234,7 @@ class ConditionTracker:
         assert self.adapter is not None
         state = self._groups[gi]
         with_grad = [(pi, p) for pi, p in enumerate(group["params"]) if p.grad is not None]
-        snapshot = self._snapshots.get(gi)
+        snapshot = self._snapshots.get(gi, {})
         uniform = getattr(self.adapter, "uniform_stepsize", None)
         needs_state = not callable(uniform)  # plain SGD keeps no state at all
         entries = []
@@ -219,7 +244,7 @@ class ConditionTracker:
                 continue
             if needs_state and not optimizer.state.get(p):
                 continue
-            entries.append((pi, p, snapshot[k] if snapshot is not None else None))
+            entries.append((pi, p, snapshot.get(pi)))
         if not entries:
             return False
         device = entries[0][1].device
@@ -233,6 +258,13 @@ class ConditionTracker:
         # grad_scale/found_inf) write the unscaled gradient back into p.grad during their step: p.grad is g_t.
         wd = self.adapter.coupled_weight_decay(group)
         if wd != 0.0:
+            if any(x is None for _, _, x in entries):  # a gradient appeared after the pre-hook without a closure
+                self._warn_once(
+                    "snapshot",
+                    "coupled weight decay: some gradients were set after optimizer.step() began and outside a "
+                    "closure, so x_t was not seen before the update; λ·x_{t+1} is used in g_t for them",
+                )
+                entries = [(pi, p, p.detach() if x is None else x) for pi, p, x in entries]
             sign = -1.0 if group.get("maximize", False) else 1.0
             # ‖η ⊙ (±∇ + λx)‖ = ‖η ⊙ (∇ ± λx)‖
             grads = torch._foreach_add(grads, [s for _, _, s in entries], alpha=sign * wd)

@@ -46,6 +46,8 @@ class TinyModel(pl.LightningModule):
         )
         if self.optimizer == "adam":
             opt = torch.optim.Adam(groups, lr=1e-2, betas=(0.0, 0.9))
+        elif self.optimizer == "adam-wd":  # coupled weight decay: g = ∇ + λx needs x before the update
+            opt = torch.optim.Adam(groups, lr=1e-2, betas=(0.0, 0.9), weight_decay=0.1)
         else:
             opt = torch.optim.SGD(groups, lr=1e-2, momentum=0.9)
         sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.99)
@@ -101,12 +103,14 @@ def test_default_interval_is_the_trainers(tmp_path):
     assert [e.step for e in acc.Scalars("adamtype/Adam/pg0/a")] == [5, 10, 12]
 
 
-def test_matches_a_plain_tracker(tmp_path):
-    """The callback's numbers are the core tracker's numbers on the same run."""
+@pytest.mark.parametrize("optimizer", ["adam", "adam-wd"])
+def test_matches_a_plain_tracker(tmp_path, optimizer):
+    """The callback's numbers are the core tracker's numbers on the same run (Lightning steps with a closure;
+    the plain loop without one)."""
     monitor = AdamTypeMonitor()
-    _trainer(tmp_path, [monitor]).fit(TinyModel(), _data())
+    _trainer(tmp_path, [monitor]).fit(TinyModel(optimizer), _data())
 
-    model = TinyModel()
+    model = TinyModel(optimizer)
     opt_conf = model.configure_optimizers()
     opt, sched = opt_conf["optimizer"], opt_conf["lr_scheduler"]["scheduler"]
     tracker = ConditionTracker(opt)

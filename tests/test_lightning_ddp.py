@@ -260,14 +260,9 @@ def test_rank_one_follows_rank_zeros_decision(runs):
     _assert_identical(r0, on0)
 
 
-# ============================================================================ known bug: coupled weight decay
-@pytest.mark.xfail(
-    strict=True,
-    reason="ConditionTracker snapshots x_t for coupled weight decay in the optimizer's step *pre*-hook, but Lightning "
-    "(automatic optimization) computes the gradients in the closure passed to optimizer.step, i.e. after the "
-    "pre-hook: on the first step no parameter has a .grad yet, no snapshot is taken, and the post-hook fails in "
-    "torch._foreach_add(grads, [None, …]) with TypeError. Not DDP-specific (devices=1 fails the same way).",
-)
+# ============================================================================ coupled weight decay
+# Lightning computes the gradients inside the closure it passes to optimizer.step, after the step pre-hook: the
+# tracker takes its copy of x_t (for g = ∇ + λx) after the closure returns (it used to crash on the first step).
 def test_coupled_weight_decay_under_lightning_ddp(tmp_path):
     run = _run(tmp_path / "wd", switch="off", weight_decay=1e-2)
     assert run.returncode == 0, run.output[-4000:]

@@ -621,3 +621,39 @@ def test_no_sync_guard_catches_a_host_read_of_the_accumulators():
     opt = torch.optim.Adam(_two_group_params(), lr=1e-2, fused=True)
     bad, _, _ = host_reads_in_hooks(opt, tracker_cls=LeakyItem)
     assert bad and all(name == "__bool__" for name, *_ in bad)
+
+
+@pytest.mark.parametrize(
+    "cls,kwargs",
+    [
+        (torch.optim.Adam, dict(lr=1e-2, weight_decay=0.1, foreach=True)),
+        (torch.optim.Adam, dict(lr=1e-3, weight_decay=0.1, maximize=True, fused=True)),
+        (torch.optim.Adagrad, dict(lr=0.1, weight_decay=0.1)),
+        (torch.optim.RMSprop, dict(lr=1e-2, weight_decay=0.1)),
+        (torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=0.1)),
+    ],
+    ids=["adam", "adam-maximize-fused", "adagrad", "rmsprop", "sgd"],
+)
+@pytest.mark.parametrize("how", ["positional", "keyword"])
+def test_closure_step_with_coupled_weight_decay(cls, kwargs, how):
+    """With ``opt.step(closure)`` the gradients appear inside step(), after the pre-hook (Lightning always steps
+    this way): g_t = ∇ + λ·x_t still uses the parameter before the update, as the oracle does."""
+    model, opt, sched, data = make_run(cls, kwargs)
+    tracker = ConditionTracker(opt)
+    ref = Reference(opt)
+    for t in range(1, STEPS + 1):
+        x, y = data[t - 1]
+
+        def closure():
+            opt.zero_grad(set_to_none=True)
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            ref.before_step()  # the oracle copies x_t once the gradients exist
+            return loss
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            opt.step(closure) if how == "positional" else opt.step(closure=closure)
+        ref.after_step()
+        sched.step()
+    assert_matches(tracker, ref)
