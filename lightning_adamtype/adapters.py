@@ -105,6 +105,46 @@ def _sqrt_plus_eps(tensors: Sequence[Tensor], eps: float, divisors: Sequence[Sca
     return out
 
 
+def _from_sqrt_form(vs: Sequence[Tensor], scalars: Sequence[tuple[Scalar, Scalar]]) -> list[Tensor]:
+    """η_i = s_i / (sqrt(v_i) + e_i) with fresh output tensors: sqrt, + e, 1/·, × s (4 multi-tensor passes)."""
+    out = torch._foreach_sqrt(_upcast(vs))
+    offsets = [e for _, e in scalars]
+    scales = [s for s, _ in scalars]
+    if all(isinstance(e, float) for e in offsets) and len(set(offsets)) == 1:
+        torch._foreach_add_(out, offsets[0])
+    elif all(isinstance(e, float) for e in offsets):
+        torch._foreach_add_(out, offsets)
+    else:
+        device = out[0].device
+        torch._foreach_add_(out, [e if isinstance(e, Tensor) else torch.tensor(e, device=device) for e in offsets])
+    torch._foreach_reciprocal_(out)
+    if all(isinstance(s, float) for s in scales) and len(set(scales)) == 1:
+        torch._foreach_mul_(out, scales[0])
+        return out
+    return _times(out, scales)
+
+
+def _times(tensors: list[Tensor], scales: Sequence[Scalar]) -> list[Tensor]:
+    if all(isinstance(s, float) for s in scales):
+        torch._foreach_mul_(tensors, list(scales))
+    else:
+        device = tensors[0].device
+        torch._foreach_mul_(tensors, [s if isinstance(s, Tensor) else torch.tensor(s, device=device) for s in scales])
+    return tensors
+
+
+def _min_from_sqrt_form(vs: Sequence[Tensor], scalars: Sequence[tuple[Scalar, Scalar]], dtype: torch.dtype) -> Tensor:
+    """min_i s_i / (sqrt(max_j v_ij) + e_i), in ``dtype``, from one ``_foreach_max`` and a few tiny ops."""
+    vmax = torch.stack(torch._foreach_max(list(vs))).to(dtype)
+    if all(isinstance(x, float) for pair in scalars for x in pair):
+        table = torch.tensor(scalars, dtype=dtype, device=vmax.device)
+    else:
+        table = torch.stack(
+            [torch.stack([torch.as_tensor(x, device=vmax.device).to(dtype).reshape(()) for x in pair]) for pair in scalars]
+        )
+    return (table[:, 0] / (vmax.sqrt() + table[:, 1])).min()
+
+
 def _sqrt(x: Scalar) -> Scalar:
     return x.sqrt() if isinstance(x, Tensor) else math.sqrt(x)
 
@@ -121,29 +161,13 @@ class AdamAdapter:
     """
 
     def effective_stepsizes(self, group: dict[str, Any], states: Sequence[dict[str, Any]]) -> list[Tensor]:
-        beta1, beta2 = group["betas"]
-        beta1, beta2 = float(beta1), float(beta2)
-        lr = _lr(group)
-        key = "max_exp_avg_sq" if group.get("amsgrad", False) else "exp_avg_sq"
-        steps = [step_value(s) for s in states]
-        denominators = _sqrt_plus_eps(
-            [s[key] for s in states], group["eps"], [_sqrt(1 - beta2**t) for t in steps]
-        )
-        return _scale_over_denominator([lr / (1 - beta1**t) for t in steps], denominators)
+        vs, scalars = self.sqrt_form(group, states)
+        return _from_sqrt_form(vs, scalars)
 
     def min_effective_stepsize(self, group: dict[str, Any], states: Sequence[dict[str, Any]], dtype: torch.dtype) -> Tensor:
-        """min_j η_j = min_i s_i / (sqrt(max_j v_ij) / c_i + eps): η is decreasing in v, so one read-only max pass
+        """min_j η_j = min_i s_i / (sqrt(max_j v_ij) + e_i): η is decreasing in v, so one read-only max pass
         over v gives the same value as the min over η, without a full-size copy."""
-        beta1, beta2 = float(group["betas"][0]), float(group["betas"][1])
-        lr = _lr(group)
-        key = "max_exp_avg_sq" if group.get("amsgrad", False) else "exp_avg_sq"
-        vmax = torch._foreach_max([s[key] for s in states])
-        mins = []
-        for s, m in zip(states, vmax):
-            t = step_value(s)
-            m = m.to(_work_dtype(m))
-            mins.append(((lr / (1 - beta1**t)) / (m.sqrt() / _sqrt(1 - beta2**t) + group["eps"])).to(dtype))
-        return torch.stack(mins).min()
+        return _min_from_sqrt_form(*self.sqrt_form(group, states), dtype)
 
     def sqrt_form(self, group: dict[str, Any], states: Sequence[dict[str, Any]]) -> SqrtForm:
         """η = s / (sqrt(v) + e) with s = lr·sqrt(1 − β2^t)/(1 − β1^t), e = eps·sqrt(1 − β2^t) (same η as above)."""
@@ -201,20 +225,12 @@ class AdagradAdapter:
     """
 
     def effective_stepsizes(self, group: dict[str, Any], states: Sequence[dict[str, Any]]) -> list[Tensor]:
-        lr, lr_decay = _lr(group), float(group["lr_decay"])
-        steps = [step_value(s) for s in states]
-        denominators = _sqrt_plus_eps([s["sum"] for s in states], group["eps"])
-        return _scale_over_denominator([lr / (1 + (t - 1) * lr_decay) for t in steps], denominators)
+        vs, scalars = self.sqrt_form(group, states)
+        return _from_sqrt_form(vs, scalars)
 
     def min_effective_stepsize(self, group: dict[str, Any], states: Sequence[dict[str, Any]], dtype: torch.dtype) -> Tensor:
         """min_j η_j = min_i s_i / (sqrt(max_j sum_ij) + eps): one read-only max pass over ``sum``, no copy."""
-        lr, lr_decay = _lr(group), float(group["lr_decay"])
-        smax = torch._foreach_max([s["sum"] for s in states])
-        mins = [
-            ((lr / (1 + (step_value(s) - 1) * lr_decay)) / (m.to(_work_dtype(m)).sqrt() + group["eps"])).to(dtype)
-            for s, m in zip(states, smax)
-        ]
-        return torch.stack(mins).min()
+        return _min_from_sqrt_form(*self.sqrt_form(group, states), dtype)
 
     def sqrt_form(self, group: dict[str, Any], states: Sequence[dict[str, Any]]) -> SqrtForm:
         """η = s / (sqrt(sum) + e) with s = lr / (1 + (t − 1)·lr_decay), e = eps."""
@@ -239,6 +255,9 @@ class RMSpropAdapter:
     """
 
     def effective_stepsizes(self, group: dict[str, Any], states: Sequence[dict[str, Any]]) -> list[Tensor]:
+        form = self.sqrt_form(group, states)
+        if form is not None:
+            return _from_sqrt_form(*form)
         lr, momentum = _lr(group), float(group.get("momentum", 0.0))
         if group.get("centered", False):
             second = [
@@ -249,6 +268,13 @@ class RMSpropAdapter:
             second = [s["square_avg"] for s in states]
         denominators = _sqrt_plus_eps(second, group["eps"])
         return _scale_over_denominator([lr / (1 - momentum)] * len(states), denominators)
+
+    def min_effective_stepsize(
+        self, group: dict[str, Any], states: Sequence[dict[str, Any]], dtype: torch.dtype
+    ) -> Tensor | None:
+        """min_j η_j from one max pass over ``square_avg`` (not centered); None when centered."""
+        form = self.sqrt_form(group, states)
+        return None if form is None else _min_from_sqrt_form(*form, dtype)
 
     def sqrt_form(self, group: dict[str, Any], states: Sequence[dict[str, Any]]) -> SqrtForm | None:
         """η = s / (sqrt(square_avg) + e) with s = lr / (1 − μ), e = eps; None when centered (v is a difference)."""

@@ -238,3 +238,30 @@ def test_monitor_refuses_invalid_kernel_options(option, value):
 
     with pytest.raises(ValueError, match=f"AdamTypeMonitor\\({option}={value!r}\\): expected one of"):
         AdamTypeMonitor(**{option: value})
+
+
+# ---------------------------------------------------------------------------------------------- small groups: flat
+
+
+@pytest.mark.parametrize("attach_after", [0, 3], ids=["from-start", "attached-after-3"])
+@pytest.mark.parametrize("name,cls,kwargs", SQRT_FORM, ids=[c[0] for c in SQRT_FORM])
+def test_flat_and_multi_tensor_paths_both_match_the_reference(monkeypatch, name, cls, kwargs, attach_after):
+    """Default settings: groups of ≤ FLAT_MAX_NUMEL coordinates concatenate v and g (one kernel call), larger ones
+    use the multi-tensor path. Both are checked against the oracle on the same run (the threshold forced to 0)."""
+    import lightning_adamtype.tracker as tracker_module
+
+    flat_calls = []
+    original = ConditionTracker._flat_contributions
+    monkeypatch.setattr(
+        ConditionTracker, "_flat_contributions", lambda self, *a: flat_calls.append(1) or original(self, *a)
+    )
+    tracker, ref = _run(cls, kwargs, attach_after)
+    assert_matches(tracker, ref)
+    # the flat path ran unless there is no square-root form (centered) or a fused step may be skipped
+    assert bool(flat_calls) == (not kwargs.get("centered")), len(flat_calls)
+
+    monkeypatch.setattr(tracker_module, "FLAT_MAX_NUMEL", 0)
+    flat_calls.clear()
+    tracker, ref = _run(cls, kwargs, attach_after)
+    assert_matches(tracker, ref)
+    assert not flat_calls
