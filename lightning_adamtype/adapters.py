@@ -53,11 +53,13 @@ def step_value(state: dict[str, Any]) -> Scalar:
     is returned as a tensor so that the arithmetic stays on the device.
     """
     step = state["step"]
+    # A state still at step 0 (its first step was skipped by a GradScaler inside a fused optimizer) reads as step 1:
+    # the bias corrections 1 − β^t stay finite, and that step is masked out of every sum anyway.
     if isinstance(step, Tensor):
         if step.device.type == "cpu":
-            return float(step)
-        return step.to(torch.float32) if not step.is_floating_point() else step
-    return float(step)
+            return max(float(step), 1.0)
+        return (step.to(torch.float32) if not step.is_floating_point() else step).clamp_min(1.0)
+    return max(float(step), 1.0)
 
 
 def _lr(group: dict[str, Any]) -> Scalar:
@@ -304,6 +306,26 @@ class SGDAdapter:
 
     def effective_stepsizes(self, group: dict[str, Any], states: Sequence[dict[str, Any]]) -> list[Tensor]:
         raise NotImplementedError  # SGD has no per-coordinate state: see ``uniform_stepsize``.
+
+    def consumed_gradients(self, group: dict[str, Any], states: Sequence[dict[str, Any]], grads: list[Tensor]) -> list[Tensor]:
+        """The gradients SGD consumed: its multi-tensor Nesterov step (no maximize, no weight decay) adds μ·buf_t
+        into ``p.grad`` in place, so g_t = p.grad − μ·buf_t there; every other variant leaves ``p.grad`` alone."""
+        momentum = float(group.get("momentum", 0.0))
+        if not group.get("nesterov", False) or momentum == 0.0 or group.get("maximize", False) or group.get("fused"):
+            return grads
+        if float(group.get("weight_decay", 0.0)) != 0.0:
+            return grads
+        foreach = group.get("foreach")
+        if foreach is None:
+            from torch.optim.optimizer import _default_to_fused_or_foreach
+
+            foreach = _default_to_fused_or_foreach(list(group["params"]), differentiable=False, use_fused=False)[1]
+        if not foreach:
+            return grads
+        bufs = [s.get("momentum_buffer") for s in states]
+        if any(b is None for b in bufs):
+            return grads
+        return torch._foreach_add(grads, bufs, alpha=-momentum)
 
     def uniform_stepsize(self, group: dict[str, Any]) -> Scalar:
         """The single η_t shared by every coordinate of the group."""

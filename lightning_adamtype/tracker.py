@@ -217,8 +217,16 @@ class ConditionTracker:
     @torch.no_grad()
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         assert self.adapter is not None
-        self.observations += 1
         found_inf = getattr(optimizer, "found_inf", None)
+        if isinstance(found_inf, Tensor) and found_inf.device.type == "cpu":
+            # A CPU flag is read for free: a step the scaler skipped inside a fused optimizer is not a step, exactly
+            # as when the scaler does not call step() at all. (A device flag is applied on the device, below.)
+            skipped = bool(found_inf.sum() > 0)
+            found_inf = None
+            if skipped:
+                self._snapshots.clear()
+                return
+        self.observations += 1
         while len(self._groups) < len(optimizer.param_groups):
             self._groups.append(_GroupState())
         names = self.group_names()
@@ -259,6 +267,9 @@ class ConditionTracker:
 
         # g_t: the gradient the optimizer consumed (unscaled; + coupled weight decay with maximize's sign).
         grads = [p.grad for _, p, _ in entries]
+        consumed = getattr(self.adapter, "consumed_gradients", None)
+        if callable(consumed):  # an optimizer that rewrote p.grad in place during its step
+            grads = consumed(group, [optimizer.state.get(p, {}) for _, p, _ in entries], grads)
         # With a GradScaler, plain optimizers get unscaled grads (scaler.unscale_), and fused ones (which receive
         # grad_scale/found_inf) write the unscaled gradient back into p.grad during their step: p.grad is g_t.
         wd = self.adapter.coupled_weight_decay(group)
@@ -631,7 +642,8 @@ class ConditionTracker:
     ) -> tuple[Tensor, list[float | Tensor]]:
         """Every coordinate shares one η (SGD): no per-coordinate η is materialised or stored."""
         eta_t = torch.as_tensor(eta, dtype=dtype, device=device)
-        grad_sq = torch.stack([n.to(dtype).square() for n in torch._foreach_norm(grads, 2)]).sum()
+        work = torch.promote_types(grads[0].dtype, torch.float32)  # bf16/fp16 gradients: the norm in float32
+        grad_sq = torch.stack([n.to(dtype).square() for n in torch._foreach_norm(grads, 2, dtype=work)]).sum()
         coords = sum(entries[i][1].numel() for i in with_previous)
         if with_previous:
             prev = torch.stack([torch.as_tensor(state.previous[entries[i][0]], dtype=dtype, device=device) for i in with_previous])

@@ -18,9 +18,9 @@ Properties:
    η -> η/k: a -> a/k, b unchanged (η⊙g is scale free), c -> c/k, c2 -> c2/k². For SGD η does not depend
    on g: a, c, c2 unchanged and b -> k²·b.
 
-Known package bugs the properties found are pinned by strict xfails with their minimal case
-(``test_sgd_foreach_nesterov_*``, ``test_sgd_bfloat16_*``, ``test_gradscaler_skipping_a_fused_*``); the strategies
-steer around exactly those cases, so the properties keep checking everything else.
+Four package bugs these properties found (now fixed) keep their minimal cases as regression tests
+(``test_sgd_foreach_nesterov_*``, ``test_sgd_bfloat16_*``, ``test_gradscaler_skipping_a_fused_*``), and the
+strategies draw those cases too.
 
 All tests are derandomized (fixed examples for a given hypothesis version) and keep no example database.
 """
@@ -84,14 +84,11 @@ def optimizer_configs(
     names=OPTIMIZERS,
     tiny_eps: bool = False,
     no_decay: bool = False,
-    known_bug: bool = True,
 ):
     """(optimizer class name, keyword arguments except lr) with random valid hyper-parameters.
 
     tiny_eps: eps = 1e-30 (η then depends on g only through v̂); no_decay: weight_decay = 0 and
     Adagrad's initial_accumulator_value = 0 (nothing in η or g that does not scale with the gradient).
-    known_bug=False: never draw SGD(foreach=True, nesterov=True, maximize=False, weight_decay=0), whose b the
-    tracker gets wrong (see test_sgd_foreach_nesterov_b_uses_the_consumed_gradient, an xfail).
     """
     name = draw(st.sampled_from(names))
     eps = 1e-30 if tiny_eps else draw(epsilons)
@@ -129,8 +126,6 @@ def optimizer_configs(
         nesterov = momentum > 0.0 and draw(st.booleans())
         dampening = 0.0 if nesterov else draw(st.one_of(st.just(0.0), st.floats(0.0, 0.9)))
         kw.update(momentum=momentum, nesterov=nesterov, dampening=dampening, weight_decay=wd)
-        if not known_bug and nesterov and kw["foreach"] and not kw["maximize"] and wd == 0.0:
-            kw["foreach"] = False
     elif name == "Adamax":
         kw.update(betas=(draw(beta1s), draw(beta2s)), eps=eps, weight_decay=wd)
     elif name == "NAdam":
@@ -358,7 +353,7 @@ def assert_matches_reference(r: Run, name: str, dtype: torch.dtype) -> dict:
 @st.composite
 def reference_cases(draw, dtypes=(torch.float64, torch.float32), names=OPTIMIZERS):
     dtype = draw(st.sampled_from(dtypes))
-    name, kwargs = draw(optimizer_configs(dtype, names=names, known_bug=False))
+    name, kwargs = draw(optimizer_configs(dtype, names=names))
     return draw(problems()), name, kwargs, dtype
 
 
@@ -371,27 +366,20 @@ def test_matches_float64_reference(case):
 
 
 @settings(max_examples=250, **SETTINGS)
-@given(case=reference_cases(dtypes=(torch.bfloat16,), names=tuple(n for n in OPTIMIZERS if n != "SGD")))
+@given(case=reference_cases(dtypes=(torch.bfloat16,)))
 def test_matches_float64_reference_bfloat16(case):
     """bfloat16 parameters and state: η is computed in float32 from the bf16 state, the oracle in float64 from the
     same state, so the brief's tolerances hold; b gets the slack of g = ±∇ + λx rounded to bf16 (see
-    `tolerances`). SGD is left out: known bug, see test_sgd_bfloat16_b_is_not_rounded_to_bfloat16 (an xfail)."""
+    `tolerances`)."""
     problem, name, kwargs, dtype = case
     r = run(problem, name, kwargs, dtype)
     got = assert_matches_reference(r, name, dtype)
     assert all(math.isfinite(v[k]) for v in got.values() for k in KEYS)
 
 
-# Known bugs found by the properties above, each pinned by its minimal case (strict: an XPASS fails, so a fix
-# shows up here, and then the matching exclusion in the strategies can go).
+# Bugs the properties above found, each kept as its minimal case (all fixed).
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="package bug: torch's foreach SGD with nesterov=True (maximize=False, weight_decay=0) adds μ·buf into "
-    "p.grad in place during step() (torch/optim/sgd.py _multi_tensor_sgd: _foreach_add_(device_grads, bufs)); the "
-    "tracker reads p.grad in its post-step hook, so b uses g + μ·buf instead of the consumed gradient g",
-)
 def test_sgd_foreach_nesterov_b_uses_the_consumed_gradient():
     results = {}
     for foreach in (False, True):
@@ -412,12 +400,6 @@ def test_sgd_foreach_nesterov_b_uses_the_consumed_gradient():
     assert results[True]["b"] == pytest.approx(0.08, rel=1e-12)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="package bug: ConditionTracker._uniform_contributions takes torch._foreach_norm(grads, 2) in the "
-    "gradients' dtype, so with bfloat16 parameters ‖g‖ is rounded to 8 bits before it is squared (b off by up to "
-    "~0.8% per step), while every other path computes η ⊙ g in float32 or better",
-)
 def test_sgd_bfloat16_b_is_not_rounded_to_bfloat16():
     p = nn.Parameter(torch.zeros(3, dtype=torch.bfloat16))
     opt = torch.optim.SGD([p], lr=0.5)
@@ -428,14 +410,6 @@ def test_sgd_bfloat16_b_is_not_rounded_to_bfloat16():
     assert tracker.compute()["SGD/pg0"]["b"] == pytest.approx(0.75, rel=1e-4)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ZeroDivisionError,
-    reason="package bug: when a GradScaler skips a fused Adam/AdamW step that is a parameter's first, torch leaves "
-    "its state with step == 0, and the tracker's post-step hook computes lr/(1 − β1^0) on the host "
-    "(adapters.AdamAdapter.min_effective_stepsize / effective_stepsizes): ZeroDivisionError inside "
-    "scaler.step(), i.e. training crashes",
-)
 def test_gradscaler_skipping_a_fused_first_step_does_not_crash():
     p = nn.Parameter(torch.zeros(2))
     opt = torch.optim.Adam([p], lr=0.1, fused=True)
@@ -452,13 +426,6 @@ def test_gradscaler_skipping_a_fused_first_step_does_not_crash():
     assert got["steps"] == 1.0 and got["nonfinite_steps"] == 0.0 and got["a"] > 0.0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="package bug: a GradScaler-skipped fused step still updates the tracker's last_seen (tracker."
-    "_observe_group), so a parameter without a gradient at the skipped step drops out of c and c2 at the next "
-    "real step (and one without a gradient at the last real step but with one at the skipped step gets counted); "
-    "the same run with a for-loop optimizer, which the scaler does not step at all, counts it",
-)
 def test_gradscaler_skipping_a_fused_step_keeps_the_previous_step_chain():
     def c_of(fused: bool, take_skipped_step: bool) -> float:
         p, q = nn.Parameter(torch.zeros(1)), nn.Parameter(torch.zeros(1))
@@ -553,15 +520,9 @@ def scaler_cases(draw):
     name, kwargs = draw(optimizer_configs(dtype, names=("Adam", "AdamW", "SGD", "RMSprop")))
     problem = draw(problems(max_attach=0, allow_zeros=False))
     skipped = set()
-    last_real = None  # gradient pattern of the last step that really happened
     for t in range(problem.steps):
-        # Two known bugs of fused optimizers under a scaler (xfails below: test_gradscaler_skipping_a_fused_*):
-        # only skip a fused step whose gradient pattern is the one of the last real step.
-        allowed = not kwargs.get("fused") or problem.present[t] == last_real
-        if allowed and draw(st.booleans()):
+        if draw(st.booleans()):
             skipped.add(t)
-        elif any(problem.present[t]):
-            last_real = problem.present[t]
     return problem, name, kwargs, dtype, frozenset(skipped)
 
 
