@@ -28,8 +28,8 @@ __all__ = ["ConditionTracker", "ACCUMULATOR_KEYS", "group_names"]
 ACCUMULATOR_KEYS = ("steps", "a", "b", "c", "c2", "a_mean", "c_mean", "nonfinite_steps")
 
 
-#: groups with at most this many coordinates take the concatenated ("flat") path on the default settings.
-FLAT_MAX_NUMEL = 1 << 20
+#: groups with at most this many coordinates take the concatenated ("flat") path when η_{t−1} is stored.
+FLAT_MAX_NUMEL = 1 << 17  # measured crossover on a 2-core CPU: ~1e5 coordinates (benchmarks/README.md)
 
 KERNELS = {"foreach": "default", "compiled": "one torch.compile'd pass per tensor"}
 PREVIOUS_STEPSIZES = {
@@ -336,6 +336,8 @@ class ConditionTracker:
         recompute = self.previous_stepsize == "recomputed"
         if self.kernel != "compiled" and not recompute:
             return None
+        if not recompute and sum(p.numel() for _, p, _ in entries) <= FLAT_MAX_NUMEL:
+            return None  # a small group: the concatenated path beats a compiled call per tensor
         sqrt_form = getattr(self.adapter, "sqrt_form", None)
         form = sqrt_form(group, states) if callable(sqrt_form) else None
         update = getattr(self.adapter, "second_moment_update", None)
@@ -356,7 +358,7 @@ class ConditionTracker:
 
     def _flat_sqrt_form(self, group: dict[str, Any], states: list[dict[str, Any]]):
         """The square-root form of a small group, for :meth:`_flat_contributions` (None when it has none)."""
-        if self.kernel != "foreach" or self.previous_stepsize != "stored":
+        if self.previous_stepsize != "stored":
             return None
         sqrt_form = getattr(self.adapter, "sqrt_form", None)
         form = sqrt_form(group, states) if callable(sqrt_form) else None
