@@ -66,6 +66,7 @@ MODES = {
     "default": {},
     "compiled": dict(kernel="compiled"),
     "compiled + recomputed": dict(kernel="compiled", previous_stepsize="recomputed"),
+    "observe_every=8": dict(observe_every=8),
 }
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .tracker import ConditionTracker, check_kernel_options
+from .tracker import ConditionTracker, check_kernel_options, check_observe_every
 from .trend import TrendOptions
 
 __all__ = ["AdamTypeMonitor", "TAG_PREFIX"]
@@ -81,6 +81,8 @@ class AdamTypeMonitor(*_callback_bases()):  # type: ignore[misc]
         kernel, previous_stepsize: how each tracker computes (see :class:`ConditionTracker`): ``kernel="compiled"``
             fuses the per-step math into one ``torch.compile``'d pass per tensor; ``previous_stepsize="recomputed"``
             keeps no per-coordinate η_{t−1} (Adam/AdamW/Adagrad/RMSprop).
+        observe_every: observe only the step pairs (t − 1, t) with t divisible by k and weigh them by k (see
+            :class:`ConditionTracker`); 1 (default) observes every step.
 
     Example::
 
@@ -98,8 +100,11 @@ class AdamTypeMonitor(*_callback_bases()):  # type: ignore[misc]
         progress_bar: bool = False,
         kernel: str = "foreach",
         previous_stepsize: str = "stored",
+        observe_every: int = 1,
     ) -> None:
         check_kernel_options("AdamTypeMonitor", kernel, previous_stepsize)
+        check_observe_every("AdamTypeMonitor", observe_every)
+        self.observe_every = observe_every
         self.kernel = kernel
         self.previous_stepsize = previous_stepsize
         for option, value in (
@@ -150,6 +155,7 @@ class AdamTypeMonitor(*_callback_bases()):  # type: ignore[misc]
                     trend=self.trend,
                     kernel=self.kernel,
                     previous_stepsize=self.previous_stepsize,
+                    observe_every=self.observe_every,
                 )
             )
         if self._pending_state is not None:

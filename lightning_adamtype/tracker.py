@@ -46,6 +46,15 @@ def check_kernel_options(owner: str, kernel: Any, previous_stepsize: Any) -> Non
             raise ValueError(f"{owner}({option}={value!r}): expected one of {choices}")
 
 
+def check_observe_every(owner: str, observe_every: Any) -> None:
+    """ValueError naming the value unless ``observe_every`` is a positive int."""
+    if isinstance(observe_every, bool) or not isinstance(observe_every, int) or observe_every < 1:
+        raise ValueError(
+            f"{owner}(observe_every={observe_every!r}): expected a positive int (1, the default, observes every step; "
+            "k > 1 observes the step pair (t − 1, t) for every t divisible by k and weighs it by k)"
+        )
+
+
 def group_names(optimizer: torch.optim.Optimizer, prefix: str | None = None) -> list[str]:
     """``<prefix>/pg<i>`` for each group (prefix defaults to the optimizer's class name), or the group's "name"."""
     prefix = prefix or type(optimizer).__name__
@@ -97,6 +106,13 @@ class ConditionTracker:
             (``points_per_decade`` per decade), the only steps at which it can change; under
             ``torch.distributed`` rank 0's decision is broadcast so every rank switches at the same step.
         trend: options of the trend detectors (:class:`~lightning_adamtype.trend.TrendOptions`).
+        observe_every: k ≥ 1. With k > 1 only the step pairs (t − 1, t) with t divisible by k are observed (η_{t−1} is
+            taken at step t − 1, nothing is done at the other steps), and each observed step's contributions are
+            weighted by k: A_T ≈ k·Σ_{t ≡ 0 (mod k)} min_j η_{t,j}, likewise b, c, c2, and ``steps`` counts the
+            optimizer steps represented. The estimates are unbiased when the per-step terms do not correlate with
+            t mod k (a schedule or data order with a period that divides k would alias); the trend detectors see
+            one sample per k steps, so their warm-up and window are in observed steps. Work per step falls to 2/k
+            of the default (k = 2 saves nothing).
         kernel: ``"foreach"`` (default): multi-tensor ``torch._foreach_*`` operations. ``"compiled"``: for
             optimizers whose η = s/(sqrt(v) + e) (Adam, AdamW, Adagrad, RMSprop not centered), one
             ``torch.compile``'d pass per tensor that reads v, g (and η_{t−1}) once, with no temporaries; the first
@@ -123,8 +139,11 @@ class ConditionTracker:
         trend: TrendOptions | None = None,
         kernel: str = "foreach",
         previous_stepsize: str = "stored",
+        observe_every: int = 1,
     ) -> None:
         check_kernel_options("ConditionTracker", kernel, previous_stepsize)
+        check_observe_every("ConditionTracker", observe_every)
+        self.observe_every = observe_every
         self.kernel = kernel
         self.previous_stepsize = previous_stepsize
         if not isinstance(switch_to_amsgrad, bool):
@@ -178,6 +197,13 @@ class ConditionTracker:
         self._handles.clear()
         self._snapshots.clear()
 
+    def _phase(self, observation: int) -> str:
+        """"record", "prepare" (take η_{t−1} only) or "skip" for an optimizer step, with ``observe_every``."""
+        k = self.observe_every
+        if k == 1 or observation % k == 0:
+            return "record"
+        return "prepare" if (observation + 1) % k == 0 else "skip"
+
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> tuple[Any, Any] | None:
         """Coupled weight decay puts λ·x_t (the parameter *before* the update) into g_t: keep x_t for the post-hook.
 
@@ -186,6 +212,8 @@ class ConditionTracker:
         """
         assert self.adapter is not None
         self._snapshots.clear()
+        if self._phase(self.observations + 1) == "skip":
+            return None
         if not any(self.adapter.coupled_weight_decay(group) != 0.0 for group in optimizer.param_groups):
             return None
         first = 1 if args and args[0] is optimizer else 0  # torch passes the optimizer itself as args[0]
@@ -227,11 +255,15 @@ class ConditionTracker:
                 self._snapshots.clear()
                 return
         self.observations += 1
+        phase = self._phase(self.observations)
+        if phase == "skip":
+            self._snapshots.clear()
+            return
         while len(self._groups) < len(optimizer.param_groups):
             self._groups.append(_GroupState())
         names = self.group_names()
         for gi, group in enumerate(optimizer.param_groups):
-            if self._observe_group(optimizer, gi, group, found_inf):
+            if self._observe_group(optimizer, gi, group, found_inf, record=phase == "record"):
                 self._update_verdicts(gi, names[gi])
         self._snapshots.clear()
 
@@ -242,8 +274,10 @@ class ConditionTracker:
         gi: int,
         group: dict[str, Any],
         found_inf: Tensor | None,
+        record: bool = True,
     ) -> bool:
-        """Add this step's contributions for one group; False when no parameter of the group took part."""
+        """Add this step's contributions for one group (weighted by ``observe_every``); False when no parameter of
+        the group took part, or when ``record`` is False (η_t is then only kept as the next step's η_{t−1})."""
         assert self.adapter is not None
         state = self._groups[gi]
         with_grad = [(pi, p) for pi, p in enumerate(group["params"]) if p.grad is not None]
@@ -321,13 +355,17 @@ class ConditionTracker:
             skipped = found_inf.to(device) > 0
             keep = finite & ~skipped
             nonfinite = nonfinite & ~skipped
-        state.last_finite = keep | ~nonfinite
-        contributions = torch.where(keep, contributions, torch.zeros_like(contributions))
-        state.accumulators.add_(torch.cat([contributions, nonfinite.to(dtype).reshape(1)]))
         for pi, eta in zip(indices, new_previous):
             if eta is not None:
                 state.previous[pi] = eta
             state.last_seen[pi] = self.observations
+        if not record:
+            return False
+        state.last_finite = keep | ~nonfinite
+        if self.observe_every > 1:
+            contributions = contributions * self.observe_every
+        contributions = torch.where(keep, contributions, torch.zeros_like(contributions))
+        state.accumulators.add_(torch.cat([contributions, nonfinite.to(dtype).reshape(1)]))
         state.count += 1
         return True
 

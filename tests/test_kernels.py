@@ -276,3 +276,92 @@ def test_flat_and_multi_tensor_paths_both_match_the_reference(monkeypatch, name,
     tracker, ref = _run(cls, kwargs, attach_after)
     assert_matches(tracker, ref)
     assert not flat_calls
+
+
+# ---------------------------------------------------------------------------------------------- observe_every
+
+
+def _quadratic_run(observe_every: int, steps: int, cls=torch.optim.Adam, seed: int = 0, **opt_kwargs):
+    torch.manual_seed(seed)
+    x = torch.nn.Parameter(torch.randn(200, dtype=torch.float64))
+    opt = cls([x], **opt_kwargs)
+    gen = torch.Generator().manual_seed(seed + 1)
+    for _ in range(100):  # past the bias-corrected transient: the terms are then stationary
+        x.grad = x.detach() + torch.randn(200, generator=gen, dtype=torch.float64)
+        opt.step()
+    tracker = ConditionTracker(opt, observe_every=observe_every, trend=NO_SAMPLES)
+    calls = []
+    original = tracker._observe_group
+    tracker._observe_group = lambda *a, **k: calls.append(k.get("record", True)) or original(*a, **k)
+    for _ in range(steps):
+        x.grad = x.detach() + torch.randn(200, generator=gen, dtype=torch.float64)  # noisy quadratic
+        opt.step()
+    return tracker.compute()["%s/pg0" % cls.__name__], calls
+
+
+def test_observe_every_is_exact_when_every_step_contributes_the_same():
+    """SGD at constant lr with a constant gradient: every step adds the same a and b, so the weighted sample of
+    every 8th step gives exactly the every-step sums (and c = 0)."""
+    results = {}
+    for k in (1, 8):
+        torch.manual_seed(0)
+        x = torch.nn.Parameter(torch.randn(10, dtype=torch.float64))
+        opt = torch.optim.SGD([x], lr=0.1)
+        tracker = ConditionTracker(opt, observe_every=k)
+        for _ in range(64):
+            x.grad = torch.ones_like(x)
+            opt.step()
+        results[k] = tracker.compute()["SGD/pg0"]
+    for key in ("steps", "a", "b", "c", "c2", "a_mean"):
+        assert results[8][key] == pytest.approx(results[1][key], rel=1e-12, abs=0), key
+    assert results[8]["steps"] == 64
+
+
+def test_observe_every_estimates_the_sums_and_does_two_observations_per_k_steps():
+    every, calls1 = _quadratic_run(1, 480, lr=1e-2, betas=(0.9, 0.99))
+    sampled, calls8 = _quadratic_run(8, 480, lr=1e-2, betas=(0.9, 0.99))
+    assert len(calls1) == 480 and all(calls1)
+    assert len(calls8) == 2 * 480 // 8 and calls8.count(True) == 480 // 8  # prepare + record per 8 steps
+    assert sampled["steps"] == every["steps"] == 480
+    for key in ("a", "b", "c", "c2"):  # a noisy, stationary problem: the weighted sample tracks the full sum
+        assert sampled[key] == pytest.approx(every[key], rel=0.1), (key, sampled[key], every[key])  # 0.4–5 % seen
+    assert sampled["c"] != every["c"]  # it is an estimate, not a copy
+
+
+@pytest.mark.parametrize("previous_stepsize", ["stored", "recomputed"])
+def test_observe_every_resume_mid_cycle_matches_uninterrupted(previous_stepsize):
+    def make():
+        torch.manual_seed(0)
+        x = torch.nn.Parameter(torch.randn(30))
+        return x, torch.optim.Adam([x], lr=1e-2)
+
+    def step(x, opt, t):
+        x.grad = torch.sin(torch.arange(30.0) * t)
+        opt.step()
+
+    x, opt = make()
+    full = ConditionTracker(opt, observe_every=4, previous_stepsize=previous_stepsize)
+    for t in range(20):
+        step(x, opt, t)
+    x, opt = make()
+    first = ConditionTracker(opt, observe_every=4, previous_stepsize=previous_stepsize)
+    for t in range(11):  # stop right after a "prepare" step (11 ≡ 3 mod 4)
+        step(x, opt, t)
+    saved = copy.deepcopy((x, opt, first.state_dict()))
+    first.remove()
+    x2, opt2, state = saved
+    resumed = ConditionTracker(opt2, observe_every=4, previous_stepsize=previous_stepsize)
+    resumed.load_state_dict(state)
+    for t in range(11, 20):
+        step(x2, opt2, t)
+    assert_same(resumed.compute(), full.compute(), rel=1e-12)
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5, True, "4"])
+def test_invalid_observe_every_is_refused(bad):
+    from lightning_adamtype import AdamTypeMonitor
+
+    with pytest.raises(ValueError, match=f"observe_every={bad!r}"):
+        ConditionTracker(torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))]), observe_every=bad)
+    with pytest.raises(ValueError, match=f"AdamTypeMonitor\\(observe_every={bad!r}\\)"):
+        AdamTypeMonitor(observe_every=bad)
