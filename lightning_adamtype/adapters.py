@@ -138,13 +138,18 @@ def _times(tensors: list[Tensor], scales: Sequence[Scalar]) -> list[Tensor]:
 def _min_from_sqrt_form(vs: Sequence[Tensor], scalars: Sequence[tuple[Scalar, Scalar]], dtype: torch.dtype) -> Tensor:
     """min_i s_i / (sqrt(max_j v_ij) + e_i), in ``dtype``, from one ``_foreach_max`` and a few tiny ops."""
     vmax = torch.stack(torch._foreach_max(list(vs))).to(dtype)
-    if all(isinstance(x, float) for pair in scalars for x in pair):
-        table = torch.tensor(scalars, dtype=dtype, device=vmax.device)
-    else:
-        table = torch.stack(
-            [torch.stack([torch.as_tensor(x, device=vmax.device).to(dtype).reshape(()) for x in pair]) for pair in scalars]
-        )
+    table = scalar_table(scalars, dtype, vmax.device)
     return (table[:, 0] / (vmax.sqrt() + table[:, 1])).min()
+
+
+def scalar_table(scalars: Sequence[tuple[Scalar, Scalar]], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The (s, e) pairs of a square-root form as one [n, 2] tensor: one host→device copy when they are floats,
+    a stack of the 0-dim tensors otherwise (device step counters or lr: no synchronisation)."""
+    if all(isinstance(x, float) for pair in scalars for x in pair):
+        return torch.tensor(scalars, dtype=dtype, device=device)
+    return torch.stack(
+        [torch.stack([torch.as_tensor(x, device=device).to(dtype).reshape(()) for x in pair]) for pair in scalars]
+    )
 
 
 def _sqrt(x: Scalar) -> Scalar:

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
-from .adapters import OptimizerAdapter, find_adapter
+from .adapters import OptimizerAdapter, find_adapter, scalar_table
 from .kernels import sqrt_form_kernels
 from .conditions import _sum, _sum_squares, accumulator_dtype, min_stepsize, oscillation, squared_step_norm, stepsize_sum
 from .trend import TrendDetector, TrendOptions
@@ -430,12 +430,7 @@ class ConditionTracker:
         if all(isinstance(x, float) for pair in scalars for x in pair) and len(set(scalars)) == 1:
             s, e = (torch.tensor(x, dtype=work, device=device) for x in scalars[0])
         else:
-            if all(isinstance(x, float) for pair in scalars for x in pair):
-                table = torch.tensor(scalars, dtype=work, device=device)
-            else:
-                table = torch.stack(
-                    [torch.stack([torch.as_tensor(x, device=device).to(work).reshape(()) for x in pair]) for pair in scalars]
-                )
+            table = scalar_table(scalars, work, device)
             repeats = torch.tensor(sizes, device=device)
             s, e = (torch.repeat_interleave(table[:, i], repeats, output_size=total) for i in (0, 1))
         kernels = sqrt_form_kernels(False)
@@ -492,18 +487,13 @@ class ConditionTracker:
         """The square-root-form path: one kernel call per tensor (see :mod:`lightning_adamtype.kernels`)."""
         vs, scalars, update = form
         device = vs[0].device
-        if all(isinstance(x, float) for pair in scalars for x in pair):
-            table = torch.tensor(scalars, dtype=torch.float64, device=device)
-        else:
-            table = torch.stack(
-                [torch.stack([torch.as_tensor(x, device=device).to(torch.float64).reshape(()) for x in pair]) for pair in scalars]
-            )
+        table = scalar_table(scalars, dtype, device)
         previous_set = set(with_previous)
         rows: list[Tensor] = []
         new_previous: list[Tensor | None] = []
         if update is not None:
-            keep = torch.tensor(update[0], dtype=torch.float64, device=device)
-            weight = torch.tensor(update[1], dtype=torch.float64, device=device)
+            keep = torch.tensor(update[0], dtype=dtype, device=device)
+            weight = torch.tensor(update[1], dtype=dtype, device=device)
         for k, (v, g, pi) in enumerate(zip(vs, grads, indices)):
             work = torch.promote_types(v.dtype, torch.float32)
             s, e = table[k].to(work).unbind()
