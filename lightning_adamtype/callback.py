@@ -22,7 +22,10 @@ __all__ = ["AdamTypeMonitor", "TAG_PREFIX"]
 
 TAG_PREFIX = "adamtype"
 #: Strategies whose optimizer state is sharded across ranks (refused at setup).
-_SHARDED_STRATEGIES = frozenset({"FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy"})
+#: Strategies that shard optimizer state in a form the trackers cannot read: FSDP1's flat parameters (padding and
+#: views), DeepSpeed's partitioned state. ModelParallelStrategy (FSDP2: DTensor shards) is supported: the trackers
+#: combine the shards across ranks.
+_SHARDED_STRATEGIES = frozenset({"FSDPStrategy", "DeepSpeedStrategy"})
 
 
 def _callback_bases() -> tuple[type, ...]:
@@ -136,9 +139,10 @@ class AdamTypeMonitor(*_callback_bases()):  # type: ignore[misc]
         strategy = type(getattr(trainer, "strategy", None)).__name__
         if strategy in _SHARDED_STRATEGIES:
             raise RuntimeError(
-                f"AdamTypeMonitor does not support {strategy}: it shards the optimizer state, so each rank sees "
-                "only its shard and the logged a, b, c would be wrong. Use strategy='ddp' (or a single device), "
-                "or remove AdamTypeMonitor from the callbacks."
+                f"AdamTypeMonitor does not support {strategy}: it shards the optimizer state in a form the monitor "
+                "cannot combine across ranks (FSDP1 flat parameters, DeepSpeed partitions), so the logged a, b, c "
+                "would be wrong. Use ModelParallelStrategy (FSDP2, supported: shards are combined), strategy='ddp' "
+                "or a single device, or remove AdamTypeMonitor from the callbacks."
             )
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:

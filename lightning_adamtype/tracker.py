@@ -46,6 +46,17 @@ def check_kernel_options(owner: str, kernel: Any, previous_stepsize: Any) -> Non
             raise ValueError(f"{owner}({option}={value!r}): expected one of {choices}")
 
 
+def is_dtensor(t: Any) -> bool:
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (FSDP2's sharded parameters and state)."""
+    if t is None or not torch.distributed.is_available():
+        return False
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - very old torch
+        return False
+    return isinstance(t, DTensor)
+
+
 def check_observe_every(owner: str, observe_every: Any) -> None:
     """ValueError naming the value unless ``observe_every`` is a positive int."""
     if isinstance(observe_every, bool) or not isinstance(observe_every, int) or observe_every < 1:
@@ -74,6 +85,7 @@ class _GroupState:
     previous_scales: dict[int, Tensor] = field(default_factory=dict)  # param index → (s, e) of η_{t−1} (recomputed)
     flat_previous: Tensor | None = None  # small groups: η_{t−1} of all parameters in one buffer ...
     flat_views: list[Tensor] = field(default_factory=list)  # ... and the views of it held in ``previous``
+    sharded: bool = False  # coordinates sharded across ranks: ``previous`` holds this rank's shards only
     last_seen: dict[int, int] = field(default_factory=dict)  # param index → observation at which η was taken
     count: int = 0  # observations of this group (host clock of the trend detectors)
     last_finite: Tensor | None = None  # bool tensor: was the latest step finite (else the detectors see NaN)
@@ -294,16 +306,26 @@ class ConditionTracker:
             entries.append((pi, p, snapshot.get(pi)))
         if not entries:
             return False
+        states = [optimizer.state.get(p, {}) for _, p, _ in entries]
+        grads = [p.grad for _, p, _ in entries]
+        shards = None  # the process group over which this group's coordinates are sharded (FSDP2 / DTensor)
+        if is_dtensor(entries[0][1]):
+            local = self._local_shards(entries, states, grads)
+            if local is None:
+                return False
+            shards, entries, states, grads, device = local
+            state.sharded = shards is not None
+            if not entries:  # this rank holds no coordinate of the group: it still joins the reduction
+                return self._record_sharded(state, gi, device, shards, None, 0, 0, record)
         device = entries[0][1].device
         dtype = accumulator_dtype(device)
         if state.accumulators is None:
             state.accumulators = torch.zeros(len(ACCUMULATOR_KEYS), dtype=dtype, device=device)
 
         # g_t: the gradient the optimizer consumed (unscaled; + coupled weight decay with maximize's sign).
-        grads = [p.grad for _, p, _ in entries]
         consumed = getattr(self.adapter, "consumed_gradients", None)
         if callable(consumed):  # an optimizer that rewrote p.grad in place during its step
-            grads = consumed(group, [optimizer.state.get(p, {}) for _, p, _ in entries], grads)
+            grads = consumed(group, states, grads)
         # With a GradScaler, plain optimizers get unscaled grads (scaler.unscale_), and fused ones (which receive
         # grad_scale/found_inf) write the unscaled gradient back into p.grad during their step: p.grad is g_t.
         wd = self.adapter.coupled_weight_decay(group)
@@ -321,13 +343,16 @@ class ConditionTracker:
 
         indices = [pi for pi, _, _ in entries]
         numel = sum(p.numel() for _, p, _ in entries)
-        with_previous = [i for i, pi in enumerate(indices) if state.last_seen.get(pi) == self.observations - 1]
+        with_previous = [
+            i
+            for i, pi in enumerate(indices)
+            if state.last_seen.get(pi) == self.observations - 1 and (pi in state.previous or pi in state.previous_scales)
+        ]
         if callable(uniform):
             contributions, new_previous = self._uniform_contributions(
                 state, uniform(group), grads, entries, with_previous, numel, dtype, device
             )
         else:
-            states = [optimizer.state[p] for _, p, _ in entries]
             form = self._sqrt_form(group, states, entries, found_inf)
             flat = None
             if form is None and found_inf is None and numel <= FLAT_MAX_NUMEL and len(with_previous) in (0, len(entries)):
@@ -345,6 +370,13 @@ class ConditionTracker:
                 contributions, new_previous = self._tensor_contributions(
                     state, etas, grads, indices, with_previous, numel, dtype, found_inf, amin
                 )
+        if shards is not None:
+            coords = sum(entries[i][1].numel() for i in with_previous)
+            for pi, eta in zip(indices, new_previous):
+                if eta is not None:
+                    state.previous[pi] = eta
+                state.last_seen[pi] = self.observations
+            return self._record_sharded(state, gi, device, shards, contributions, numel, coords, record)
         # A step with a NaN/Inf anywhere in its contributions is left out of every sum and counted on its own; a
         # step a GradScaler skipped inside a fused optimizer (found_inf) is left out and not counted at all.
         # Both are decided on the device (the warning is issued when the numbers are read, in compute()).
@@ -366,6 +398,75 @@ class ConditionTracker:
             contributions = contributions * self.observe_every
         contributions = torch.where(keep, contributions, torch.zeros_like(contributions))
         state.accumulators.add_(torch.cat([contributions, nonfinite.to(dtype).reshape(1)]))
+        state.count += 1
+        return True
+
+    # ------------------------------------------------------------------ sharded parameters (FSDP2 / DTensor)
+    def _local_shards(self, entries: list, states: list[dict[str, Any]], grads: list[Tensor]):
+        """This rank's shards of a group of DTensor parameters (FSDP2's ``fully_shard``, Lightning's
+        ``ModelParallelStrategy``): (process group of the sharded mesh dimension or None when only replicated,
+        local entries, states and grads without empty shards, device). None (with one warning) when the
+        coordinates are sharded over more than one mesh dimension."""
+        param = entries[0][1]
+        sharded_dims = [i for i, placement in enumerate(param.placements) if placement.is_shard()]
+        if len(sharded_dims) > 1:
+            self._warn_once(
+                "mesh",
+                f"parameters sharded over {len(sharded_dims)} mesh dimensions ({param.placements}) are not measured "
+                "(one sharded dimension is supported: FSDP2 / HSDP)",
+            )
+            return None
+        shards = param.device_mesh.get_group(mesh_dim=sharded_dims[0]) if sharded_dims else None
+        device = param.to_local().device
+        local_entries, local_states, local_grads = [], [], []
+        for (pi, p, snap), st, g in zip(entries, states, grads):
+            p_local = p.to_local() if is_dtensor(p) else p
+            if p_local.numel() == 0:
+                continue
+            local_entries.append((pi, p_local, snap.to_local() if is_dtensor(snap) else snap))
+            local_states.append({k: v.to_local() if is_dtensor(v) else v for k, v in st.items()})
+            local_grads.append(g.to_local() if is_dtensor(g) else g)
+        return shards, local_entries, local_states, local_grads, device
+
+    def _record_sharded(
+        self,
+        state: _GroupState,
+        gi: int,
+        device: torch.device,
+        shards: Any,
+        contributions: Tensor | None,
+        numel: int,
+        coords: int,
+        record: bool,
+    ) -> bool:
+        """Combine this rank's terms with the other shards' (a: the minimum; b, c, c2, Ση and the coordinate counts:
+        sums) and accumulate: two small all-reduces per observed step, on the device (no host synchronisation)."""
+        dtype = accumulator_dtype(device)
+        if state.accumulators is None:
+            state.accumulators = torch.zeros(len(ACCUMULATOR_KEYS), dtype=dtype, device=device)
+        counts = torch.tensor([float(numel), float(coords)], dtype=dtype, device=device)
+        if contributions is None:  # no local coordinate: neutral terms
+            amin = torch.full((1,), math.inf, dtype=dtype, device=device)
+            sums = torch.cat([torch.zeros(4, dtype=dtype, device=device), counts])
+        else:
+            amin = contributions[1:2].clone()
+            sums = torch.cat([contributions[2:5], (contributions[5] * numel).reshape(1), counts])
+        if shards is not None:
+            torch.distributed.all_reduce(sums, op=torch.distributed.ReduceOp.SUM, group=shards)
+            torch.distributed.all_reduce(amin, op=torch.distributed.ReduceOp.MIN, group=shards)
+        if not record:
+            return False
+        b, c, c2, eta_sum, total, total_coords = sums.unbind()
+        one = torch.ones((), dtype=dtype, device=device)
+        contributions = torch.stack(
+            [one, amin[0], b, c, c2, eta_sum / total, torch.where(total_coords > 0, c / total_coords.clamp_min(1), 0 * c)]
+        )
+        finite = torch.isfinite(contributions).all()
+        state.last_finite = finite
+        if self.observe_every > 1:
+            contributions = contributions * self.observe_every
+        contributions = torch.where(finite, contributions, torch.zeros_like(contributions))
+        state.accumulators.add_(torch.cat([contributions, (~finite).to(dtype).reshape(1)]))
         state.count += 1
         return True
 
@@ -755,7 +856,11 @@ class ConditionTracker:
             "groups": [
                 {
                     "accumulators": None if g.accumulators is None else g.accumulators.detach().cpu().clone(),
-                    "previous": {
+                    # Sharded groups: η_{t−1} differs per rank and checkpoints keep rank 0's callback state, so it is not
+                    # saved (the first step after a resume then adds no c; previous_stepsize="recomputed" needs none).
+                    "previous": {}
+                    if g.sharded
+                    else {
                         pi: (eta.detach().cpu().clone() if isinstance(eta, Tensor) else eta) for pi, eta in g.previous.items()
                     },
                     "previous_scales": {pi: sc.detach().cpu().clone() for pi, sc in g.previous_scales.items()},
