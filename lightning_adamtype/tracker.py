@@ -444,6 +444,8 @@ class ConditionTracker:
         dtype = accumulator_dtype(device)
         if state.accumulators is None:
             state.accumulators = torch.zeros(len(ACCUMULATOR_KEYS), dtype=dtype, device=device)
+        if not record:  # every rank is at the same phase: all skip the reduction together
+            return False
         counts = torch.tensor([float(numel), float(coords)], dtype=dtype, device=device)
         if contributions is None:  # no local coordinate: neutral terms
             amin = torch.full((1,), math.inf, dtype=dtype, device=device)
@@ -454,8 +456,6 @@ class ConditionTracker:
         if shards is not None:
             torch.distributed.all_reduce(sums, op=torch.distributed.ReduceOp.SUM, group=shards)
             torch.distributed.all_reduce(amin, op=torch.distributed.ReduceOp.MIN, group=shards)
-        if not record:
-            return False
         b, c, c2, eta_sum, total, total_coords = sums.unbind()
         one = torch.ones((), dtype=dtype, device=device)
         contributions = torch.stack(

@@ -37,7 +37,7 @@ CASES = {
     "sgd-momentum": (torch.optim.SGD, dict(lr=0.05, momentum=0.9)),
     "nadam": (torch.optim.NAdam, dict(lr=1e-2)),
 }
-TRACKER_OPTIONS = {"stored": {}, "recomputed": dict(previous_stepsize="recomputed")}
+TRACKER_OPTIONS = {"stored": {}, "recomputed": dict(previous_stepsize="recomputed"), "every-4": dict(observe_every=4)}
 
 
 def _model() -> nn.Module:
@@ -61,28 +61,36 @@ def _train(model: nn.Module, opt: torch.optim.Optimizer) -> None:
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str, case: str, option: str) -> None:
-    from torch.distributed.fsdp import fully_shard
-
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     try:
-        model = _model()
-        for layer in model:
-            if isinstance(layer, nn.Linear):
-                fully_shard(layer)
-        fully_shard(model)
-        cls, kwargs = CASES[case]
-        opt = cls(model.parameters(), **kwargs)
-        tracker = ConditionTracker(opt, **TRACKER_OPTIONS[option])
-        _train(model, opt)
-        local_rows = [p.to_local().shape[0] if p.dim() else 1 for p in model.parameters()]
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump({"compute": tracker.compute(), "local_rows": local_rows}, f)
-        dist.barrier()  # leave together: a rank tearing gloo down under a peer still talking aborts it
-    finally:
+        _train_sharded(rank, out_dir, case, option)
+        dist.barrier()  # both ranks have written their results
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    # Leave without the interpreter's teardown: destroying FSDP2's gloo state at exit aborts now and then
+    # ("terminate called without an active exception", SIGABRT) after all the work is done.
+    os._exit(0)
+
+
+def _train_sharded(rank: int, out_dir: str, case: str, option: str) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    model = _model()
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    cls, kwargs = CASES[case]
+    opt = cls(model.parameters(), **kwargs)
+    tracker = ConditionTracker(opt, **TRACKER_OPTIONS[option])
+    _train(model, opt)
+    local_rows = [p.to_local().shape[0] if p.dim() else 1 for p in model.parameters()]
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump({"compute": tracker.compute(), "local_rows": local_rows}, f)
 
 
 def _free_port() -> int:
