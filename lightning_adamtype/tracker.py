@@ -613,20 +613,17 @@ class ConditionTracker:
                 state.previous_scales[pi] = new
                 state.previous.pop(pi, None)
                 new_previous.append(None)
-            else:  # stored: η_{t−1} buffer read and overwritten in the same pass
+            else:  # stored: η_{t−1} read, η_t returned as a new tensor that replaces it (one pass when compiled)
                 buf = state.previous.get(pi)
                 if k in previous_set and isinstance(buf, Tensor) and buf.shape == v.shape and buf.dtype == work:
                     bk = buf.view(-1) if flat and buf.is_contiguous() else buf
                     if bk.shape != vk.shape:
                         bk, vk, gk = buf, v, g
-                    rows.append(self._run_kernel("stored", vk, gk, bk, s, e))
+                    terms, eta = self._run_kernel("stored_out", vk, gk, bk, s, e)
                 else:
-                    buf = torch.empty_like(v, dtype=work)
-                    bk = buf.view(-1) if flat and buf.is_contiguous() else buf
-                    if bk.shape != vk.shape:
-                        bk, vk, gk = buf, v, g
-                    rows.append(self._run_kernel("first", vk, gk, bk, s, e))
-                new_previous.append(buf)
+                    terms, eta = self._run_kernel("first_out", vk, gk, s, e)
+                rows.append(terms)
+                new_previous.append(eta.view(v.shape) if eta.shape != v.shape else eta)
         terms = torch.stack(rows).to(dtype)
         c, c2 = terms[:, 2].sum(), terms[:, 3].sum()
         coords = sum(vs[i].numel() for i in with_previous)

@@ -59,7 +59,7 @@ def test_compiled_kernel_matches_float64_reference(monkeypatch, name, cls, kwarg
     tracker, ref = _run(cls, kwargs, attach_after, kernel="compiled")
     assert_matches(tracker, ref)
     if not kwargs.get("centered"):
-        assert "stored" in calls and "first" in calls, calls[:5]  # the compiled pass did run
+        assert "stored_out" in calls and "first_out" in calls, calls[:5]  # the compiled pass did run
     else:
         assert not calls  # centered RMSprop has no square-root form: foreach path
 
@@ -123,6 +123,17 @@ def test_eager_and_compiled_kernels_compute_the_same_terms():
     ]:
         a, b = getattr(eager, name)(*args), getattr(compiled, name)(*args)
         torch.testing.assert_close(b, a, rtol=1e-5, atol=0)
+    previous = torch.rand(1000) * 10
+    for name, args in [("first_out", (v, g, s, e)), ("stored_out", (v, g, previous, s, e))]:
+        (terms_a, eta_a), (terms_b, eta_b) = getattr(eager, name)(*args), getattr(compiled, name)(*args)
+        torch.testing.assert_close(terms_b, terms_a, rtol=1e-5, atol=0)
+        torch.testing.assert_close(eta_b, eta_a, rtol=1e-6, atol=0)
+    # the in-place kernel and the out-of-place one agree, and the in-place one writes η_t into its buffer
+    buf = previous.clone()
+    terms_in = compiled.stored(v, g, buf, s, e)
+    terms_out, eta = compiled.stored_out(v, g, previous, s, e)
+    torch.testing.assert_close(terms_in, terms_out, rtol=1e-5, atol=0)
+    torch.testing.assert_close(buf, eta, rtol=1e-6, atol=0)
     # the oscillation terms of the recomputed kernel are the float64 |η_t − η_{t−1}| sums
     v64, g64 = v.double() + 1e-3 * g.double() ** 2, g.double()
     eta = 0.01 / (v64.sqrt() + 1e-8)
