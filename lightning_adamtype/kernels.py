@@ -87,7 +87,7 @@ def stored_terms_out(v: Tensor, g: Tensor, previous: Tensor, scale: Tensor, offs
     """(the five terms with η_{t−1} read from ``previous``, η_t as a new tensor that replaces it).
 
     Compiled, this is one loop that reads v, g and η_{t−1} and writes η_t; writing η_t back into ``previous``
-    instead (:func:`stored_terms`) makes inductor emit a second loop for the write (≈ 15 % slower at 10M on CPU).
+    instead (:func:`stored_terms`) makes inductor emit a second loop for the write (10–15 % slower at 10M on CPU).
     The old buffer is freed when the tracker drops it, so the memory held stays one η per coordinate.
     """
     v = _work(v)
