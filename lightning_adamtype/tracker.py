@@ -316,7 +316,7 @@ class ConditionTracker:
             shards, entries, states, grads, device = local
             state.sharded = shards is not None
             if not entries:  # this rank holds no coordinate of the group: it still joins the reduction
-                return self._record_sharded(state, gi, device, shards, None, 0, 0, record)
+                return self._record_sharded(state, gi, device, shards, None, 0, 0, record, found_inf)
         device = entries[0][1].device
         dtype = accumulator_dtype(device)
         if state.accumulators is None:
@@ -376,7 +376,7 @@ class ConditionTracker:
                 if eta is not None:
                     state.previous[pi] = eta
                 state.last_seen[pi] = self.observations
-            return self._record_sharded(state, gi, device, shards, contributions, numel, coords, record)
+            return self._record_sharded(state, gi, device, shards, contributions, numel, coords, record, found_inf)
         # A step with a NaN/Inf anywhere in its contributions is left out of every sum and counted on its own; a
         # step a GradScaler skipped inside a fused optimizer (found_inf) is left out and not counted at all.
         # Both are decided on the device (the warning is issued when the numbers are read, in compute()).
@@ -438,9 +438,11 @@ class ConditionTracker:
         numel: int,
         coords: int,
         record: bool,
+        found_inf: Tensor | None = None,
     ) -> bool:
         """Combine this rank's terms with the other shards' (a: the minimum; b, c, c2, Ση and the coordinate counts:
-        sums) and accumulate: two small all-reduces per observed step, on the device (no host synchronisation)."""
+        sums) and accumulate: two small all-reduces per observed step, on the device (no host synchronisation).
+        A step a GradScaler skipped inside a fused optimizer (device ``found_inf``) is masked out, as unsharded."""
         dtype = accumulator_dtype(device)
         if state.accumulators is None:
             state.accumulators = torch.zeros(len(ACCUMULATOR_KEYS), dtype=dtype, device=device)
@@ -462,11 +464,15 @@ class ConditionTracker:
             [one, amin[0], b, c, c2, eta_sum / total, torch.where(total_coords > 0, c / total_coords.clamp_min(1), 0 * c)]
         )
         finite = torch.isfinite(contributions).all()
-        state.last_finite = finite
+        keep, nonfinite = finite, ~finite
+        if found_inf is not None:
+            skipped = found_inf.to(device) > 0
+            keep, nonfinite = finite & ~skipped, nonfinite & ~skipped
+        state.last_finite = keep | ~nonfinite
         if self.observe_every > 1:
             contributions = contributions * self.observe_every
-        contributions = torch.where(finite, contributions, torch.zeros_like(contributions))
-        state.accumulators.add_(torch.cat([contributions, (~finite).to(dtype).reshape(1)]))
+        contributions = torch.where(keep, contributions, torch.zeros_like(contributions))
+        state.accumulators.add_(torch.cat([contributions, nonfinite.to(dtype).reshape(1)]))
         state.count += 1
         return True
 

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lightning_adamtype import ConditionTracker
+from lightning_adamtype.tracker import _GroupState
 
 pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(),
@@ -184,3 +185,18 @@ def test_resume_of_a_sharded_group_restarts_the_oscillation_chain():
     assert resumed["steps"] == full["steps"] and resumed["a"] == pytest.approx(full["a"], rel=1e-12)
     assert 0 < resumed["c"] < full["c"]  # one step's oscillation is missing
     assert run("recomputed", split=6)["c"] == pytest.approx(run("recomputed")["c"], rel=1e-12)
+
+
+def test_sharded_reduction_masks_a_step_a_grad_scaler_skipped():
+    """A fused step that a GradScaler skipped (device ``found_inf`` > 0) adds nothing and is not counted as
+    non-finite, as on the unsharded path (one process: the reduction itself is the identity here)."""
+    opt = torch.optim.Adam([nn.Parameter(torch.zeros(3))], lr=1e-2)
+    tracker = ConditionTracker(opt)
+    tracker._groups.append(_GroupState())
+    state = tracker._groups[0]
+    terms = torch.tensor([1.0, 0.5, 2.0, 0.25, 0.125, 0.5, 0.1], dtype=torch.float64)
+    for skipped, expected_steps in ((1.0, 0.0), (0.0, 1.0)):
+        tracker._record_sharded(state, 0, torch.device("cpu"), None, terms, 3, 3, True, torch.tensor([skipped]))
+        values = dict(zip(("steps", "a", "b", "c"), state.accumulators.tolist()))
+        assert values["steps"] == expected_steps and values["b"] == 2.0 * expected_steps
+        assert state.accumulators[-1].item() == 0.0  # never counted as a non-finite step
