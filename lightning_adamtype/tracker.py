@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
-from .adapters import OptimizerAdapter, find_adapter, scalar_table
+from .adapters import OptimizerAdapter, _from_sqrt_form, _min_from_sqrt_form, find_adapter, scalar_table
 from .kernels import sqrt_form_kernels
 from .conditions import _sum, _sum_squares, accumulator_dtype, min_stepsize, oscillation, squared_step_norm, stepsize_sum
 from .trend import TrendDetector, TrendOptions
@@ -303,6 +303,8 @@ class ConditionTracker:
                 continue
             if needs_state and not optimizer.state.get(p):
                 continue
+            if p.numel() == 0:  # no coordinate: nothing to add, and no minimum to take
+                continue
             entries.append((pi, p, snapshot.get(pi)))
         if not entries:
             return False
@@ -315,12 +317,15 @@ class ConditionTracker:
                 return False
             shards, entries, states, grads, device = local
             state.sharded = shards is not None
-            if not entries:  # this rank holds no coordinate of the group: it still joins the reduction
-                return self._record_sharded(state, gi, device, shards, None, 0, 0, record, found_inf)
-        device = entries[0][1].device
+        else:
+            device = entries[0][1].device
         dtype = accumulator_dtype(device)
         if state.accumulators is None:
             state.accumulators = torch.zeros(len(ACCUMULATOR_KEYS), dtype=dtype, device=device)
+        if not entries:  # this rank holds no coordinate of a sharded group: it still joins the reduction
+            if not record:  # every rank is at the same phase: all skip the reduction together
+                return False
+            return self._accumulate(state, self._combine_shards(None, 0, 0, shards, device), found_inf)
 
         # g_t: the gradient the optimizer consumed (unscaled; + coupled weight decay with maximize's sign).
         consumed = getattr(self.adapter, "consumed_gradients", None)
@@ -353,51 +358,55 @@ class ConditionTracker:
                 state, uniform(group), grads, entries, with_previous, numel, dtype, device
             )
         else:
-            form = self._sqrt_form(group, states, entries, found_inf)
-            flat = None
-            if form is None and found_inf is None and numel <= FLAT_MAX_NUMEL and len(with_previous) in (0, len(entries)):
-                flat = self._flat_sqrt_form(group, states)
-            if form is not None:
+            sqrt_form = getattr(self.adapter, "sqrt_form", None)
+            form = sqrt_form(group, states) if callable(sqrt_form) else None  # read once per step
+            path, update = self._choose_path(group, form, numel, len(with_previous) in (0, len(entries)), found_inf)
+            if path == "kernels":
                 contributions, new_previous = self._sqrt_form_contributions(
-                    state, group, form, grads, indices, with_previous, numel, dtype, found_inf
+                    state, form, update, grads, indices, with_previous, numel, dtype, found_inf
                 )
-            elif flat is not None:
-                contributions, new_previous = self._flat_contributions(state, flat, grads, indices, with_previous, dtype)
+            elif path == "flat":
+                contributions, new_previous = self._flat_contributions(state, form, grads, indices, with_previous, dtype)
             else:
-                min_fn = getattr(self.adapter, "min_effective_stepsize", None)  # P1: min η from max v, no copy
-                amin = min_fn(group, states, dtype) if callable(min_fn) else None
-                etas = self.adapter.effective_stepsizes(group, states)
+                if form is not None:  # P1: min η from max v, no copy
+                    amin, etas = _min_from_sqrt_form(*form, dtype), _from_sqrt_form(*form)
+                else:
+                    min_fn = getattr(self.adapter, "min_effective_stepsize", None)
+                    amin = min_fn(group, states, dtype) if callable(min_fn) else None
+                    etas = self.adapter.effective_stepsizes(group, states)
                 contributions, new_previous = self._tensor_contributions(
                     state, etas, grads, indices, with_previous, numel, dtype, found_inf, amin
                 )
-        if shards is not None:
-            coords = sum(entries[i][1].numel() for i in with_previous)
-            for pi, eta in zip(indices, new_previous):
-                if eta is not None:
-                    state.previous[pi] = eta
-                state.last_seen[pi] = self.observations
-            return self._record_sharded(state, gi, device, shards, contributions, numel, coords, record, found_inf)
-        # A step with a NaN/Inf anywhere in its contributions is left out of every sum and counted on its own; a
-        # step a GradScaler skipped inside a fused optimizer (found_inf) is left out and not counted at all.
-        # Both are decided on the device (the warning is issued when the numbers are read, in compute()).
-        finite = torch.isfinite(contributions).all()
-        nonfinite = ~finite
-        keep = finite
-        if found_inf is not None:
-            skipped = found_inf.to(device) > 0
-            keep = finite & ~skipped
-            nonfinite = nonfinite & ~skipped
         for pi, eta in zip(indices, new_previous):
             if eta is not None:
                 state.previous[pi] = eta
             state.last_seen[pi] = self.observations
-        if not record:
+        if not record:  # (the same phase on every rank: a sharded group skips its reduction everywhere)
             return False
+        if shards is not None:
+            coords = sum(entries[i][1].numel() for i in with_previous)
+            contributions = self._combine_shards(contributions, numel, coords, shards, device)
+        return self._accumulate(state, contributions, found_inf)
+
+    def _accumulate(self, state: _GroupState, contributions: Tensor, found_inf: Tensor | None) -> bool:
+        """Add one observed step's contributions (weighted by ``observe_every``) to the group's accumulators.
+
+        A step with a NaN/Inf anywhere in its contributions is left out of every sum and counted on its own; a step a
+        GradScaler skipped inside a fused optimizer (``found_inf``) is left out and not counted at all. Both are
+        decided on the device (the warning is issued when the numbers are read, in :meth:`compute`).
+        """
+        acc = state.accumulators
+        assert acc is not None
+        finite = torch.isfinite(contributions).all()
+        keep, nonfinite = finite, ~finite
+        if found_inf is not None:
+            skipped = found_inf.to(acc.device) > 0
+            keep, nonfinite = finite & ~skipped, nonfinite & ~skipped
         state.last_finite = keep | ~nonfinite
         if self.observe_every > 1:
             contributions = contributions * self.observe_every
         contributions = torch.where(keep, contributions, torch.zeros_like(contributions))
-        state.accumulators.add_(torch.cat([contributions, nonfinite.to(dtype).reshape(1)]))
+        acc.add_(torch.cat([contributions, nonfinite.to(acc.dtype).reshape(1)]))
         state.count += 1
         return True
 
@@ -428,28 +437,16 @@ class ConditionTracker:
             local_grads.append(g.to_local() if is_dtensor(g) else g)
         return shards, local_entries, local_states, local_grads, device
 
-    def _record_sharded(
-        self,
-        state: _GroupState,
-        gi: int,
-        device: torch.device,
-        shards: Any,
-        contributions: Tensor | None,
-        numel: int,
-        coords: int,
-        record: bool,
-        found_inf: Tensor | None = None,
-    ) -> bool:
-        """Combine this rank's terms with the other shards' (a: the minimum; b, c, c2, Ση and the coordinate counts:
-        sums) and accumulate: two small all-reduces per observed step, on the device (no host synchronisation).
-        A step a GradScaler skipped inside a fused optimizer (device ``found_inf``) is masked out, as unsharded."""
+    @staticmethod
+    def _combine_shards(
+        contributions: Tensor | None, numel: int, coords: int, shards: Any, device: torch.device
+    ) -> Tensor:
+        """This rank's contributions combined with the other shards': a is the minimum, b, c, c2, Ση and the
+        coordinate counts are sums (two small all-reduces on the device, no host synchronisation); then
+        a_mean = Ση / n and c_mean = c / (coordinates with an η_{t−1}). ``None``: this rank holds no coordinate."""
         dtype = accumulator_dtype(device)
-        if state.accumulators is None:
-            state.accumulators = torch.zeros(len(ACCUMULATOR_KEYS), dtype=dtype, device=device)
-        if not record:  # every rank is at the same phase: all skip the reduction together
-            return False
         counts = torch.tensor([float(numel), float(coords)], dtype=dtype, device=device)
-        if contributions is None:  # no local coordinate: neutral terms
+        if contributions is None:  # neutral terms
             amin = torch.full((1,), math.inf, dtype=dtype, device=device)
             sums = torch.cat([torch.zeros(4, dtype=dtype, device=device), counts])
         else:
@@ -460,60 +457,49 @@ class ConditionTracker:
             torch.distributed.all_reduce(amin, op=torch.distributed.ReduceOp.MIN, group=shards)
         b, c, c2, eta_sum, total, total_coords = sums.unbind()
         one = torch.ones((), dtype=dtype, device=device)
-        contributions = torch.stack(
+        return torch.stack(
             [one, amin[0], b, c, c2, eta_sum / total, torch.where(total_coords > 0, c / total_coords.clamp_min(1), 0 * c)]
         )
-        finite = torch.isfinite(contributions).all()
-        keep, nonfinite = finite, ~finite
-        if found_inf is not None:
-            skipped = found_inf.to(device) > 0
-            keep, nonfinite = finite & ~skipped, nonfinite & ~skipped
-        state.last_finite = keep | ~nonfinite
-        if self.observe_every > 1:
-            contributions = contributions * self.observe_every
-        contributions = torch.where(keep, contributions, torch.zeros_like(contributions))
-        state.accumulators.add_(torch.cat([contributions, nonfinite.to(dtype).reshape(1)]))
-        state.count += 1
-        return True
 
-    def _sqrt_form(self, group: dict[str, Any], states: list[dict[str, Any]], entries: list, found_inf: Tensor | None):
-        """(v, scalars, recompute) when the square-root-form kernels apply to this group at this step, else None."""
-        recompute = self.previous_stepsize == "recomputed"
-        if self.kernel != "compiled" and not recompute:
-            return None
-        if not recompute and sum(p.numel() for _, p, _ in entries) <= FLAT_MAX_NUMEL:
-            return None  # a small group: the concatenated path beats a compiled call per tensor
-        sqrt_form = getattr(self.adapter, "sqrt_form", None)
-        form = sqrt_form(group, states) if callable(sqrt_form) else None
-        update = getattr(self.adapter, "second_moment_update", None)
-        update = update(group) if callable(update) and recompute else None
-        if recompute and (form is None or update is None):
-            self._warn_once(
-                "recompute",
-                f"previous_stepsize='recomputed': {type(self.optimizer).__name__} with these settings (AMSGrad, "
-                "centered, β2 = 0 or an optimizer without a linear second-moment update) cannot rebuild η_{t−1} "
-                "from its state; η_{t−1} is stored for it (4 bytes per coordinate)",
-            )
-            recompute = False
-        if form is None or (not recompute and (self.kernel != "compiled" or found_inf is not None)):
-            return None  # a fused step that a GradScaler may skip keeps η_{t−1} on the foreach path
-        if any(p.numel() == 0 for _, p, _ in entries):
-            return None
-        return form[0], form[1], update if recompute else None
+    def _choose_path(
+        self, group: dict[str, Any], form: Any, numel: int, previous_all_or_none: bool, found_inf: Tensor | None
+    ) -> tuple[str, tuple[float, float] | None]:
+        """How this group is computed at this step, and the second-moment update (k, w) when η_{t−1} is rebuilt:
 
-    def _flat_sqrt_form(self, group: dict[str, Any], states: list[dict[str, Any]]):
-        """The square-root form of a small group, for :meth:`_flat_contributions` (None when it has none)."""
-        if self.previous_stepsize != "stored":
-            return None
-        sqrt_form = getattr(self.adapter, "sqrt_form", None)
-        form = sqrt_form(group, states) if callable(sqrt_form) else None
+        - ``"kernels"``: one kernel call per tensor (:mod:`lightning_adamtype.kernels`; compiled or eager), for
+          ``previous_stepsize="recomputed"``, or ``kernel="compiled"`` on groups above ``FLAT_MAX_NUMEL``;
+        - ``"flat"``: small groups with η_{t−1} stored: v and g concatenated, one eager kernel call;
+        - ``"foreach"``: multi-tensor operations (every other case, and any optimizer without a square-root form).
+
+        A fused step that a GradScaler may skip (``found_inf``) keeps a stored η_{t−1} on the foreach path.
+        """
         if form is None:
-            return None
-        vs, scalars = form
-        device = vs[0].device
-        if any(v.device != device for v in vs) or len({torch.promote_types(v.dtype, torch.float32) for v in vs}) != 1:
-            return None
-        return form
+            if self.previous_stepsize == "recomputed":
+                self._warn_recompute()
+            return "foreach", None
+        if self.previous_stepsize == "recomputed":
+            update_fn = getattr(self.adapter, "second_moment_update", None)
+            update = update_fn(group) if callable(update_fn) else None
+            if update is not None:
+                return "kernels", update
+            self._warn_recompute()
+        if found_inf is not None:
+            return "foreach", None
+        vs = form[0]
+        same_kind = len({(v.device, torch.promote_types(v.dtype, torch.float32)) for v in vs}) == 1
+        if numel <= FLAT_MAX_NUMEL and previous_all_or_none and same_kind:
+            return "flat", None
+        if self.kernel == "compiled":
+            return "kernels", None
+        return "foreach", None
+
+    def _warn_recompute(self) -> None:
+        self._warn_once(
+            "recompute",
+            f"previous_stepsize='recomputed': {type(self.optimizer).__name__} with these settings (AMSGrad, centered, "
+            "β2 = 0 or an optimizer without a linear second-moment update) cannot rebuild η_{t−1} from its state; "
+            "η_{t−1} is stored for it (4 bytes per coordinate)",
+        )
 
     def _flat_contributions(
         self,
@@ -582,8 +568,8 @@ class ConditionTracker:
     def _sqrt_form_contributions(
         self,
         state: _GroupState,
-        group: dict[str, Any],
         form: tuple,
+        update: tuple[float, float] | None,
         grads: list[Tensor],
         indices: list[int],
         with_previous: list[int],
@@ -592,7 +578,7 @@ class ConditionTracker:
         found_inf: Tensor | None,
     ) -> tuple[Tensor, list[Tensor | None]]:
         """The square-root-form path: one kernel call per tensor (see :mod:`lightning_adamtype.kernels`)."""
-        vs, scalars, update = form
+        vs, scalars = form
         device = vs[0].device
         table = scalar_table(scalars, dtype, device)
         previous_set = set(with_previous)

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lightning_adamtype import ConditionTracker
-from lightning_adamtype.tracker import _GroupState
+from lightning_adamtype.tracker import ACCUMULATOR_KEYS, _GroupState
 
 pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(),
@@ -194,9 +194,11 @@ def test_sharded_reduction_masks_a_step_a_grad_scaler_skipped():
     tracker = ConditionTracker(opt)
     tracker._groups.append(_GroupState())
     state = tracker._groups[0]
+    state.accumulators = torch.zeros(len(ACCUMULATOR_KEYS), dtype=torch.float64)
     terms = torch.tensor([1.0, 0.5, 2.0, 0.25, 0.125, 0.5, 0.1], dtype=torch.float64)
     for skipped, expected_steps in ((1.0, 0.0), (0.0, 1.0)):
-        tracker._record_sharded(state, 0, torch.device("cpu"), None, terms, 3, 3, True, torch.tensor([skipped]))
+        combined = tracker._combine_shards(terms, 3, 3, None, torch.device("cpu"))
+        tracker._accumulate(state, combined, torch.tensor([skipped]))
         values = dict(zip(("steps", "a", "b", "c"), state.accumulators.tolist()))
         assert values["steps"] == expected_steps and values["b"] == 2.0 * expected_steps
         assert state.accumulators[-1].item() == 0.0  # never counted as a non-finite step
