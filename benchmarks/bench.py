@@ -70,31 +70,6 @@ MODES = {
 }
 
 
-def tracker_tensors(tracker: ConditionTracker) -> list[torch.Tensor]:
-    """Every tensor the tracker keeps between steps: accumulators, previous η, trend-detector buffers."""
-    out: list[torch.Tensor] = []
-    for g in tracker._groups:
-        if g.accumulators is not None:
-            out.append(g.accumulators)
-        out.extend(v for v in g.previous.values() if isinstance(v, torch.Tensor))
-        out.extend(g.previous_scales.values())
-        for det in g.detectors.values():
-            out.extend(v for v in vars(det).values() if isinstance(v, torch.Tensor))
-    for snap in tracker._snapshots.values():
-        out.extend(snap)
-    return out
-
-
-def tracker_nbytes(tracker: ConditionTracker) -> int:
-    seen, total = set(), 0
-    for t in tracker_tensors(tracker):
-        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
-        if key not in seen:
-            seen.add(key)
-            total += t.untyped_storage().nbytes()
-    return total
-
-
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
@@ -262,7 +237,7 @@ def bench_memory(name: str, numel: int, steps: int = 5, **tracker_kwargs) -> tup
     tracker = ConditionTracker(opt, **tracker_kwargs)
     for _ in range(steps):
         opt.step()
-    return tracker_nbytes(tracker), len(tracker_tensors(tracker))
+    return tracker.held_bytes(), len(tracker.held_tensors())
 
 
 # ---------------------------------------------------------------------------------------------- 4. host reads

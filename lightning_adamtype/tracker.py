@@ -8,6 +8,7 @@ happened, and keeps per-group accumulators as tensors on the parameters' device.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -46,15 +47,21 @@ def check_kernel_options(owner: str, kernel: Any, previous_stepsize: Any) -> Non
             raise ValueError(f"{owner}({option}={value!r}): expected one of {choices}")
 
 
-def is_dtensor(t: Any) -> bool:
-    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (FSDP2's sharded parameters and state)."""
-    if t is None or not torch.distributed.is_available():
-        return False
+@functools.lru_cache(maxsize=1)
+def _dtensor_class() -> type | None:
+    if not torch.distributed.is_available():
+        return None
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # pragma: no cover - very old torch
-        return False
-    return isinstance(t, DTensor)
+        return None
+    return DTensor
+
+
+def is_dtensor(t: Any) -> bool:
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (FSDP2's sharded parameters and state)."""
+    cls = _dtensor_class()
+    return cls is not None and isinstance(t, cls)
 
 
 def check_observe_every(owner: str, observe_every: Any) -> None:
@@ -273,10 +280,9 @@ class ConditionTracker:
             return
         while len(self._groups) < len(optimizer.param_groups):
             self._groups.append(_GroupState())
-        names = self.group_names()
         for gi, group in enumerate(optimizer.param_groups):
             if self._observe_group(optimizer, gi, group, found_inf, record=phase == "record"):
-                self._update_verdicts(gi, names[gi])
+                self._update_verdicts(gi)
         self._snapshots.clear()
 
     # ------------------------------------------------------------------ math per group
@@ -634,7 +640,7 @@ class ConditionTracker:
         return contributions, new_previous
 
     # ------------------------------------------------------------------ verdicts and the switch
-    def _update_verdicts(self, gi: int, name: str) -> None:
+    def _update_verdicts(self, gi: int) -> None:
         state = self._groups[gi]
         acc = state.accumulators
         assert acc is not None
@@ -651,8 +657,10 @@ class ConditionTracker:
                 if state.last_finite is not None:  # a non-finite step is an invalid sample, not a frozen ratio
                     ratio = torch.where(state.last_finite, ratio, torch.full_like(ratio, math.nan))
                 sampled |= detector.update(state.count, ratio)
-        if sampled and self.switch_to_amsgrad and name not in self.switched:
-            self._maybe_switch(gi, name)
+        if sampled and self.switch_to_amsgrad:  # the group's name is built only here, at sample steps
+            name = self.group_names()[gi]
+            if name not in self.switched:
+                self._maybe_switch(gi, name)
 
     def _maybe_switch(self, gi: int, name: str) -> None:
         """Read the bias verdict (one byte, only at a sample step), share rank 0's, and switch if it holds."""
@@ -777,6 +785,43 @@ class ConditionTracker:
             [torch.ones((), dtype=dtype, device=device), eta_t, eta_t.square() * grad_sq, c, c2, eta_t, c_mean]
         )
         return contributions, [eta] * len(entries)
+
+    # ------------------------------------------------------------------ memory accounting
+    def held_tensors(self) -> list[Tensor]:
+        """Every tensor the tracker keeps between steps (accumulators, η_{t−1} buffers and views, (s, e) pairs,
+        trend-detector buffers, coupled-decay copies), found by walking its own state, so new fields are counted
+        without being listed here. For memory accounting (``benchmarks/bench.py``, ``tests/test_hot_path.py``)."""
+        found: dict[int, Tensor] = {}
+        seen: set[int] = set()
+
+        def walk(obj: Any) -> None:
+            if id(obj) in seen:
+                return
+            seen.add(id(obj))
+            if isinstance(obj, Tensor):
+                found[id(obj)] = obj
+            elif isinstance(obj, dict):
+                for value in obj.values():
+                    walk(value)
+            elif isinstance(obj, (list, tuple)):
+                for value in obj:
+                    walk(value)
+            elif type(obj).__module__.startswith(__package__) and hasattr(obj, "__dict__"):
+                for value in vars(obj).values():
+                    walk(value)
+
+        walk(self._groups)
+        walk(self._snapshots)
+        walk([value for value in vars(self).values() if isinstance(value, Tensor)])
+        return list(found.values())
+
+    def held_bytes(self) -> int:
+        """Bytes of the storages behind :meth:`held_tensors` (a storage shared by several views counts once)."""
+        storages = {}
+        for t in self.held_tensors():
+            storage = t.untyped_storage()
+            storages[(storage.data_ptr(), storage.nbytes())] = storage.nbytes()
+        return sum(storages.values())
 
     # ------------------------------------------------------------------ reading
     def stepsizes_from_state(self, group_index: int) -> dict[int, Tensor]:

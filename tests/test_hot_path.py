@@ -139,28 +139,34 @@ def test_host_read_guard_catches_a_float_of_the_accumulators(monkeypatch):
     assert len(bad) == 2 * 49  # two groups, steps 2..50
 
 
-def _held_tensors(tracker: ConditionTracker) -> list[torch.Tensor]:
-    """Every tensor the tracker keeps between steps."""
-    held = []
+def test_held_tensors_finds_every_kind_of_state():
+    """The walk behind held_tensors() reaches accumulators, η_{t−1}, detector buffers and (s, e) pairs, and the
+    byte count matches the storages: the memory tests below rest on it."""
+    opt = torch.optim.Adam(_params(), lr=1e-2, foreach=True)
+    tracker = ConditionTracker(opt, trend=TrendOptions(warmup=1))
+    for step in range(1, 6):
+        _random_grads(opt)
+        opt.step()
+    held = {id(t) for t in tracker.held_tensors()}
     for g in tracker._groups:
-        if g.accumulators is not None:
-            held.append(g.accumulators)
-        held.extend(v for v in g.previous.values() if isinstance(v, torch.Tensor))
-        held.extend(g.previous_scales.values())
+        assert id(g.accumulators) in held
+        assert all(id(eta) in held for eta in g.previous.values())
         for det in g.detectors.values():
-            held.extend(v for v in vars(det).values() if isinstance(v, torch.Tensor))
-    for snap in tracker._snapshots.values():
-        held.extend(snap)
-    held.extend(v for v in vars(tracker).values() if isinstance(v, torch.Tensor))
-    return held
+            assert all(id(v) in held for v in vars(det).values() if isinstance(v, torch.Tensor))
+    numel = sum(p.numel() for g in opt.param_groups for p in g["params"])
+    assert 4 * numel < tracker.held_bytes() <= 4 * numel + 2 * 1024
+    recomputed = ConditionTracker(torch.optim.Adam(_params(), lr=1e-2), previous_stepsize="recomputed")
+    for _ in range(3):
+        _random_grads(recomputed.optimizer)
+        recomputed.optimizer.step()
+    scales = [sc for g in recomputed._groups for sc in g.previous_scales.values()]
+    assert scales and all(id(sc) in {id(t) for t in recomputed.held_tensors()} for sc in scales)
 
 
-def _held_nbytes(tracker: ConditionTracker) -> int:
-    storages = {}
-    for t in _held_tensors(tracker):
-        s = t.untyped_storage()
-        storages[(s.data_ptr(), s.nbytes())] = s.nbytes()
-    return sum(storages.values())
+def _random_grads(opt: torch.optim.Optimizer) -> None:
+    for group in opt.param_groups:
+        for p in group["params"]:
+            p.grad = torch.randn_like(p)
 
 
 @pytest.mark.parametrize("name,cls,kwargs", OPTIMIZERS, ids=IDS)
@@ -169,12 +175,10 @@ def test_persistent_memory_and_tensor_count_do_not_grow(name, cls, kwargs):
     tracker = ConditionTracker(opt, trend=NO_SAMPLES)
     held = {}
     for step in range(1, 51):
-        for group in opt.param_groups:
-            for p in group["params"]:
-                p.grad = torch.randn_like(p)
+        _random_grads(opt)
         opt.step()
         if step in (5, 50):
-            held[step] = (_held_nbytes(tracker), len(_held_tensors(tracker)))
+            held[step] = (tracker.held_bytes(), len(tracker.held_tensors()))
     (bytes5, count5), (bytes50, count50) = held[5], held[50]
     assert bytes50 == bytes5, f"tracker memory grew from {bytes5} to {bytes50} bytes between steps 5 and 50"
     assert count50 == count5, f"tracker holds {count50} tensors at step 50, {count5} at step 5"
@@ -189,11 +193,9 @@ def test_persistent_memory_does_not_grow_through_trend_samples():
     tracker = ConditionTracker(opt, trend=TrendOptions(warmup=1))
     sizes = {}
     for step in range(1, 201):
-        for group in opt.param_groups:
-            for p in group["params"]:
-                p.grad = torch.randn_like(p)
+        _random_grads(opt)
         opt.step()
         if step in (20, 200):
-            sizes[step] = (_held_nbytes(tracker), len(_held_tensors(tracker)))
+            sizes[step] = (tracker.held_bytes(), len(tracker.held_tensors()))
     assert sum(d.num_samples for g in tracker._groups for d in g.detectors.values()) > 20
     assert sizes[200] == sizes[20]

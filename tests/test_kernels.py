@@ -17,7 +17,7 @@ import torch
 from lightning_adamtype import ConditionTracker, TrendOptions
 from lightning_adamtype.kernels import sqrt_form_kernels
 from reference import Reference
-from test_hot_path import NO_SAMPLES, _held_nbytes, _host_reads_on_non_sample_steps, _params
+from test_hot_path import NO_SAMPLES, _host_reads_on_non_sample_steps, _params
 from test_reference import CONFIGS, RTOL, STEPS, assert_matches, assert_same, make_run, train
 
 SQRT_FORM = [c for c in CONFIGS if c[1] in (torch.optim.Adam, torch.optim.AdamW, torch.optim.Adagrad, torch.optim.RMSprop)]
@@ -159,7 +159,7 @@ def test_recomputed_holds_no_per_coordinate_memory(cls, kwargs):
             o.step()
     numel = sum(p.numel() for g in opt.param_groups for p in g["params"])
     # accumulators and the (s, e) pair of each parameter: O(groups + tensors), nothing per coordinate
-    assert _held_nbytes(tracker) == _held_nbytes(stored) - 4 * numel + 16 * 3
+    assert tracker.held_bytes() == stored.held_bytes() - 4 * numel + 16 * 3
 
 
 @pytest.mark.parametrize("kwargs", [dict(kernel="compiled"), dict(previous_stepsize="recomputed"),
