@@ -75,6 +75,7 @@ def test_recomputed_previous_stepsize_matches_float64_reference(monkeypatch, nam
     assert_matches(tracker, ref)
     assert "recomputed" in calls
     assert all(not isinstance(v, torch.Tensor) or v.numel() <= 1 for g in tracker._groups for v in g.previous.values())
+    assert not any(g.previous for g in tracker._groups)  # no η_{t−1} stored at all
 
 
 @pytest.mark.parametrize("name,cls,kwargs", RECOMPUTABLE, ids=[c[0] for c in RECOMPUTABLE])

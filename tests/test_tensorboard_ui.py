@@ -27,28 +27,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from lightning_adamtype import AdamTypeMonitor  # noqa: E402
 from lightning_adamtype.tensorboard_layout import custom_scalars_layout, stepsize_histograms  # noqa: E402
+from tiny_lightning import Tiny  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(ROOT, "examples", "cifar10.py")
-
-
-class Tiny(pl.LightningModule):
-    def __init__(self, optimizer: str = "adam"):
-        super().__init__()
-        torch.manual_seed(0)
-        self.body = torch.nn.Linear(8, 8)
-        self.head = torch.nn.Linear(8, 1)
-        self.optimizer = optimizer
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return torch.nn.functional.mse_loss(self.head(torch.tanh(self.body(x))), y)
-
-    def configure_optimizers(self):
-        groups = [{"params": self.body.parameters()}, {"params": self.head.parameters(), "name": "head"}]
-        if self.optimizer == "adam":
-            return torch.optim.Adam(groups, lr=1e-2)
-        return torch.optim.SGD(groups, lr=1e-2, momentum=0.9)
 
 
 def _fit(tmp_path, monitor, logger, steps=12, optimizer="adam", **kw):
