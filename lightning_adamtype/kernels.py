@@ -1,135 +1,157 @@
-"""One-pass per-tensor kernels of the condition math, for optimizers whose η has the "square-root form".
+"""Fused per-group kernels of the condition math, for optimizers whose η has the "square-root form".
 
 Adam, AdamW, Adagrad and RMSprop (not centered) all write their effective stepsize as
 
     η_t = s_t / (sqrt(v_t) + e_t)
 
 with one second-moment tensor v_t and two scalars per parameter (Adam: s = lr·sqrt(1 − β2^t)/(1 − β1^t),
-e = eps·sqrt(1 − β2^t); see each adapter's ``sqrt_form``). For one parameter tensor the kernels below return
-the five per-step terms
+e = eps·sqrt(1 − β2^t); see each adapter's ``sqrt_form``). For each parameter tensor i of a list, the kernels
+below return one row of the five per-step terms
 
     [min_j η_j,  Σ_j (η_j g_j)²,  Σ_j |η_j − η_{t−1,j}|,  Σ_j (η_j − η_{t−1,j})²,  Σ_j η_j]
 
-reading each input once, with no full-size temporaries when compiled. η_{t−1} comes either from a buffer the
-tracker keeps (``stored_terms``, which then overwrites the buffer with η_t) or, when the optimizer's update of
-v is linear, v_t = k·v_{t−1} + w·g_t², from the state itself (``recomputed_terms``):
+reading each input once per loop, with no full-size temporaries when compiled. The scalars come as a table
+``[n, 2]`` of (s_i, e_i). η_{t−1} comes either from a buffer the tracker keeps (``stored_terms``, which then
+overwrites the buffer with η_t in place: no allocation, so no page faults on large tensors) or, when the
+optimizer's update of v is linear, v_t = k·v_{t−1} + w·g_t², from the state itself (``recomputed_terms``):
 
-    v_{t−1} = max((v_t − w·g_t²) / k, 0),     η_{t−1} = s_{t−1} / (sqrt(v_{t−1}) + e_{t−1}).
+    v_{t−1} = max((v_t − w·g_t²)·(1/k), 0),   a = sqrt(v_t) + e_t,   a' = sqrt(v_{t−1}) + e_{t−1},
+    r = 1 / (a·a'),   η_t = s_t·a'·r,   η_t − η_{t−1} = (s_t·a' − s_{t−1}·a)·r      (one division, not two).
 
 That is exact up to the rounding of v_t (a coordinate whose v grew by more than ~10⁷× in one step loses
 η_{t−1}'s digits below float32's resolution of v_t) and needs no per-coordinate memory.
 
-The same Python functions run eagerly (``compiled=False``) or through ``torch.compile(dynamic=True)``
-(one fused loop per tensor; needs a C++ compiler on CPU, Triton on GPU). Sums are taken in the working dtype
-(float32 for float32/bf16 state, float64 for float64 state); the tracker adds the per-tensor terms in float64.
+The same Python functions run eagerly (``compiled=False``) or through ``torch.compile(dynamic=True)``: one
+graph per list length (the tracker passes chunks of 8, 4, 2 or 1 tensors), one fused loop per tensor; needs a
+C++ compiler on CPU, Triton on GPU. Sums are taken in the working dtype (float32 for float32/bf16 state, float64
+for float64 state); the tracker adds the rows in float64.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["SquareRootKernels", "sqrt_form_kernels"]
+__all__ = ["CHUNK_LENGTHS", "SquareRootKernels", "chunks", "scratch_terms", "sqrt_form_kernels"]
+
+#: The list lengths the compiled kernels see (a group of n tensors is cut greedily into these): at most four
+#: graphs per kernel, and one Python call per up to eight tensors.
+CHUNK_LENGTHS = (8, 4, 2, 1)
+
+# Inductor materialises a reused pointwise value that reads more than 4 inputs (here η_t − η_{t−1} of the
+# recomputed kernel: v, g and six scalars) into a full-size buffer; that buffer costs a write, a read and, above
+# glibc's mmap threshold, a page fault per 4 KiB on every call (3× slower at 10M coordinates on CPU).
+_INDUCTOR_OPTIONS = {"realize_reads_threshold": 64}
+
+
+def chunks(n: int) -> list[tuple[int, int]]:
+    """``[(start, stop), ...]`` cutting ``range(n)`` into pieces of the lengths in :data:`CHUNK_LENGTHS`."""
+    out, start = [], 0
+    for length in CHUNK_LENGTHS:
+        while n - start >= length:
+            out.append((start, start + length))
+            start += length
+    return out
 
 
 def _work(t: Tensor) -> Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-def _terms(eta: Tensor, g: Tensor, diff: Tensor | None) -> Tensor:
+def _row(eta: Tensor, g: Tensor, diff: Tensor | None) -> Tensor:
     step = eta * g
-    parts = [eta.amin(), step.square().sum(), None, None, eta.sum()]
     if diff is None:
         zero = torch.zeros((), dtype=eta.dtype, device=eta.device)
-        parts[2] = parts[3] = zero
+        c, c2 = zero, zero
     else:
-        parts[2] = diff.abs().sum()
-        parts[3] = diff.square().sum()
-    return torch.stack(parts)
+        c, c2 = diff.abs().sum(), diff.square().sum()
+    return torch.stack([eta.amin(), step.square().sum(), c, c2, eta.sum()])
 
 
-def current_terms(v: Tensor, g: Tensor, scale: Tensor, offset: Tensor) -> Tensor:
-    """The five terms with no η_{t−1} (the oscillation terms are 0): η = s / (sqrt(v) + e)."""
-    v = _work(v)
-    eta = scale / (v.sqrt() + offset)
-    return _terms(eta, _work(g).to(eta.dtype), None)
+def stepsize(v: Tensor, s: Tensor | float, e: Tensor | float) -> Tensor:
+    """η = s / (sqrt(v) + e) in the working dtype."""
+    return s / (_work(v).sqrt() + e)
 
 
-def first_terms(v: Tensor, g: Tensor, out: Tensor, scale: Tensor, offset: Tensor) -> Tensor:
-    """Like :func:`current_terms`, and writes η_t into ``out`` (the tracker's η_{t−1} buffer for the next step)."""
-    v = _work(v)
-    eta = scale / (v.sqrt() + offset)
-    out.copy_(eta)
-    return _terms(eta, _work(g).to(eta.dtype), None)
+def current_terms(vs: Sequence[Tensor], gs: Sequence[Tensor], table: Tensor) -> Tensor:
+    """Rows ``[n, 5]`` with no η_{t−1} (the oscillation terms are 0)."""
+    rows = []
+    for i, (v, g) in enumerate(zip(vs, gs)):
+        eta = stepsize(v, table[i, 0], table[i, 1])
+        rows.append(_row(eta, _work(g).to(eta.dtype), None))
+    return torch.stack(rows)
 
 
-def stored_terms(v: Tensor, g: Tensor, previous: Tensor, scale: Tensor, offset: Tensor) -> Tensor:
-    """The five terms with η_{t−1} read from ``previous``, which is then overwritten with η_t."""
-    v = _work(v)
-    eta = scale / (v.sqrt() + offset)
-    diff = eta - previous
-    terms = _terms(eta, _work(g).to(eta.dtype), diff)
-    previous.copy_(eta)
-    return terms
+def first_terms(vs: Sequence[Tensor], gs: Sequence[Tensor], outs: Sequence[Tensor], table: Tensor) -> Tensor:
+    """Like :func:`current_terms`, and writes η_t into ``outs`` (the η_{t−1} buffers of the next step)."""
+    rows = []
+    for i, (v, g, out) in enumerate(zip(vs, gs, outs)):
+        eta = stepsize(v, table[i, 0], table[i, 1])
+        rows.append(_row(eta, _work(g).to(eta.dtype), None))
+        out.copy_(eta)
+    return torch.stack(rows)
 
 
-def first_terms_out(v: Tensor, g: Tensor, scale: Tensor, offset: Tensor) -> tuple[Tensor, Tensor]:
-    """(the five terms with no η_{t−1}, η_t as a new tensor)."""
-    v = _work(v)
-    eta = scale / (v.sqrt() + offset)
-    return _terms(eta, _work(g).to(eta.dtype), None), eta
-
-
-def stored_terms_out(v: Tensor, g: Tensor, previous: Tensor, scale: Tensor, offset: Tensor) -> tuple[Tensor, Tensor]:
-    """(the five terms with η_{t−1} read from ``previous``, η_t as a new tensor that replaces it).
-
-    Compiled, this is one loop that reads v, g and η_{t−1} and writes η_t; writing η_t back into ``previous``
-    instead (:func:`stored_terms`) makes inductor emit a second loop for the write (10–15 % slower at 10M on CPU).
-    The old buffer is freed when the tracker drops it, so the memory held stays one η per coordinate.
-    """
-    v = _work(v)
-    eta = scale / (v.sqrt() + offset)
-    return _terms(eta, _work(g).to(eta.dtype), eta - previous), eta
+def stored_terms(vs: Sequence[Tensor], gs: Sequence[Tensor], previous: Sequence[Tensor], table: Tensor) -> Tensor:
+    """Rows ``[n, 5]`` with η_{t−1} read from ``previous``, which is then overwritten with η_t in place."""
+    rows = []
+    for i, (v, g, prev) in enumerate(zip(vs, gs, previous)):
+        eta = stepsize(v, table[i, 0], table[i, 1])
+        rows.append(_row(eta, _work(g).to(eta.dtype), eta - prev))
+        prev.copy_(eta)
+    return torch.stack(rows)
 
 
 def recomputed_terms(
-    v: Tensor,
-    g: Tensor,
-    scale: Tensor,
-    offset: Tensor,
-    previous_scale: Tensor,
-    previous_offset: Tensor,
-    keep: Tensor,
-    weight: Tensor,
+    vs: Sequence[Tensor], gs: Sequence[Tensor], table: Tensor, previous_table: Tensor, update: Tensor
 ) -> Tensor:
-    """The five terms with η_{t−1} rebuilt from the state: v_{t−1} = max((v_t − w·g_t²)/k, 0)."""
-    v = _work(v)
-    g = _work(g).to(v.dtype)
-    eta = scale / (v.sqrt() + offset)
-    v_previous = ((v - weight * (g * g)) / keep).clamp_min(0)
-    diff = eta - previous_scale / (v_previous.sqrt() + previous_offset)
-    return _terms(eta, g, diff)
+    """Rows ``[n, 5]`` with η_{t−1} rebuilt from the state; ``update`` = (1/k, w) of v_t = k·v_{t−1} + w·g_t².
+
+    v_t − w·(g·g) is rounded as the optimizer rounded its own update, so a coordinate with v_{t−1} = 0 gives 0."""
+    rows = []
+    for i, (v, g) in enumerate(zip(vs, gs)):
+        v = _work(v)
+        g = _work(g).to(v.dtype)
+        a = v.sqrt() + table[i, 1]
+        a_previous = ((v - update[1] * (g * g)) * update[0]).clamp_min(0).sqrt() + previous_table[i, 1]
+        r = 1 / (a * a_previous)
+        eta = table[i, 0] * a_previous * r
+        diff = (table[i, 0] * a_previous - previous_table[i, 0] * a) * r
+        rows.append(_row(eta, g, diff))
+    return torch.stack(rows)
+
+
+def scratch_terms(v: Tensor, g: Tensor, previous: Tensor | None, s: Tensor, e: Tensor | float) -> tuple[Tensor, Tensor]:
+    """Eager one-tensor form for small groups, where ``v`` and ``g`` are scratch copies (a concatenation) that are
+    overwritten: (the row of five terms, η_t held in ``v``'s memory). ``previous`` (η_{t−1}, or None) is
+    overwritten too. About a dozen operations and no full-size temporary, against ~25 for the functions above."""
+    eta = torch.div(s, v.sqrt_().add_(e), out=v)
+    step = g.mul_(eta)
+    if previous is None:
+        c = c2 = torch.zeros((), dtype=eta.dtype, device=eta.device)
+    else:
+        minus_diff = previous.sub_(eta)
+        c, c2 = torch.linalg.vector_norm(minus_diff, 1), torch.dot(minus_diff, minus_diff)
+    return torch.stack([eta.amin(), torch.dot(step, step), c, c2, eta.sum()]), eta
 
 
 class SquareRootKernels:
-    """The kernels, eager or compiled (one compiled graph per rank/dtype/layout, sizes dynamic)."""
+    """The kernels, eager or compiled (one compiled graph per list length, rank/dtype/layout; sizes dynamic)."""
 
     def __init__(self, compiled: bool) -> None:
         self.compiled = compiled
         wrap: Callable[[Callable], Callable]
         if compiled:
-            wrap = functools.partial(torch.compile, dynamic=True, fullgraph=True)
+            wrap = functools.partial(torch.compile, dynamic=True, fullgraph=True, options=_INDUCTOR_OPTIONS)
         else:
             wrap = lambda f: f  # noqa: E731
         self.current = wrap(current_terms)
         self.first = wrap(first_terms)
         self.stored = wrap(stored_terms)
         self.recomputed = wrap(recomputed_terms)
-        self.first_out = wrap(first_terms_out)
-        self.stored_out = wrap(stored_terms_out)
 
 
 @functools.lru_cache(maxsize=2)

@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
 from .adapters import OptimizerAdapter, _from_sqrt_form, _min_from_sqrt_form, find_adapter, scalar_table
-from .kernels import sqrt_form_kernels
+from .kernels import chunks, scratch_terms, sqrt_form_kernels
 from .conditions import _sum, _sum_squares, accumulator_dtype, min_stepsize, oscillation, squared_step_norm, stepsize_sum
 from .trend import TrendDetector, TrendOptions
 
@@ -516,9 +516,9 @@ class ConditionTracker:
         with_previous: list[int],
         dtype: torch.dtype,
     ) -> tuple[Tensor, list[Tensor]]:
-        """Small groups (≤ ``FLAT_MAX_NUMEL`` coordinates): concatenate v and g and run the one-tensor kernel of
-        :mod:`lightning_adamtype.kernels` once (≈ 20 operations per step instead of ≈ 50 multi-tensor ones, whose
-        per-tensor dispatch dominates on small models). η_{t−1} lives in one flat buffer; ``previous`` holds views."""
+        """Small groups (≤ ``FLAT_MAX_NUMEL`` coordinates): concatenate v and g and run
+        :func:`lightning_adamtype.kernels.scratch_terms` once (≈ 20 operations per step instead of ≈ 50
+        multi-tensor ones, whose per-tensor dispatch dominates on small models). η_{t−1} lives in one flat buffer; ``previous`` holds views."""
         vs, scalars = form
         device = vs[0].device
         work = torch.promote_types(vs[0].dtype, torch.float32)
@@ -532,24 +532,22 @@ class ConditionTracker:
             table = scalar_table(scalars, work, device)
             repeats = torch.tensor(sizes, device=device)
             s, e = (torch.repeat_interleave(table[:, i], repeats, output_size=total) for i in (0, 1))
-        kernels = sqrt_form_kernels(False)
+        previous = None
         if with_previous:
             views = [state.previous.get(pi) for pi in indices]
-            flat = state.flat_previous
-            if not (flat is not None and flat.numel() == total and all(a is b for a, b in zip(views, state.flat_views))):
-                flat = torch.cat([view.reshape(-1) for view in views]).to(work)  # type: ignore[union-attr]
-            terms = kernels.stored(v_flat, g_flat, flat, s, e)
-        else:
-            flat = torch.empty(total, dtype=work, device=device)
-            terms = kernels.first(v_flat, g_flat, flat, s, e)
+            previous = state.flat_previous
+            if not (
+                previous is not None
+                and previous.numel() == total
+                and all(a is b for a, b in zip(views, state.flat_views))
+            ):
+                previous = torch.cat([view.reshape(-1) for view in views]).to(work)  # type: ignore[union-attr]
+        terms, flat = scratch_terms(v_flat, g_flat, previous, s, e)  # η_t lands in v_flat's memory
         state.flat_previous = flat
         state.flat_views = [chunk.view(v.shape) for chunk, v in zip(flat.split(sizes), vs)]
         terms = terms.to(dtype)
-        zero = torch.zeros((), dtype=dtype, device=device)
-        c, c2 = (terms[2], terms[3]) if with_previous else (zero, zero)
-        contributions = torch.stack(
-            [torch.ones((), dtype=dtype, device=device), terms[0], terms[1], c, c2, terms[4] / total, c / total]
-        )
+        one = torch.ones((1,), dtype=dtype, device=device)
+        contributions = torch.cat([one, terms[:4], terms[4:] / total, terms[2:3] / total])
         return contributions, list(state.flat_views)
 
     def _kernels(self):
@@ -583,61 +581,88 @@ class ConditionTracker:
         dtype: torch.dtype,
         found_inf: Tensor | None,
     ) -> tuple[Tensor, list[Tensor | None]]:
-        """The square-root-form path: one kernel call per tensor (see :mod:`lightning_adamtype.kernels`)."""
+        """The square-root-form path (:mod:`lightning_adamtype.kernels`): the group's tensors are sorted by
+        (has η_{t−1}, working dtype) and passed to the kernels in chunks of 8, 4, 2 or 1 tensors (one Python call
+        and, compiled, one fused loop per tensor). Rows of tensors with η_{t−1} come first, so c is a slice sum."""
         vs, scalars = form
         device = vs[0].device
         table = scalar_table(scalars, dtype, device)
         previous_set = set(with_previous)
-        rows: list[Tensor] = []
-        new_previous: list[Tensor | None] = []
+        works = [torch.promote_types(v.dtype, torch.float32) for v in vs]
+        order = sorted(range(len(vs)), key=lambda k: (k not in previous_set, str(works[k])))
+        flat_vs = [v.reshape(-1) for v in vs]  # views (copies only for non-contiguous state)
+        flat_gs = [g.reshape(-1) for g in grads]
         if update is not None:
-            keep = torch.tensor(update[0], dtype=dtype, device=device)
-            weight = torch.tensor(update[1], dtype=dtype, device=device)
-        for k, (v, g, pi) in enumerate(zip(vs, grads, indices)):
-            work = torch.promote_types(v.dtype, torch.float32)
-            s, e = table[k].to(work).unbind()
-            flat = v.is_contiguous() and g.is_contiguous()
-            vk, gk = (v.view(-1), g.view(-1)) if flat else (v, g)
-            if update is not None:  # recomputed: no per-coordinate buffer
-                old = state.previous_scales.get(pi)
-                if k in previous_set and old is not None:
-                    ps, pe = old.to(work).unbind()
-                    rows.append(self._run_kernel("recomputed", vk, gk, s, e, ps, pe, keep.to(work), weight.to(work)))
-                else:
-                    rows.append(self._run_kernel("current", vk, gk, s, e))
-                new = table[k]
+            keep, weight = update
+            factors = torch.tensor([1.0 / keep, weight], dtype=dtype, device=device)
+        rows: list[Tensor] = []
+        new_previous: list[Tensor | None] = [None] * len(vs)
+        start = 0
+        while start < len(order):  # runs of the same (has η_{t−1}, dtype)
+            key = (order[start] in previous_set, works[order[start]])
+            stop = start
+            while stop < len(order) and (order[stop] in previous_set, works[order[stop]]) == key:
+                stop += 1
+            run, (has_previous, work) = order[start:stop], key
+            for a, b in chunks(len(run)):
+                ks = run[a:b]
+                v_chunk, g_chunk = [flat_vs[k] for k in ks], [flat_gs[k].to(work) for k in ks]
+                t_chunk = table[ks[0] : ks[-1] + 1] if ks == list(range(ks[0], ks[-1] + 1)) else table[ks]
+                t_chunk = t_chunk.to(work)
+                if update is not None:  # recomputed: no per-coordinate buffer
+                    if has_previous:
+                        p_chunk = torch.stack([state.previous_scales[indices[k]] for k in ks]).to(work)
+                        rows.append(self._run_kernel("recomputed", v_chunk, g_chunk, t_chunk, p_chunk, factors.to(work)))
+                    else:
+                        rows.append(self._run_kernel("current", v_chunk, g_chunk, t_chunk))
+                    continue
+                buffers = [self._previous_buffer(state, indices[k], vs[k], work, has_previous) for k in ks]
+                name = "stored" if has_previous else "first"
+                rows.append(self._run_kernel(name, v_chunk, g_chunk, [b.view(-1) for b in buffers], t_chunk))
+                for k, buf in zip(ks, buffers):
+                    new_previous[k] = buf
+            start = stop
+        if update is not None:
+            for k, pi in enumerate(indices):
+                old, new = state.previous_scales.get(pi), table[k]
                 if found_inf is not None and old is not None:  # a skipped step keeps the previous scalars
                     new = torch.where(found_inf.to(device) > 0, old, new)
                 state.previous_scales[pi] = new
                 state.previous.pop(pi, None)
-                new_previous.append(None)
-            else:  # stored: η_{t−1} read, η_t returned as a new tensor that replaces it (one pass when compiled)
-                buf = state.previous.get(pi)
-                if k in previous_set and isinstance(buf, Tensor) and buf.shape == v.shape and buf.dtype == work:
-                    bk = buf.view(-1) if flat and buf.is_contiguous() else buf
-                    if bk.shape != vk.shape:
-                        bk, vk, gk = buf, v, g
-                    terms, eta = self._run_kernel("stored_out", vk, gk, bk, s, e)
-                else:
-                    terms, eta = self._run_kernel("first_out", vk, gk, s, e)
-                rows.append(terms)
-                new_previous.append(eta.view(v.shape) if eta.shape != v.shape else eta)
-        terms = torch.stack(rows).to(dtype)
-        c, c2 = terms[:, 2].sum(), terms[:, 3].sum()
-        coords = sum(vs[i].numel() for i in with_previous)
+        terms = torch.cat(rows).to(dtype)
+        coords = sum(vs[k].numel() for k in with_previous)
         zero = torch.zeros((), dtype=dtype, device=device)
+        c = terms[: len(with_previous), 2].sum() if with_previous else zero
         contributions = torch.stack(
             [
                 torch.ones((), dtype=dtype, device=device),
                 terms[:, 0].min(),
                 terms[:, 1].sum(),
-                c if with_previous else zero,
-                c2 if with_previous else zero,
+                c,
+                terms[: len(with_previous), 3].sum() if with_previous else zero,
                 terms[:, 4].sum() / numel,
                 c / coords if with_previous else zero,
             ]
         )
         return contributions, new_previous
+
+    @staticmethod
+    def _previous_buffer(state: _GroupState, pi: int, v: Tensor, work: torch.dtype, has_previous: bool) -> Tensor:
+        """The contiguous η buffer of one parameter, written in place by the kernels: the stored η_{t−1} when it
+        has v's shape and the working dtype (a view into a small group's flat buffer is copied out once)."""
+        buf = state.previous.get(pi)
+        if (
+            has_previous
+            and isinstance(buf, Tensor)
+            and buf.shape == v.shape
+            and buf.dtype == work
+            and buf.is_contiguous()
+            and buf._base is None
+        ):
+            return buf
+        if has_previous and isinstance(buf, Tensor):
+            return buf.to(dtype=work, memory_format=torch.contiguous_format).reshape(v.shape).clone()
+        return torch.empty(v.shape, dtype=work, device=v.device)
 
     # ------------------------------------------------------------------ verdicts and the switch
     def _update_verdicts(self, gi: int) -> None:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from lightning_adamtype import ConditionTracker, TrendOptions
-from lightning_adamtype.kernels import sqrt_form_kernels
+from lightning_adamtype.kernels import CHUNK_LENGTHS, chunks, scratch_terms, sqrt_form_kernels
 from reference import Reference
 from test_hot_path import NO_SAMPLES, _host_reads_on_non_sample_steps, _params
 from test_reference import CONFIGS, RTOL, STEPS, assert_matches, assert_same, make_run, train
@@ -59,7 +59,7 @@ def test_compiled_kernel_matches_float64_reference(monkeypatch, name, cls, kwarg
     tracker, ref = _run(cls, kwargs, attach_after, kernel="compiled")
     assert_matches(tracker, ref)
     if not kwargs.get("centered"):
-        assert "stored_out" in calls and "first_out" in calls, calls[:5]  # the compiled pass did run
+        assert "stored" in calls and "first" in calls, calls[:5]  # the compiled pass did run
     else:
         assert not calls  # centered RMSprop has no square-root form: foreach path
 
@@ -113,34 +113,76 @@ def test_compiled_and_foreach_paths_agree_on_float32_and_bfloat16_state(monkeypa
         assert_same(results[1], results[0], rel=1e-5)
 
 
-def test_eager_and_compiled_kernels_compute_the_same_terms():
+def _float64_rows(vs, gs, previous, table):
+    """The slow, obvious rows: η = s/(sqrt(v)+e) and the five sums per tensor, in float64."""
+    rows = []
+    for v, g, prev, (s, e) in zip(vs, gs, previous, table.double().tolist()):
+        eta = s / (v.double().sqrt() + e)
+        diff = eta - prev.double() if prev is not None else torch.zeros_like(eta)
+        rows.append([eta.min(), ((eta * g.double()) ** 2).sum(), diff.abs().sum(), (diff**2).sum(), eta.sum()])
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("length", [1, 2, 3, 8])
+def test_eager_and_compiled_kernels_match_the_float64_rows(length):
+    torch.manual_seed(length)
+    sizes = [1000 + 37 * i for i in range(length)]
+    vs = [torch.rand(n) * 1e-3 for n in sizes]
+    gs = [torch.randn(n) for n in sizes]
+    previous = [torch.rand(n) * 10 for n in sizes]
+    table = torch.stack([torch.tensor([0.01 * (1 + i), 1e-8 * (1 + i)]) for i in range(length)])
+    expected = _float64_rows(vs, gs, previous, table)
+    first_expected = _float64_rows(vs, gs, [None] * length, table)
+    for compiled in (False, True):
+        kernels = sqrt_form_kernels(compiled)
+        torch.testing.assert_close(kernels.current(vs, gs, table).double(), first_expected, rtol=1e-5, atol=0)
+        outs = [torch.full((n,), float("nan")) for n in sizes]
+        torch.testing.assert_close(kernels.first(vs, gs, outs, table).double(), first_expected, rtol=1e-5, atol=0)
+        buffers = [p.clone() for p in previous]
+        torch.testing.assert_close(kernels.stored(vs, gs, buffers, table).double(), expected, rtol=1e-5, atol=0)
+        for v, out, buf, (s, e) in zip(vs, outs, buffers, table.double().tolist()):  # η_t written in place
+            eta = s / (v.double().sqrt() + e)
+            torch.testing.assert_close(out.double(), eta, rtol=1e-6, atol=0)
+            torch.testing.assert_close(buf.double(), eta, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_recomputed_kernel_matches_float64_previous_stepsizes(compiled):
+    """The one-division form against η_{t−1} = s'/(sqrt((v − w·g²)/k) + e') computed in float64."""
     torch.manual_seed(0)
-    v, g = torch.rand(1000) * 1e-3, torch.randn(1000)
+    keep, weight = 0.999, 1e-3
+    v_prev = [torch.rand(3000, dtype=torch.float64) * 1e-3, torch.rand(513, dtype=torch.float64) * 1e-6]
+    gs64 = [torch.randn(v.shape, dtype=torch.float64) * 1e-2 for v in v_prev]
+    vs64 = [keep * v + weight * g**2 for v, g in zip(v_prev, gs64)]
+    table = torch.tensor([[0.01, 1e-8], [0.02, 3e-8]])
+    previous_table = torch.tensor([[0.011, 1.1e-8], [0.019, 2e-8]])
+    expected = _float64_rows(
+        vs64, gs64, [s / (v.sqrt() + e) for v, (s, e) in zip(v_prev, previous_table.double().tolist())], table
+    )
+    factors = torch.tensor([1 / keep, weight])
+    got = sqrt_form_kernels(compiled).recomputed([v.float() for v in vs64], [g.float() for g in gs64], table, previous_table, factors)
+    torch.testing.assert_close(got[:, [0, 1, 4]].double(), expected[:, [0, 1, 4]], rtol=1e-5, atol=0)
+    torch.testing.assert_close(got[:, [2, 3]].double(), expected[:, [2, 3]], rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("n", [0, 1, 5, 8, 15, 16, 23])
+def test_chunks_cover_every_tensor_once_with_the_allowed_lengths(n):
+    pieces = chunks(n)
+    assert [i for a, b in pieces for i in range(a, b)] == list(range(n))
+    assert all(b - a in CHUNK_LENGTHS for a, b in pieces)
+    assert len({b - a for a, b in pieces if b - a < 8}) == len([1 for a, b in pieces if b - a < 8])  # ≤ one of each
+
+
+def test_scratch_terms_match_the_float64_rows():
+    torch.manual_seed(0)
+    v, g, previous = torch.rand(5000) * 1e-3, torch.randn(5000), torch.rand(5000) * 10
     s, e = torch.tensor(0.01), torch.tensor(1e-8)
-    eager, compiled = sqrt_form_kernels(False), sqrt_form_kernels(True)
-    for name, args in [
-        ("current", (v, g, s, e)),
-        ("recomputed", (v + 1e-3 * g * g, g, s, e, torch.tensor(0.011), torch.tensor(1.1e-8), torch.tensor(0.999), torch.tensor(1e-3))),
-    ]:
-        a, b = getattr(eager, name)(*args), getattr(compiled, name)(*args)
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=0)
-    previous = torch.rand(1000) * 10
-    for name, args in [("first_out", (v, g, s, e)), ("stored_out", (v, g, previous, s, e))]:
-        (terms_a, eta_a), (terms_b, eta_b) = getattr(eager, name)(*args), getattr(compiled, name)(*args)
-        torch.testing.assert_close(terms_b, terms_a, rtol=1e-5, atol=0)
-        torch.testing.assert_close(eta_b, eta_a, rtol=1e-6, atol=0)
-    # the in-place kernel and the out-of-place one agree, and the in-place one writes η_t into its buffer
-    buf = previous.clone()
-    terms_in = compiled.stored(v, g, buf, s, e)
-    terms_out, eta = compiled.stored_out(v, g, previous, s, e)
-    torch.testing.assert_close(terms_in, terms_out, rtol=1e-5, atol=0)
-    torch.testing.assert_close(buf, eta, rtol=1e-6, atol=0)
-    # the oscillation terms of the recomputed kernel are the float64 |η_t − η_{t−1}| sums
-    v64, g64 = v.double() + 1e-3 * g.double() ** 2, g.double()
-    eta = 0.01 / (v64.sqrt() + 1e-8)
-    eta_prev = 0.011 / (((v64 - 1e-3 * g64**2) / 0.999).clamp_min(0).sqrt() + 1.1e-8)
-    got = compiled.recomputed(v64.float(), g, s, e, torch.tensor(0.011), torch.tensor(1.1e-8), torch.tensor(0.999), torch.tensor(1e-3))
-    torch.testing.assert_close(got[2].double(), (eta - eta_prev).abs().sum(), rtol=1e-3, atol=0)
+    expected = _float64_rows([v], [g], [previous], torch.tensor([[0.01, 1e-8]]))[0]
+    terms, eta = scratch_terms(v.clone(), g.clone(), previous.clone(), s, e)
+    torch.testing.assert_close(terms.double(), expected, rtol=1e-5, atol=0)
+    torch.testing.assert_close(eta.double(), 0.01 / (v.double().sqrt() + 1e-8), rtol=1e-6, atol=0)
+    terms, _ = scratch_terms(v.clone(), g.clone(), None, s, e)
+    torch.testing.assert_close(terms.double(), _float64_rows([v], [g], [None], torch.tensor([[0.01, 1e-8]]))[0], rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize(
