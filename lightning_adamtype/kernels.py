@@ -134,7 +134,8 @@ def scratch_terms(v: Tensor, g: Tensor, previous: Tensor | None, s: Tensor, e: T
         c = c2 = torch.zeros((), dtype=eta.dtype, device=eta.device)
     else:
         minus_diff = previous.sub_(eta)
-        c, c2 = torch.linalg.vector_norm(minus_diff, 1), torch.dot(minus_diff, minus_diff)
+        c2 = torch.dot(minus_diff, minus_diff)
+        c = minus_diff.abs_().sum()
     return torch.stack([eta.amin(), torch.dot(step, step), c, c2, eta.sum()]), eta
 
 

@@ -188,6 +188,7 @@ class ConditionTracker:
         self.switch_events: list[tuple[str, int, str]] = []
         self._groups: list[_GroupState] = []
         self._snapshots: dict[int, dict[int, Tensor]] = {}  # group → parameter index → x_t (coupled decay)
+        self._accumulate_constants: dict[tuple, tuple[Tensor, Tensor]] = {}  # (dtype, device) → see _constants
         self._handles: list[RemovableHandle] = []
         self._warned: set[str] = set()
         if self.adapter is None:
@@ -404,17 +405,29 @@ class ConditionTracker:
         acc = state.accumulators
         assert acc is not None
         finite = torch.isfinite(contributions).all()
-        keep, nonfinite = finite, ~finite
-        if found_inf is not None:
-            skipped = found_inf.to(acc.device) > 0
-            keep, nonfinite = finite & ~skipped, nonfinite & ~skipped
-        state.last_finite = keep | ~nonfinite
         if self.observe_every > 1:
             contributions = contributions * self.observe_every
-        contributions = torch.where(keep, contributions, torch.zeros_like(contributions))
-        acc.add_(torch.cat([contributions, nonfinite.to(acc.dtype).reshape(1)]))
+        zero, nonfinite_row = self._constants(acc)
+        row = torch.where(finite, torch.cat([contributions, zero]), nonfinite_row)  # [..., 0] or [0, ..., 0, 1]
+        if found_inf is None:
+            state.last_finite = finite
+        else:
+            skipped = found_inf.to(acc.device) > 0
+            state.last_finite = finite | skipped
+            row = row.masked_fill(skipped, 0.0)
+        acc.add_(row)
         state.count += 1
         return True
+
+    def _constants(self, acc: Tensor) -> tuple[Tensor, Tensor]:
+        """(a one-element zero, the row a non-finite step adds: 0 everywhere and 1 in the non-finite counter),
+        made once per accumulator dtype and device."""
+        key = (acc.dtype, acc.device)
+        if key not in self._accumulate_constants:
+            row = torch.zeros_like(acc)
+            row[-1] = 1.0
+            self._accumulate_constants[key] = (torch.zeros(1, dtype=acc.dtype, device=acc.device), row)
+        return self._accumulate_constants[key]
 
     # ------------------------------------------------------------------ sharded parameters (FSDP2 / DTensor)
     def _local_shards(self, entries: list, states: list[dict[str, Any]], grads: list[Tensor]):
@@ -532,19 +545,24 @@ class ConditionTracker:
             table = scalar_table(scalars, work, device)
             repeats = torch.tensor(sizes, device=device)
             s, e = (torch.repeat_interleave(table[:, i], repeats, output_size=total) for i in (0, 1))
-        previous = None
+        previous, persistent = None, False
         if with_previous:
             views = [state.previous.get(pi) for pi in indices]
             previous = state.flat_previous
-            if not (
+            persistent = (
                 previous is not None
                 and previous.numel() == total
+                and previous.dtype == work
                 and all(a is b for a, b in zip(views, state.flat_views))
-            ):
+            )
+            if not persistent:
                 previous = torch.cat([view.reshape(-1) for view in views]).to(work)  # type: ignore[union-attr]
-        terms, flat = scratch_terms(v_flat, g_flat, previous, s, e)  # η_t lands in v_flat's memory
-        state.flat_previous = flat
-        state.flat_views = [chunk.view(v.shape) for chunk, v in zip(flat.split(sizes), vs)]
+        terms, eta = scratch_terms(v_flat, g_flat, previous, s, e)  # η_t lands in v_flat's memory
+        if persistent:  # the same buffer and views as last step: η_t copied in (1 operation, not 2 per tensor)
+            state.flat_previous.copy_(eta)  # type: ignore[union-attr]
+        else:
+            state.flat_previous = eta
+            state.flat_views = [chunk.view(v.shape) for chunk, v in zip(eta.split(sizes), vs)]
         terms = terms.to(dtype)
         one = torch.ones((1,), dtype=dtype, device=device)
         contributions = torch.cat([one, terms[:4], terms[4:] / total, terms[2:3] / total])
@@ -837,6 +855,7 @@ class ConditionTracker:
 
         walk(self._groups)
         walk(self._snapshots)
+        walk(self._accumulate_constants)
         walk([value for value in vars(self).values() if isinstance(value, Tensor)])
         return list(found.values())
 
