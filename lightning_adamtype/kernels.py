@@ -35,7 +35,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["CHUNK_LENGTHS", "SquareRootKernels", "chunks", "scratch_terms", "sqrt_form_kernels"]
+__all__ = ["CHUNK_LENGTHS", "SquareRootKernels", "chunks", "scratch_recomputed_terms", "scratch_terms", "sqrt_form_kernels"]
 
 #: The list lengths the compiled kernels see (a group of n tensors is cut greedily into these): at most four
 #: graphs per kernel, and one Python call per up to eight tensors.
@@ -124,11 +124,13 @@ def recomputed_terms(
     return torch.stack(rows)
 
 
-def scratch_terms(v: Tensor, g: Tensor, previous: Tensor | None, s: Tensor, e: Tensor | float) -> tuple[Tensor, Tensor]:
+def scratch_terms(
+    v: Tensor, g: Tensor, previous: Tensor | None, s: Tensor | float, e: Tensor | float
+) -> tuple[Tensor, Tensor]:
     """Eager one-tensor form for small groups, where ``v`` and ``g`` are scratch copies (a concatenation) that are
     overwritten: (the row of five terms, η_t held in ``v``'s memory). ``previous`` (η_{t−1}, or None) is
     overwritten too. About a dozen operations and no full-size temporary, against ~25 for the functions above."""
-    eta = torch.div(s, v.sqrt_().add_(e), out=v)
+    eta = v.sqrt_().add_(e).reciprocal_().mul_(s)  # s·(1/(sqrt(v)+e)): one rounding more than s/(...)
     step = g.mul_(eta)
     if previous is None:
         c = c2 = torch.zeros((), dtype=eta.dtype, device=eta.device)
@@ -137,6 +139,29 @@ def scratch_terms(v: Tensor, g: Tensor, previous: Tensor | None, s: Tensor, e: T
         c2 = torch.dot(minus_diff, minus_diff)
         c = minus_diff.abs_().sum()
     return torch.stack([eta.amin(), torch.dot(step, step), c, c2, eta.sum()]), eta
+
+
+def scratch_recomputed_terms(
+    v: Tensor,
+    g: Tensor,
+    s: Tensor | float,
+    e: Tensor | float,
+    previous_s: Tensor | float,
+    previous_e: Tensor | float,
+    inverse_keep: float,
+    weight: float,
+) -> Tensor:
+    """Eager one-tensor form of :func:`recomputed_terms` for small groups (``v``, ``g`` scratch copies, overwritten):
+
+        a' = sqrt(max((v − w·g²)·(1/k), 0)) + e',   η_t = s / (sqrt(v) + e),   η_{t−1} = s' / a'.
+    """
+    a_previous = torch.add(v, g.square(), alpha=-weight).mul_(inverse_keep).clamp_min_(0).sqrt_().add_(previous_e)
+    eta = v.sqrt_().add_(e).reciprocal_().mul_(s)
+    minus_diff = a_previous.reciprocal_().mul_(previous_s).sub_(eta)
+    c2 = torch.dot(minus_diff, minus_diff)
+    c = minus_diff.abs_().sum()
+    step = g.mul_(eta)
+    return torch.stack([eta.amin(), torch.dot(step, step), c, c2, eta.sum()])
 
 
 class SquareRootKernels:

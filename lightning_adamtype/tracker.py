@@ -16,10 +16,11 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch._utils import _flatten_dense_tensors
 from torch.utils.hooks import RemovableHandle
 
 from .adapters import OptimizerAdapter, _from_sqrt_form, _min_from_sqrt_form, find_adapter, scalar_table
-from .kernels import chunks, scratch_terms, sqrt_form_kernels
+from .kernels import chunks, scratch_recomputed_terms, scratch_terms, sqrt_form_kernels
 from .conditions import _sum, _sum_squares, accumulator_dtype, min_stepsize, oscillation, squared_step_norm, stepsize_sum
 from .trend import TrendDetector, TrendOptions
 
@@ -83,6 +84,29 @@ def group_names(optimizer: torch.optim.Optimizer, prefix: str | None = None) -> 
     return names
 
 
+def _scratch_concatenation(tensors: list[Tensor]) -> Tensor:
+    """A new 1-D tensor holding ``tensors`` one after another, never a view of them: the small-group kernels
+    overwrite it in place. (``flatten_dense_tensors`` is one C++ call for the views and the concatenation, but it
+    returns a view when given a single tensor.)"""
+    if len(tensors) == 1:
+        return tensors[0].reshape(-1).clone()
+    return _flatten_dense_tensors(tensors)
+
+
+def _contribution_layout(total: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(offset, matrix) with offset + matrix @ [min η, Σ(ηg)², Σ|Δη|, Σ(Δη)², Ση] = the row the accumulators add:
+    [1, min η, Σ(ηg)², Σ|Δη|, Σ(Δη)², Ση/n, Σ|Δη|/n, 0] (the last slot counts non-finite steps), for a group of
+    n = ``total`` coordinates. One ``addmv`` per step instead of eight small operations."""
+    matrix = torch.zeros(len(ACCUMULATOR_KEYS), 5, dtype=dtype, device=device)
+    for row, column in enumerate(range(4), start=1):
+        matrix[row, column] = 1.0
+    matrix[5, 4] = 1.0 / total
+    matrix[6, 2] = 1.0 / total
+    offset = torch.zeros(len(ACCUMULATOR_KEYS), dtype=dtype, device=device)
+    offset[0] = 1.0
+    return offset, matrix
+
+
 @dataclass
 class _GroupState:
     """Bookkeeping of one parameter group: the accumulators and the previous effective stepsizes."""
@@ -92,6 +116,10 @@ class _GroupState:
     previous_scales: dict[int, Tensor] = field(default_factory=dict)  # param index → (s, e) of η_{t−1} (recomputed)
     flat_previous: Tensor | None = None  # small groups: η_{t−1} of all parameters in one buffer ...
     flat_views: list[Tensor] = field(default_factory=list)  # ... and the views of it held in ``previous``
+    flat_layout: tuple[Tensor, Tensor] | None = None  # small groups: see _contribution_layout ...
+    flat_total: int = 0  # ... and the coordinate count it was made for
+    flat_previous_rows: list[Tensor] = field(default_factory=list)  # small groups, recomputed: the (s, e) rows ...
+    flat_previous_scalars: tuple[float, float] | None = None  # ... and the host floats when all were the same
     sharded: bool = False  # coordinates sharded across ranks: ``previous`` holds this rank's shards only
     last_seen: dict[int, int] = field(default_factory=dict)  # param index → observation at which η was taken
     count: int = 0  # observations of this group (host clock of the trend detectors)
@@ -373,7 +401,9 @@ class ConditionTracker:
                     state, form, update, grads, indices, with_previous, numel, dtype, found_inf
                 )
             elif path == "flat":
-                contributions, new_previous = self._flat_contributions(state, form, grads, indices, with_previous, dtype)
+                contributions, new_previous = self._flat_contributions(
+                    state, form, update, grads, indices, with_previous, dtype
+                )
             else:
                 if form is not None:  # P1: min η from max v, no copy
                     amin, etas = _min_from_sqrt_form(*form, dtype), _from_sqrt_form(*form)
@@ -408,7 +438,9 @@ class ConditionTracker:
         if self.observe_every > 1:
             contributions = contributions * self.observe_every
         zero, nonfinite_row = self._constants(acc)
-        row = torch.where(finite, torch.cat([contributions, zero]), nonfinite_row)  # [..., 0] or [0, ..., 0, 1]
+        if contributions.numel() < acc.numel():  # the paths that leave out the non-finite counter's slot
+            contributions = torch.cat([contributions, zero])
+        row = torch.where(finite, contributions, nonfinite_row)  # [..., 0] or [0, ..., 0, 1]
         if found_inf is None:
             state.last_finite = finite
         else:
@@ -487,7 +519,8 @@ class ConditionTracker:
 
         - ``"kernels"``: one kernel call per tensor (:mod:`lightning_adamtype.kernels`; compiled or eager), for
           ``previous_stepsize="recomputed"``, or ``kernel="compiled"`` on groups above ``FLAT_MAX_NUMEL``;
-        - ``"flat"``: small groups with η_{t−1} stored: v and g concatenated, one eager kernel call;
+        - ``"flat"``: small groups (≤ ``FLAT_MAX_NUMEL``): v and g concatenated, one eager kernel call, with η_{t−1}
+          stored in one flat buffer or recomputed;
         - ``"foreach"``: multi-tensor operations (every other case, and any optimizer without a square-root form).
 
         A fused step that a GradScaler may skip (``found_inf``) keeps a stored η_{t−1} on the foreach path.
@@ -500,17 +533,21 @@ class ConditionTracker:
             update_fn = getattr(self.adapter, "second_moment_update", None)
             update = update_fn(group) if callable(update_fn) else None
             if update is not None:
-                return "kernels", update
+                small = numel <= FLAT_MAX_NUMEL and previous_all_or_none and found_inf is None
+                return ("flat" if small and self._same_kind(form) else "kernels"), update
             self._warn_recompute()
         if found_inf is not None:
             return "foreach", None
-        vs = form[0]
-        same_kind = len({(v.device, torch.promote_types(v.dtype, torch.float32)) for v in vs}) == 1
-        if numel <= FLAT_MAX_NUMEL and previous_all_or_none and same_kind:
+        if numel <= FLAT_MAX_NUMEL and previous_all_or_none and self._same_kind(form):
             return "flat", None
         if self.kernel == "compiled":
             return "kernels", None
         return "foreach", None
+
+    @staticmethod
+    def _same_kind(form: tuple) -> bool:
+        """All second moments on one device with one working dtype (they can be concatenated)."""
+        return len({(v.device, torch.promote_types(v.dtype, torch.float32)) for v in form[0]}) == 1
 
     def _warn_recompute(self) -> None:
         self._warn_once(
@@ -524,27 +561,48 @@ class ConditionTracker:
         self,
         state: _GroupState,
         form: tuple,
+        update: tuple[float, float] | None,
         grads: list[Tensor],
         indices: list[int],
         with_previous: list[int],
         dtype: torch.dtype,
-    ) -> tuple[Tensor, list[Tensor]]:
-        """Small groups (≤ ``FLAT_MAX_NUMEL`` coordinates): concatenate v and g and run
-        :func:`lightning_adamtype.kernels.scratch_terms` once (≈ 20 operations per step instead of ≈ 50
-        multi-tensor ones, whose per-tensor dispatch dominates on small models). η_{t−1} lives in one flat buffer; ``previous`` holds views."""
+    ) -> tuple[Tensor, list[Tensor | None]]:
+        """Small groups (≤ ``FLAT_MAX_NUMEL`` coordinates): concatenate v and g (scratch copies) and run one eager
+        kernel on them (:func:`~lightning_adamtype.kernels.scratch_terms`, or
+        :func:`~lightning_adamtype.kernels.scratch_recomputed_terms`): ≈ 30 operations per step, against ≈ 50
+        multi-tensor ones or one compiled call per 8 tensors, whose per-call overheads dominate on small models.
+        Stored η_{t−1} lives in one flat buffer (``previous`` holds views of it); the row is laid out with one
+        ``addmv`` (:func:`_contribution_layout`); the first step's c, c2 are 0 (the kernels return 0)."""
         vs, scalars = form
         device = vs[0].device
         work = torch.promote_types(vs[0].dtype, torch.float32)
         sizes = [v.numel() for v in vs]
         total = sum(sizes)
-        v_flat = torch.cat([v.reshape(-1) for v in vs]).to(work)
-        g_flat = torch.cat([g.reshape(-1).to(work) for g in grads])
+        v_flat = _scratch_concatenation(vs).to(work)
+        g_flat = _scratch_concatenation(grads).to(work)
+        s: Tensor | float
+        e: Tensor | float
         if all(isinstance(x, float) for pair in scalars for x in pair) and len(set(scalars)) == 1:
-            s, e = (torch.tensor(x, dtype=work, device=device) for x in scalars[0])
+            s, e = scalars[0]
         else:
             table = scalar_table(scalars, work, device)
             repeats = torch.tensor(sizes, device=device)
             s, e = (torch.repeat_interleave(table[:, i], repeats, output_size=total) for i in (0, 1))
+        if update is not None:
+            terms = self._flat_recomputed(state, scalars, update, v_flat, g_flat, s, e, sizes, indices, with_previous, dtype)
+            new_previous: list[Tensor | None] = [None] * len(indices)
+        else:
+            terms = self._flat_stored(state, vs, v_flat, g_flat, s, e, sizes, indices, with_previous, work)
+            new_previous = list(state.flat_views)
+        if state.flat_layout is None or state.flat_total != total or state.flat_layout[0].device != device:
+            state.flat_layout, state.flat_total = _contribution_layout(total, dtype, device), total
+        offset, layout = state.flat_layout
+        contributions = torch.addmv(offset, layout, terms.to(dtype))  # [1, a, b, c, c2, Ση/n, c/n, 0]
+        return contributions, new_previous
+
+    def _flat_stored(self, state, vs, v_flat, g_flat, s, e, sizes, indices, with_previous, work) -> Tensor:
+        """η_{t−1} from the group's flat buffer (kept, with the same views, from step to step), then η_t into it."""
+        total = v_flat.numel()
         previous, persistent = None, False
         if with_previous:
             views = [state.previous.get(pi) for pi in indices]
@@ -563,10 +621,33 @@ class ConditionTracker:
         else:
             state.flat_previous = eta
             state.flat_views = [chunk.view(v.shape) for chunk, v in zip(eta.split(sizes), vs)]
-        terms = terms.to(dtype)
-        one = torch.ones((1,), dtype=dtype, device=device)
-        contributions = torch.cat([one, terms[:4], terms[4:] / total, terms[2:3] / total])
-        return contributions, list(state.flat_views)
+        return terms
+
+    def _flat_recomputed(
+        self, state, scalars, update, v_flat, g_flat, s, e, sizes, indices, with_previous, dtype
+    ) -> Tensor:
+        """η_{t−1} rebuilt from v_t and g_t (:func:`~lightning_adamtype.kernels.scratch_recomputed_terms`); the
+        (s, e) of this step are kept per parameter (rows of one table) for the next."""
+        device, work, total = v_flat.device, v_flat.dtype, v_flat.numel()
+        keep, weight = update
+        if with_previous:
+            olds = [state.previous_scales[pi] for pi in indices]
+            if state.flat_previous_scalars is not None and all(a is b for a, b in zip(olds, state.flat_previous_rows)):
+                ps, pe = state.flat_previous_scalars  # the same host floats for every parameter, as last step
+            else:
+                old_table = torch.stack(olds).to(work)
+                repeats = torch.tensor(sizes, device=device)
+                ps, pe = (torch.repeat_interleave(old_table[:, i], repeats, output_size=total) for i in (0, 1))
+            terms = scratch_recomputed_terms(v_flat, g_flat, s, e, ps, pe, 1.0 / keep, weight)
+        else:
+            terms, _ = scratch_terms(v_flat, g_flat, None, s, e)
+        rows = scalar_table(scalars, dtype, device).unbind(0)
+        for pi, row in zip(indices, rows):
+            state.previous_scales[pi] = row
+            state.previous.pop(pi, None)
+        state.flat_previous_rows = list(rows)
+        state.flat_previous_scalars = (s, e) if isinstance(s, float) and isinstance(e, float) else None
+        return terms
 
     def _kernels(self):
         if self.kernel == "compiled" and "compile-failed" not in self._warned:

@@ -154,7 +154,7 @@ def test_held_tensors_finds_every_kind_of_state():
         for det in g.detectors.values():
             assert all(id(v) in held for v in vars(det).values() if isinstance(v, torch.Tensor))
     numel = sum(p.numel() for g in opt.param_groups for p in g["params"])
-    assert 4 * numel < tracker.held_bytes() <= 4 * numel + 2 * 1024
+    assert 4 * numel < tracker.held_bytes() <= 4 * numel + 3 * 1024  # + ~1.1 KiB per group of constants
     recomputed = ConditionTracker(torch.optim.Adam(_params(), lr=1e-2), previous_stepsize="recomputed")
     for _ in range(3):
         _random_grads(recomputed.optimizer)
@@ -184,7 +184,7 @@ def test_persistent_memory_and_tensor_count_do_not_grow(name, cls, kwargs):
     assert count50 == count5, f"tracker holds {count50} tensors at step 50, {count5} at step 5"
     # and it is bounded: at most one float32 η per coordinate plus O(1) per group
     numel = sum(p.numel() for g in opt.param_groups for p in g["params"])
-    assert bytes50 <= 4 * numel + 2 * 1024
+    assert bytes50 <= 4 * numel + 3 * 1024  # + ~1.1 KiB per group of constants (the small-group row layout)
 
 
 def test_persistent_memory_does_not_grow_through_trend_samples():

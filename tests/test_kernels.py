@@ -419,3 +419,38 @@ def test_invalid_observe_every_is_refused(bad):
         ConditionTracker(torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))]), observe_every=bad)
     with pytest.raises(ValueError, match=f"AdamTypeMonitor\\(observe_every={bad!r}\\)"):
         AdamTypeMonitor(observe_every=bad)
+
+
+@pytest.mark.parametrize("sizes", [(50,), (50, 7, 3)], ids=["one-tensor", "three-tensors"])
+@pytest.mark.parametrize(
+    "tracker_kwargs",
+    [{}, {"kernel": "compiled"}, {"previous_stepsize": "recomputed"}, {"kernel": "compiled", "previous_stepsize": "recomputed"}],
+    ids=["default", "compiled", "recomputed", "compiled-recomputed"],
+)
+@pytest.mark.parametrize("flat_max", [0, 1 << 17], ids=["per-tensor-paths", "small-group-path"])
+def test_the_tracker_never_changes_the_training(monkeypatch, sizes, tracker_kwargs, flat_max):
+    """The kernels work in place on scratch copies: the optimizer's parameters, state and gradients stay bitwise
+    equal to an untracked twin's (a one-tensor group once got a view instead of a copy)."""
+    import lightning_adamtype.tracker as tracker_module
+
+    monkeypatch.setattr(tracker_module, "FLAT_MAX_NUMEL", flat_max)
+    torch.manual_seed(0)
+    twins = []
+    for tracked in (False, True):
+        params = [torch.nn.Parameter(torch.ones(n)) for n in sizes]
+        opt = torch.optim.Adam(params, lr=1e-2)
+        if tracked:
+            ConditionTracker(opt, **tracker_kwargs)
+        twins.append((params, opt))
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        grads = [torch.randn(n, generator=gen) for n in sizes]
+        for params, opt in twins:
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            opt.step()
+        (bare, bare_opt), (tracked, tracked_opt) = twins
+        for p, q in zip(bare, tracked):
+            assert torch.equal(p, q) and torch.equal(p.grad, q.grad)
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(bare_opt.state[p][key], tracked_opt.state[q][key]), key
