@@ -31,7 +31,7 @@ ACCUMULATOR_KEYS = ("steps", "a", "b", "c", "c2", "a_mean", "c_mean", "nonfinite
 
 
 #: groups with at most this many coordinates take the concatenated ("flat") path when η_{t−1} is stored.
-FLAT_MAX_NUMEL = 1 << 17  # measured crossover on a 2-core CPU: ~1e5 coordinates (benchmarks/README.md)
+FLAT_MAX_NUMEL = 1 << 18  # measured on a 2-core CPU: faster up to 250k coordinates, slower at 1M (benchmarks/README.md)
 
 KERNELS = {"foreach": "default", "compiled": "one torch.compile'd pass per tensor"}
 PREVIOUS_STEPSIZES = {
