@@ -155,7 +155,7 @@ def scratch_recomputed_terms(
 
         a' = sqrt(max((v − w·g²)·(1/k), 0)) + e',   η_t = s / (sqrt(v) + e),   η_{t−1} = s' / a'.
     """
-    a_previous = torch.add(v, g.square(), alpha=-weight).mul_(inverse_keep).clamp_min_(0).sqrt_().add_(previous_e)
+    a_previous = torch.sub(v, g.square().mul_(weight)).mul_(inverse_keep).clamp_min_(0).sqrt_().add_(previous_e)
     eta = v.sqrt_().add_(e).reciprocal_().mul_(s)
     minus_diff = a_previous.reciprocal_().mul_(previous_s).sub_(eta)
     c2 = torch.dot(minus_diff, minus_diff)
