@@ -145,10 +145,8 @@ class MonitorClock:
     def __enter__(self) -> "MonitorClock":
         from lightning_adamtype import AdamTypeMonitor, ConditionTracker
 
-        self._saved = [
-            (ConditionTracker, "_pre_step"), (ConditionTracker, "_post_step"), (AdamTypeMonitor, "on_train_batch_end")
-        ]
-        self._saved = [(cls, name, getattr(cls, name)) for cls, name in self._saved]
+        hooks = [(ConditionTracker, "_pre_step"), (ConditionTracker, "_post_step"), (AdamTypeMonitor, "on_train_batch_end")]
+        self._saved = [(cls, name, getattr(cls, name)) for cls, name in hooks]
         for cls, name, original in self._saved:
             setattr(cls, name, self._timed(original, closes=name == "on_train_batch_end"))
         return self

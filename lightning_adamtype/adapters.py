@@ -89,7 +89,7 @@ def _scale_over_denominator(
         device = denominators[0].device
         torch._foreach_mul_(
             denominators,
-            [s if isinstance(s, Tensor) else torch.tensor(s, device=device) for s in numerators],
+            [s if isinstance(s, Tensor) else to_device(s, None, device) for s in numerators],
         )
     return denominators
 
@@ -102,7 +102,7 @@ def _sqrt_plus_eps(tensors: Sequence[Tensor], eps: float, divisors: Sequence[Sca
             torch._foreach_div_(out, list(divisors))
         else:
             device = out[0].device
-            torch._foreach_div_(out, [c if isinstance(c, Tensor) else torch.tensor(c, device=device) for c in divisors])
+            torch._foreach_div_(out, [c if isinstance(c, Tensor) else to_device(c, None, device) for c in divisors])
     torch._foreach_add_(out, eps)
     return out
 
@@ -118,7 +118,7 @@ def _from_sqrt_form(vs: Sequence[Tensor], scalars: Sequence[tuple[Scalar, Scalar
         torch._foreach_add_(out, offsets)
     else:
         device = out[0].device
-        torch._foreach_add_(out, [e if isinstance(e, Tensor) else torch.tensor(e, device=device) for e in offsets])
+        torch._foreach_add_(out, [e if isinstance(e, Tensor) else to_device(e, None, device) for e in offsets])
     torch._foreach_reciprocal_(out)
     if all(isinstance(s, float) for s in scales) and len(set(scales)) == 1:
         torch._foreach_mul_(out, scales[0])
@@ -131,7 +131,7 @@ def _times(tensors: list[Tensor], scales: Sequence[Scalar]) -> list[Tensor]:
         torch._foreach_mul_(tensors, list(scales))
     else:
         device = tensors[0].device
-        torch._foreach_mul_(tensors, [s if isinstance(s, Tensor) else torch.tensor(s, device=device) for s in scales])
+        torch._foreach_mul_(tensors, [s if isinstance(s, Tensor) else to_device(s, None, device) for s in scales])
     return tensors
 
 
@@ -142,11 +142,21 @@ def _min_from_sqrt_form(vs: Sequence[Tensor], scalars: Sequence[tuple[Scalar, Sc
     return (table[:, 0] / (vmax.sqrt() + table[:, 1])).min()
 
 
+def to_device(values: Any, dtype: torch.dtype | None, device: torch.device) -> Tensor:
+    """``torch.tensor(values)`` on ``device`` without a host synchronisation on the step path: built on the host
+    and, on an accelerator, copied from pinned memory with ``non_blocking=True`` (a copy from pageable memory
+    waits for the stream; the caching host allocator keeps the pinned block until the copy has run)."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type == "cpu":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def scalar_table(scalars: Sequence[tuple[Scalar, Scalar]], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """The (s, e) pairs of a square-root form as one [n, 2] tensor: one host→device copy when they are floats,
-    a stack of the 0-dim tensors otherwise (device step counters or lr: no synchronisation)."""
+    """The (s, e) pairs of a square-root form as one [n, 2] tensor: one asynchronous host→device copy when they
+    are floats (:func:`to_device`), a stack of the 0-dim tensors otherwise (device step counters or lr)."""
     if all(isinstance(x, float) for pair in scalars for x in pair):
-        return torch.tensor(scalars, dtype=dtype, device=device)
+        return to_device(scalars, dtype, device)
     return torch.stack(
         [torch.stack([torch.as_tensor(x, device=device).to(dtype).reshape(()) for x in pair]) for pair in scalars]
     )

@@ -19,7 +19,7 @@ from torch import Tensor
 from torch._utils import _flatten_dense_tensors
 from torch.utils.hooks import RemovableHandle
 
-from .adapters import OptimizerAdapter, _from_sqrt_form, _min_from_sqrt_form, find_adapter, scalar_table
+from .adapters import OptimizerAdapter, _from_sqrt_form, _min_from_sqrt_form, find_adapter, scalar_table, to_device
 from .kernels import chunks, scratch_recomputed_terms, scratch_terms, sqrt_form_kernels
 from .conditions import _sum, _sum_squares, accumulator_dtype, min_stepsize, oscillation, squared_step_norm, stepsize_sum
 from .trend import TrendDetector, TrendOptions
@@ -93,6 +93,13 @@ def _scratch_concatenation(tensors: list[Tensor]) -> Tensor:
     return _flatten_dense_tensors(tensors)
 
 
+def _per_coordinate(table: Tensor, sizes: list[int]) -> tuple[Tensor, Tensor]:
+    """The two columns of an [n, 2] (s, e) table repeated over each tensor's ``sizes[i]`` coordinates."""
+    repeats = to_device(sizes, None, table.device)
+    total = sum(sizes)
+    return tuple(torch.repeat_interleave(table[:, i], repeats, output_size=total) for i in (0, 1))  # type: ignore[return-value]
+
+
 def _contribution_layout(total: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
     """(offset, matrix) with offset + matrix @ [min η, Σ(ηg)², Σ|Δη|, Σ(Δη)², Ση] = the row the accumulators add:
     [1, min η, Σ(ηg)², Σ|Δη|, Σ(Δη)², Ση/n, Σ|Δη|/n, 0] (the last slot counts non-finite steps), for a group of
@@ -116,8 +123,7 @@ class _GroupState:
     previous_scales: dict[int, Tensor] = field(default_factory=dict)  # param index → (s, e) of η_{t−1} (recomputed)
     flat_previous: Tensor | None = None  # small groups: η_{t−1} of all parameters in one buffer ...
     flat_views: list[Tensor] = field(default_factory=list)  # ... and the views of it held in ``previous``
-    flat_layout: tuple[Tensor, Tensor] | None = None  # small groups: see _contribution_layout ...
-    flat_total: int = 0  # ... and the coordinate count it was made for
+    flat_layout: tuple[int, Tensor, Tensor] | None = None  # small groups: (n, *_contribution_layout(n, ...))
     flat_previous_rows: list[Tensor] = field(default_factory=list)  # small groups, recomputed: the (s, e) rows ...
     flat_previous_scalars: tuple[float, float] | None = None  # ... and the host floats when all were the same
     sharded: bool = False  # coordinates sharded across ranks: ``previous`` holds this rank's shards only
@@ -496,7 +502,7 @@ class ConditionTracker:
         coordinate counts are sums (two small all-reduces on the device, no host synchronisation); then
         a_mean = Ση / n and c_mean = c / (coordinates with an η_{t−1}). ``None``: this rank holds no coordinate."""
         dtype = accumulator_dtype(device)
-        counts = torch.tensor([float(numel), float(coords)], dtype=dtype, device=device)
+        counts = to_device([float(numel), float(coords)], dtype, device)
         if contributions is None:  # neutral terms
             amin = torch.full((1,), math.inf, dtype=dtype, device=device)
             sums = torch.cat([torch.zeros(4, dtype=dtype, device=device), counts])
@@ -585,18 +591,16 @@ class ConditionTracker:
         if all(isinstance(x, float) for pair in scalars for x in pair) and len(set(scalars)) == 1:
             s, e = scalars[0]
         else:
-            table = scalar_table(scalars, work, device)
-            repeats = torch.tensor(sizes, device=device)
-            s, e = (torch.repeat_interleave(table[:, i], repeats, output_size=total) for i in (0, 1))
+            s, e = _per_coordinate(scalar_table(scalars, work, device), sizes)
         if update is not None:
             terms = self._flat_recomputed(state, scalars, update, v_flat, g_flat, s, e, sizes, indices, with_previous, dtype)
             new_previous: list[Tensor | None] = [None] * len(indices)
         else:
             terms = self._flat_stored(state, vs, v_flat, g_flat, s, e, sizes, indices, with_previous, work)
             new_previous = list(state.flat_views)
-        if state.flat_layout is None or state.flat_total != total or state.flat_layout[0].device != device:
-            state.flat_layout, state.flat_total = _contribution_layout(total, dtype, device), total
-        offset, layout = state.flat_layout
+        if state.flat_layout is None or state.flat_layout[0] != total:  # (a group's device and dtype do not change)
+            state.flat_layout = (total, *_contribution_layout(total, dtype, device))
+        _, offset, layout = state.flat_layout
         contributions = torch.addmv(offset, layout, terms.to(dtype))  # [1, a, b, c, c2, Ση/n, c/n, 0]
         return contributions, new_previous
 
@@ -635,9 +639,7 @@ class ConditionTracker:
             if state.flat_previous_scalars is not None and all(a is b for a, b in zip(olds, state.flat_previous_rows)):
                 ps, pe = state.flat_previous_scalars  # the same host floats for every parameter, as last step
             else:
-                old_table = torch.stack(olds).to(work)
-                repeats = torch.tensor(sizes, device=device)
-                ps, pe = (torch.repeat_interleave(old_table[:, i], repeats, output_size=total) for i in (0, 1))
+                ps, pe = _per_coordinate(torch.stack(olds).to(work), sizes)
             terms = scratch_recomputed_terms(v_flat, g_flat, s, e, ps, pe, 1.0 / keep, weight)
         else:
             terms, _ = scratch_terms(v_flat, g_flat, None, s, e)
@@ -685,29 +687,26 @@ class ConditionTracker:
         and, compiled, one fused loop per tensor). Rows of tensors with η_{t−1} come first, so c is a slice sum."""
         vs, scalars = form
         device = vs[0].device
-        table = scalar_table(scalars, dtype, device)
         previous_set = set(with_previous)
         works = [torch.promote_types(v.dtype, torch.float32) for v in vs]
-        order = sorted(range(len(vs)), key=lambda k: (k not in previous_set, str(works[k])))
-        flat_vs = [v.reshape(-1) for v in vs]  # views (copies only for non-contiguous state)
-        flat_gs = [g.reshape(-1) for g in grads]
+        kinds = [(k not in previous_set, str(works[k])) for k in range(len(vs))]
+        order = sorted(range(len(vs)), key=kinds.__getitem__)  # usually the identity
+        table = scalar_table([scalars[k] for k in order], dtype, device)  # row r belongs to tensor order[r]
         if update is not None:
-            keep, weight = update
-            factors = torch.tensor([1.0 / keep, weight], dtype=dtype, device=device)
+            factors = to_device([1.0 / update[0], update[1]], dtype, device)
         rows: list[Tensor] = []
         new_previous: list[Tensor | None] = [None] * len(vs)
         start = 0
-        while start < len(order):  # runs of the same (has η_{t−1}, dtype)
-            key = (order[start] in previous_set, works[order[start]])
-            stop = start
-            while stop < len(order) and (order[stop] in previous_set, works[order[stop]]) == key:
+        while start < len(order):  # runs of one (has η_{t−1}, working dtype)
+            stop = start + 1
+            while stop < len(order) and kinds[order[stop]] == kinds[order[start]]:
                 stop += 1
-            run, (has_previous, work) = order[start:stop], key
-            for a, b in chunks(len(run)):
-                ks = run[a:b]
-                v_chunk, g_chunk = [flat_vs[k] for k in ks], [flat_gs[k].to(work) for k in ks]
-                t_chunk = table[ks[0] : ks[-1] + 1] if ks == list(range(ks[0], ks[-1] + 1)) else table[ks]
-                t_chunk = t_chunk.to(work)
+            has_previous, work = order[start] in previous_set, works[order[start]]
+            for a, b in chunks(stop - start):
+                ks = order[start + a : start + b]
+                v_chunk = [vs[k].reshape(-1) for k in ks]  # views (copies only for non-contiguous state)
+                g_chunk = [grads[k].reshape(-1).to(work) for k in ks]
+                t_chunk = table[start + a : start + b].to(work)
                 if update is not None:  # recomputed: no per-coordinate buffer
                     if has_previous:
                         p_chunk = torch.stack([state.previous_scales[indices[k]] for k in ks]).to(work)
@@ -722,10 +721,12 @@ class ConditionTracker:
                     new_previous[k] = buf
             start = stop
         if update is not None:
-            for k, pi in enumerate(indices):
-                old, new = state.previous_scales.get(pi), table[k]
-                if found_inf is not None and old is not None:  # a skipped step keeps the previous scalars
-                    new = torch.where(found_inf.to(device) > 0, old, new)
+            skipped = found_inf.to(device) > 0 if found_inf is not None else None
+            for k, new in zip(order, table.unbind(0)):
+                pi = indices[k]
+                old = state.previous_scales.get(pi)
+                if skipped is not None and old is not None:  # a skipped step keeps the previous scalars
+                    new = torch.where(skipped, old, new)
                 state.previous_scales[pi] = new
                 state.previous.pop(pi, None)
         terms = torch.cat(rows).to(dtype)
@@ -893,13 +894,13 @@ class ConditionTracker:
         device: torch.device,
     ) -> tuple[Tensor, list[float | Tensor]]:
         """Every coordinate shares one η (SGD): no per-coordinate η is materialised or stored."""
-        eta_t = torch.as_tensor(eta, dtype=dtype, device=device)
+        eta_t = eta.to(device=device, dtype=dtype) if isinstance(eta, Tensor) else to_device(eta, dtype, device)
         work = torch.promote_types(grads[0].dtype, torch.float32)  # bf16/fp16 gradients: the norm in float32
         grad_sq = torch.stack([n.to(dtype).square() for n in torch._foreach_norm(grads, 2, dtype=work)]).sum()
         coords = sum(entries[i][1].numel() for i in with_previous)
         if with_previous:
             prev = torch.stack([torch.as_tensor(state.previous[entries[i][0]], dtype=dtype, device=device) for i in with_previous])
-            sizes = torch.tensor([float(entries[i][1].numel()) for i in with_previous], dtype=dtype, device=device)
+            sizes = to_device([float(entries[i][1].numel()) for i in with_previous], dtype, device)
             diff = (eta_t - prev).abs()
             c, c2 = (diff * sizes).sum(), (diff.square() * sizes).sum()
             c_mean = c / coords

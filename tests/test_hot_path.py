@@ -199,3 +199,23 @@ def test_persistent_memory_does_not_grow_through_trend_samples():
             sizes[step] = (tracker.held_bytes(), len(tracker.held_tensors()))
     assert sum(d.num_samples for g in tracker._groups for d in g.detectors.values()) > 20
     assert sizes[200] == sizes[20]
+
+
+def test_to_device_builds_the_values_on_the_cpu():
+    from lightning_adamtype.adapters import to_device
+
+    got = to_device([[1.5, 2.0], [3.0, 4.25]], torch.float64, torch.device("cpu"))
+    assert got.dtype == torch.float64 and got.tolist() == [[1.5, 2.0], [3.0, 4.25]]
+    assert to_device([3, 4], None, torch.device("cpu")).dtype == torch.int64
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_to_device_does_not_synchronise_on_cuda():
+    from lightning_adamtype.adapters import to_device
+
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = to_device([0.5, 0.25], torch.float32, torch.device("cuda"))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert got.device.type == "cuda" and got.cpu().tolist() == [0.5, 0.25]
