@@ -68,13 +68,18 @@ def _state_snapshot(opt: torch.optim.Optimizer, model: nn.Module) -> dict[str, d
     }
 
 
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("impl", list(IMPLS))
 @pytest.mark.parametrize("cls", [torch.optim.Adam, torch.optim.AdamW], ids=["Adam", "AdamW"])
-def test_switch_then_step_is_exactly_torch_amsgrad(cls, impl):
+def test_switch_then_step_is_exactly_torch_amsgrad(cls, impl, device):
     torch.manual_seed(0)
-    model = _Net()
+    model = _Net().to(device)
     gen = torch.Generator().manual_seed(1)
-    batches = [(torch.randn(16, 6, generator=gen), torch.randn(16, 2, generator=gen)) for _ in range(8)]
+    batches = [(torch.randn(16, 6, generator=gen).to(device), torch.randn(16, 2, generator=gen).to(device))
+               for _ in range(8)]
     opt = _make(cls, model, impl, amsgrad=False)
     for x, y in batches[:5]:
         _grads(model, x, y, 1.0, use_late=False)
