@@ -73,6 +73,18 @@ MODES = {
     "compiled + recomputed": dict(kernel="compiled", previous_stepsize="recomputed"),
     "observe_every=8": dict(observe_every=8),
 }
+#: on a GPU the default (kernel="auto") is the Triton path; the multi-tensor and compiled paths are measured beside it.
+GPU_MODES = {
+    "default (Triton)": {},
+    "recomputed (Triton)": dict(previous_stepsize="recomputed"),
+    "foreach": dict(kernel="foreach"),
+    "compiled": dict(kernel="compiled"),
+    "observe_every=8": dict(observe_every=8),
+}
+
+
+def modes_for(device: str) -> dict[str, dict]:
+    return GPU_MODES if torch.device(device).type == "cuda" else MODES
 
 
 def median(xs: list[float]) -> float:
@@ -112,8 +124,9 @@ def _time_steps(opt: torch.optim.Optimizer, steps: int, device: str = "cpu") -> 
     return (time.perf_counter() - t0) / steps * 1e3
 
 
-def bench_step(name: str, numel: int, reps: int, steps: int, warmup: int = 3, modes=MODES, device: str = "cpu") -> list[StepRow]:
+def bench_step(name: str, numel: int, reps: int, steps: int, warmup: int = 3, modes=None, device: str = "cpu") -> list[StepRow]:
     """Alternate ``steps`` bare steps and ``steps`` tracked steps of each mode, ``reps`` times; medians of ms."""
+    modes = modes or modes_for(device)
     make = OPTIMIZERS[name]
     bare = make(make_params(numel, device=device))
     tracked = {mode: make(make_params(numel, device=device)) for mode in modes}
@@ -179,7 +192,7 @@ class MonitorClock:
 
 
 def bench_end_to_end(
-    reps: int, steps: int, skip: int = 10, modes=MODES, device: str = "cpu"
+    reps: int, steps: int, skip: int = 10, modes=None, device: str = "cpu"
 ) -> dict[str, list[tuple[float, float, float]]]:
     """Samples/s without AdamTypeMonitor and with it in each mode, alternated: on the CPU a small CNN (3×32×32,
     batch 64, Adam), on a GPU the CIFAR ResNet-18 of ``examples/cifar10.py`` (batch 128, Adam, batches already on
@@ -192,6 +205,7 @@ def bench_end_to_end(
 
     from lightning_adamtype import AdamTypeMonitor
 
+    modes = modes or modes_for(device)
     on_gpu = torch.device(device).type == "cuda"
     batch = 128 if on_gpu else 64
     g = torch.Generator().manual_seed(0)
@@ -569,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
         emit("|---|---|---|---|---|---|" + ("---|" if on_gpu else ""))
         for numel in ((10_000_000, 100_000_000) if on_gpu else (1_000_000, 10_000_000)):
             for name in ("Adam (foreach)", "AdamW (foreach)", "Adagrad (foreach)"):
-                for mode, kwargs in MODES.items():
+                for mode, kwargs in modes_for(device).items():
                     nbytes, ntensors = bench_memory(name, numel, device=device, **kwargs)
                     peak = f" {bench_peak(name, numel, device, **kwargs) / numel:.3f} |" if on_gpu else ""
                     emit(f"| {name} | {fmt_n(numel)} | {mode} | {ntensors} | {nbytes:,} | **{nbytes / numel:.6f}** |{peak}")
@@ -590,7 +604,7 @@ def main(argv: list[str] | None = None) -> int:
              "extra reads of anything else (syncs) |" + (" `set_sync_debug_mode(\"error\")` |" if on_gpu else ""))
         emit("|---|---|---|---|---|---|---|" + ("---|" if on_gpu else ""))
         for name in OPTIMIZERS:
-            for mode, kwargs in MODES.items():
+            for mode, kwargs in modes_for(device).items():
                 bare, tracked, counters, other, said = bench_host_reads(name, device=device, **kwargs)
                 emit(f"| {name} | {mode} | {where} | {bare} | {tracked} | {counters} | **{other}** |"
                      + (f" {said} |" if on_gpu else ""))

@@ -81,8 +81,9 @@ class AdamTypeMonitor(*_callback_bases()):  # type: ignore[misc]
             loggers; ``None`` (default) writes none.
         progress_bar: show the first group's ``variance_ratio`` and ``bias_ratio`` in Lightning's progress bar as
             ``adamtype_variance_ratio`` / ``adamtype_bias_ratio`` (updated at log steps only, not sent to loggers).
-        kernel, previous_stepsize: how each tracker computes (see :class:`ConditionTracker`): ``kernel="compiled"``
-            fuses the per-step math into one ``torch.compile``'d pass per tensor; ``previous_stepsize="recomputed"``
+        kernel, previous_stepsize: how each tracker computes (see :class:`ConditionTracker`): ``kernel="auto"``
+            (default) takes two Triton launches per group on a CUDA device and multi-tensor operations elsewhere;
+            ``kernel="compiled"`` fuses the per-step math into one ``torch.compile``'d pass per tensor; ``previous_stepsize="recomputed"``
             keeps no per-coordinate η_{t−1} (Adam/AdamW/Adagrad/RMSprop).
         observe_every: observe only the step pairs (t − 1, t) with t divisible by k and weigh them by k (see
             :class:`ConditionTracker`); 1 (default) observes every step.
@@ -101,7 +102,7 @@ class AdamTypeMonitor(*_callback_bases()):  # type: ignore[misc]
         tensorboard_layout: bool = True,
         histogram_every_n_logs: int | None = None,
         progress_bar: bool = False,
-        kernel: str = "foreach",
+        kernel: str = "auto",
         previous_stepsize: str = "stored",
         observe_every: int = 1,
     ) -> None:

@@ -21,6 +21,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .adapters import OptimizerAdapter, _from_sqrt_form, _min_from_sqrt_form, find_adapter, scalar_table, to_device
 from .kernels import chunks, scratch_recomputed_terms, scratch_terms, sqrt_form_kernels
+from . import triton_kernels
 from .conditions import _sum, _sum_squares, accumulator_dtype, min_stepsize, oscillation, squared_step_norm, stepsize_sum
 from .trend import TrendDetector, TrendOptions
 
@@ -33,7 +34,12 @@ ACCUMULATOR_KEYS = ("steps", "a", "b", "c", "c2", "a_mean", "c_mean", "nonfinite
 #: groups with at most this many coordinates take the concatenated ("flat") path when η_{t−1} is stored.
 FLAT_MAX_NUMEL = 1 << 18  # measured on a 2-core CPU: faster up to 250k coordinates, slower at 1M (benchmarks/README.md)
 
-KERNELS = {"foreach": "default", "compiled": "one torch.compile'd pass per tensor"}
+KERNELS = {
+    "auto": "default: 'triton' on CUDA groups when Triton is installed, else 'foreach'",
+    "foreach": "multi-tensor torch operations",
+    "compiled": "one torch.compile'd pass per tensor",
+    "triton": "one Triton launch per group (CUDA)",
+}
 PREVIOUS_STEPSIZES = {
     "stored": "default, 4 bytes per coordinate",
     "recomputed": "no per-coordinate memory; Adam/AdamW/Adagrad/RMSprop",
@@ -126,6 +132,8 @@ class _GroupState:
     flat_layout: tuple[int, Tensor, Tensor] | None = None  # small groups: (n, *_contribution_layout(n, ...))
     flat_previous_rows: list[Tensor] = field(default_factory=list)  # small groups, recomputed: the (s, e) rows ...
     flat_previous_scalars: tuple[float, float] | None = None  # ... and the host floats when all were the same
+    triton_launch: triton_kernels.GroupLaunch | None = None  # CUDA groups: launch geometry and address tables
+    triton_previous_table: Tensor | None = None  # CUDA groups, recomputed: the table ``flat_previous_rows`` came from
     sharded: bool = False  # coordinates sharded across ranks: ``previous`` holds this rank's shards only
     last_seen: dict[int, int] = field(default_factory=dict)  # param index → observation at which η was taken
     count: int = 0  # observations of this group (host clock of the trend detectors)
@@ -166,11 +174,15 @@ class ConditionTracker:
             t mod k (a schedule or data order with a period that divides k would alias); the trend detectors see
             one sample per k steps, so their warm-up and window are in observed steps. Work per step falls to 2/k
             of the default (k = 2 saves nothing).
-        kernel: ``"foreach"`` (default): multi-tensor ``torch._foreach_*`` operations. ``"compiled"``: for
-            optimizers whose η = s/(sqrt(v) + e) (Adam, AdamW, Adagrad, RMSprop not centered), one
-            ``torch.compile``'d pass per tensor that reads v, g (and η_{t−1}) once, with no temporaries; the first
-            steps compile (seconds), other optimizers keep the foreach path. Needs a C++ compiler on CPU (Triton
-            on GPU); without one, one warning and the foreach path.
+        kernel: ``"auto"`` (default): ``"triton"`` for groups on a CUDA device when Triton is installed, else
+            ``"foreach"``. ``"foreach"``: multi-tensor ``torch._foreach_*`` operations (small groups: one
+            concatenated pass). ``"triton"``: for optimizers whose η = s/(sqrt(v) + e) (Adam, AdamW, Adagrad,
+            RMSprop not centered) with float32 state on a CUDA device, two launches per group per step, reading
+            v, g (and η_{t−1}) once (:mod:`lightning_adamtype.triton_kernels`); elsewhere the foreach path (one
+            warning when asked for explicitly). ``"compiled"``: for the same optimizers, one ``torch.compile``'d
+            pass per tensor; the first steps compile (seconds), other optimizers keep the foreach path. Needs a
+            C++ compiler on CPU (Triton on GPU); without one, one warning and the foreach path. On a GPU it is
+            slower than ``"triton"`` (one launch per reduction per tensor).
         previous_stepsize: ``"stored"`` (default): keep η_{t−1} (4 bytes per coordinate) for c and c2.
             ``"recomputed"``: keep none and rebuild η_{t−1} from the optimizer state after the step,
             v_{t−1} = (v_t − w·g_t²)/k, for Adam/AdamW (not AMSGrad), Adagrad and RMSprop (not centered): exact up
@@ -190,7 +202,7 @@ class ConditionTracker:
         *,
         switch_to_amsgrad: bool = False,
         trend: TrendOptions | None = None,
-        kernel: str = "foreach",
+        kernel: str = "auto",
         previous_stepsize: str = "stored",
         observe_every: int = 1,
     ) -> None:
@@ -401,8 +413,15 @@ class ConditionTracker:
         else:
             sqrt_form = getattr(self.adapter, "sqrt_form", None)
             form = sqrt_form(group, states) if callable(sqrt_form) else None  # read once per step
-            path, update = self._choose_path(group, form, numel, len(with_previous) in (0, len(entries)), found_inf)
-            if path == "kernels":
+            path, update = self._choose_path(
+                group, form, numel, len(with_previous) in (0, len(entries)), found_inf, grads
+            )
+            if path == "triton":
+                # unsharded groups add their row to the accumulators inside the second launch (contributions None)
+                contributions, new_previous = self._triton_contributions(
+                    state, form, update, grads, indices, with_previous, dtype, fused=record and shards is None
+                )
+            elif path == "kernels":
                 contributions, new_previous = self._sqrt_form_contributions(
                     state, form, update, grads, indices, with_previous, numel, dtype, found_inf
                 )
@@ -426,6 +445,9 @@ class ConditionTracker:
             state.last_seen[pi] = self.observations
         if not record:  # (the same phase on every rank: a sharded group skips its reduction everywhere)
             return False
+        if contributions is None:  # already added on the device (the Triton path)
+            state.count += 1
+            return True
         if shards is not None:
             coords = sum(entries[i][1].numel() for i in with_previous)
             contributions = self._combine_shards(contributions, numel, coords, shards, device)
@@ -519,7 +541,13 @@ class ConditionTracker:
         )
 
     def _choose_path(
-        self, group: dict[str, Any], form: Any, numel: int, previous_all_or_none: bool, found_inf: Tensor | None
+        self,
+        group: dict[str, Any],
+        form: Any,
+        numel: int,
+        previous_all_or_none: bool,
+        found_inf: Tensor | None,
+        grads: list[Tensor],
     ) -> tuple[str, tuple[float, float] | None]:
         """How this group is computed at this step, and the second-moment update (k, w) when η_{t−1} is rebuilt:
 
@@ -527,6 +555,7 @@ class ConditionTracker:
           ``previous_stepsize="recomputed"``, or ``kernel="compiled"`` on groups above ``FLAT_MAX_NUMEL``;
         - ``"flat"``: small groups (≤ ``FLAT_MAX_NUMEL``): v and g concatenated, one eager kernel call, with η_{t−1}
           stored in one flat buffer or recomputed;
+        - ``"triton"``: float32 groups on a CUDA device (``kernel`` "auto" or "triton"): two launches per group;
         - ``"foreach"``: multi-tensor operations (every other case, and any optimizer without a square-root form).
 
         A fused step that a GradScaler may skip (``found_inf``) keeps a stored η_{t−1} on the foreach path.
@@ -535,13 +564,18 @@ class ConditionTracker:
             if self.previous_stepsize == "recomputed":
                 self._warn_recompute()
             return "foreach", None
+        triton = found_inf is None and previous_all_or_none and self._triton_eligible(form[0], grads)
         if self.previous_stepsize == "recomputed":
             update_fn = getattr(self.adapter, "second_moment_update", None)
             update = update_fn(group) if callable(update_fn) else None
             if update is not None:
+                if triton:
+                    return "triton", update
                 small = numel <= FLAT_MAX_NUMEL and previous_all_or_none and found_inf is None
                 return ("flat" if small and self._same_kind(form) else "kernels"), update
             self._warn_recompute()
+        if triton:
+            return "triton", None
         if found_inf is not None:
             return "foreach", None
         if numel <= FLAT_MAX_NUMEL and previous_all_or_none and self._same_kind(form):
@@ -549,6 +583,27 @@ class ConditionTracker:
         if self.kernel == "compiled":
             return "kernels", None
         return "foreach", None
+
+    def _triton_eligible(self, vs: list[Tensor], grads: list[Tensor]) -> bool:
+        """``kernel`` is "auto" (CUDA only) or "triton", Triton runs on the device, and every v and g is a contiguous
+        float32 tensor on it (one warning when "triton" was asked for and cannot run)."""
+        if self.kernel not in ("auto", "triton"):
+            return False
+        device = vs[0].device
+        if self.kernel == "auto" and device.type != "cuda":
+            return False
+        if not triton_kernels.available(device):
+            if self.kernel == "triton":
+                self._warn_once(
+                    "triton",
+                    f"kernel='triton' needs Triton and a CUDA device (this group is on {device}"
+                    f"{'' if triton_kernels.triton is not None else ', and Triton is not installed'}); "
+                    "the foreach path runs instead",
+                )
+            return False
+        return all(
+            t.dtype == torch.float32 and t.device == device and t.is_contiguous() for ts in (vs, grads) for t in ts
+        )
 
     @staticmethod
     def _same_kind(form: tuple) -> bool:
@@ -650,6 +705,92 @@ class ConditionTracker:
         state.flat_previous_rows = list(rows)
         state.flat_previous_scalars = (s, e) if isinstance(s, float) and isinstance(e, float) else None
         return terms
+
+    def _triton_contributions(
+        self,
+        state: _GroupState,
+        form: tuple,
+        update: tuple[float, float] | None,
+        grads: list[Tensor],
+        indices: list[int],
+        with_previous: list[int],
+        dtype: torch.dtype,
+        fused: bool = False,
+    ) -> tuple[Tensor | None, list[Tensor | None]]:
+        """CUDA groups: the five terms in two Triton launches (:class:`~lightning_adamtype.triton_kernels.GroupLaunch`),
+        η_{t−1} stored in the group's flat buffer (as on the small-group path) or rebuilt from the state. ``fused``:
+        the second launch also adds the row to the accumulators and sets ``last_finite`` (what :meth:`_accumulate`
+        does, without its ten small operations), and None is returned; else the row, laid out with one ``addmv``."""
+        vs, scalars = form
+        device = vs[0].device
+        sizes = tuple(v.numel() for v in vs)
+        total = sum(sizes)
+        launch = state.triton_launch
+        if launch is None or launch.sizes != sizes or launch.device != device:
+            launch = state.triton_launch = triton_kernels.GroupLaunch(sizes, device)
+        new_previous: list[Tensor | None]
+        accumulate = None
+        if fused:
+            assert state.accumulators is not None
+            finite = torch.empty((), dtype=torch.uint8, device=device)
+            accumulate = (state.accumulators, finite, 1.0 / total, float(self.observe_every))
+        if update is not None:
+            keep, weight = update
+            table = scalar_table(scalars, dtype, device)  # kept: its rows are the next step's (s', e')
+            if with_previous:
+                olds = [state.previous_scales[pi] for pi in indices]
+                previous_table = state.triton_previous_table
+                same_rows = len(olds) == len(state.flat_previous_rows) and all(
+                    a is b for a, b in zip(olds, state.flat_previous_rows)
+                )
+                if previous_table is None or not same_rows:
+                    previous_table = torch.stack(olds)
+                both = torch.cat([table, previous_table.to(dtype)], dim=1).to(torch.float32)
+                terms = launch.terms(vs, grads, None, both, triton_kernels.RECOMPUTED, 1.0 / keep, weight, accumulate)
+            else:
+                terms = launch.terms(vs, grads, None, table.to(torch.float32), triton_kernels.CURRENT, accumulate=accumulate)
+            rows = table.unbind(0)
+            for pi, row in zip(indices, rows):
+                state.previous_scales[pi] = row
+                state.previous.pop(pi, None)
+            state.flat_previous_rows = list(rows)
+            state.triton_previous_table = table
+            new_previous = [None] * len(indices)
+        else:
+            table = scalar_table(scalars, torch.float32, device)
+            buffer = state.flat_previous
+            shapes = [v.shape for v in vs]
+            reusable = (
+                buffer is not None
+                and buffer.numel() == launch.eta_numel
+                and buffer.dtype == torch.float32
+                and [f.shape for f in state.flat_views] == shapes
+                and all(f.storage_offset() == o for f, o in zip(state.flat_views, launch.offsets))
+            )
+            if with_previous:
+                views = [state.previous.get(pi) for pi in indices]
+                same_views = len(views) == len(state.flat_views) and all(a is b for a, b in zip(views, state.flat_views))
+                if not (reusable and same_views):  # η_{t−1} held elsewhere (another path, a resume): copied in once
+                    buffer = torch.empty(launch.eta_numel, dtype=torch.float32, device=device)
+                    for into, view in zip(launch.eta_views(buffer, shapes), views):
+                        into.copy_(view)  # type: ignore[arg-type]
+                mode = triton_kernels.STORED
+            else:
+                if not reusable:
+                    buffer = torch.empty(launch.eta_numel, dtype=torch.float32, device=device)
+                mode = triton_kernels.FIRST
+            terms = launch.terms(vs, grads, buffer, table, mode, accumulate=accumulate)
+            if buffer is not state.flat_previous:
+                state.flat_previous = buffer
+                state.flat_views = launch.eta_views(buffer, shapes)  # type: ignore[arg-type]
+            new_previous = list(state.flat_views)
+        if accumulate is not None:
+            state.last_finite = accumulate[1].view(torch.bool)
+            return None, new_previous
+        if state.flat_layout is None or state.flat_layout[0] != total:
+            state.flat_layout = (total, *_contribution_layout(total, dtype, device))
+        _, offset, layout = state.flat_layout
+        return torch.addmv(offset, layout, terms.to(dtype)), new_previous
 
     def _kernels(self):
         if self.kernel == "compiled" and "compile-failed" not in self._warned:

@@ -30,13 +30,16 @@ OPTIMIZERS = [
 ]
 IDS = [o[0] for o in OPTIMIZERS]
 
-#: tracker options × whether small groups take the concatenated path (FLAT_MAX_NUMEL) or the per-tensor kernels
+#: tracker options × whether small groups take the concatenated path (FLAT_MAX_NUMEL) or the per-tensor kernels;
+#: "auto" (the default) is the Triton path on CUDA
 MODES = {
-    "default-flat": ({}, 1 << 18),
-    "default-per-tensor": ({}, 0),
+    "auto": ({}, 1 << 18),
+    "auto-recomputed": ({"previous_stepsize": "recomputed"}, 1 << 18),
+    "foreach-flat": ({"kernel": "foreach"}, 1 << 18),
+    "foreach-per-tensor": ({"kernel": "foreach"}, 0),
+    "foreach-recomputed-flat": ({"kernel": "foreach", "previous_stepsize": "recomputed"}, 1 << 18),
     "compiled-flat": ({"kernel": "compiled"}, 1 << 18),
     "compiled-per-tensor": ({"kernel": "compiled"}, 0),
-    "recomputed-flat": ({"previous_stepsize": "recomputed"}, 1 << 18),
     "compiled-recomputed-per-tensor": ({"kernel": "compiled", "previous_stepsize": "recomputed"}, 0),
 }
 
@@ -153,7 +156,7 @@ def test_the_tracker_never_changes_the_training_on_cuda(monkeypatch, mode):
 
 
 def test_monitor_in_a_gpu_trainer_logs_what_a_cpu_run_logs(tmp_path):
-    """AdamTypeMonitor in a Trainer on the GPU: compiled kernels, logged scalars, and the measurements
+    """AdamTypeMonitor in a Trainer on the GPU: the Triton path, logged scalars, and the measurements
     the same as a CPU run of the same model to float32 tolerance."""
     import pytorch_lightning as pl
     from pytorch_lightning.loggers import CSVLogger
@@ -165,7 +168,7 @@ def test_monitor_in_a_gpu_trainer_logs_what_a_cpu_run_logs(tmp_path):
     x, y = torch.randn(64, 8), torch.randn(64, 1)
     results = {}
     for accelerator in ("cpu", "gpu"):
-        monitor = AdamTypeMonitor(kernel="compiled", log_every_n_steps=4)
+        monitor = AdamTypeMonitor(log_every_n_steps=4)  # "auto": Triton on the GPU
         trainer = pl.Trainer(
             accelerator=accelerator, devices=1, max_steps=12, logger=CSVLogger(tmp_path, name=accelerator),
             callbacks=[monitor], enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,

@@ -262,7 +262,7 @@ def test_switch_to_amsgrad_with_recomputed_continues_the_oscillation_sum():
         assert got[key] == pytest.approx(exp[key], rel=1e-4), key
 
 
-@pytest.mark.parametrize("option,value", [("kernel", "triton"), ("previous_stepsize", "none")])
+@pytest.mark.parametrize("option,value", [("kernel", "cuda"), ("previous_stepsize", "none")])
 def test_invalid_kernel_options_name_the_value(option, value):
     with pytest.raises(ValueError, match=f"{option}={value!r}"):
         ConditionTracker(torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))]), **{option: value})
@@ -283,7 +283,7 @@ def test_monitor_passes_the_options_and_writes_histograms_without_stored_eta(tmp
         monitor = AdamTypeMonitor(log_every_n_steps=4, histogram_every_n_logs=1, **options)
         logger = TensorBoardLogger(tmp_path, name=kind)
         _trainer(tmp_path, [monitor], logger=logger).fit(TinyModel(), _data())
-        assert all(t.kernel == options.get("kernel", "foreach") for t in monitor.trackers)
+        assert all(t.kernel == options.get("kernel", "auto") for t in monitor.trackers)
         results[kind] = monitor.compute()
         acc = EventAccumulator(logger.log_dir, size_guidance={"histograms": 0})
         acc.Reload()

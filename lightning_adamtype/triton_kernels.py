@@ -1,0 +1,276 @@
+"""One Triton launch per parameter group for the square-root form on a CUDA device.
+
+For a group of n tensors with η_i = s_i / (sqrt(v_i) + e_i) (see :mod:`lightning_adamtype.kernels`), one launch
+of :func:`_group_terms_kernel` reads every v and g once (and the stored η_{t−1} once, writing η_t over it), and
+each program writes the partial sums of one block of one tensor; :func:`_reduce_kernel` folds those into the
+group's five terms
+
+    [min_j η_j,  Σ_j (η_j g_j)²,  Σ_j |η_j − η_{t−1,j}|,  Σ_j (η_j − η_{t−1,j})²,  Σ_j η_j].
+
+Two launches per group per step, whatever the number of tensors, and four passes over memory (v, g, η_{t−1}
+read, η_t written; two with ``recomputed``: v and g only), against ≈ 25 launches and ≈ 15 passes for the same
+terms as multi-tensor torch operations. On a GPU both matter: the launches are host time (≈ 5 µs each), the
+passes device time.
+
+The tensors are found through a device table of their addresses (v's are the optimizer's state, stable from step
+to step; g's may move when gradients are set to None between steps): the table is rebuilt, with one asynchronous
+host-to-device copy, only when an address changed. Modes (``MODE``):
+
+- ``FIRST``: no η_{t−1}; η_t is written into the group's flat η buffer;
+- ``STORED``: η_{t−1} read from the flat buffer, η_t written over it;
+- ``CURRENT``: no η_{t−1} and nothing written (``previous_stepsize="recomputed"``, first step);
+- ``RECOMPUTED``: η_{t−1} rebuilt from v_t and g_t as in :func:`lightning_adamtype.kernels.recomputed_terms`
+  (v_{t−1} = max((v_t − w·g_t²)·(1/k), 0)); the table then holds (s, e, s', e') per tensor.
+
+Float32 state and gradients only (the tracker takes another path otherwise); partial sums in float32 over
+blocks of :data:`BLOCK` coordinates, folded in float32.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .adapters import to_device
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - the CPU-only CI has no Triton
+    triton = None
+    tl = None
+
+__all__ = ["BLOCK", "CURRENT", "FIRST", "RECOMPUTED", "STORED", "GroupLaunch", "available"]
+
+FIRST, STORED, CURRENT, RECOMPUTED = 0, 1, 2, 3
+#: coordinates per program (the partial-sum table has one row per program: 6k rows at 100M), taken SUB at a time.
+BLOCK = 16384
+SUB = 1024
+_REDUCE_BLOCK = 1024
+
+
+def available(device: torch.device) -> bool:
+    """Triton is importable and can run on ``device``: CUDA, or the CPU through Triton's interpreter when
+    ``TRITON_INTERPRET=1`` was set before Triton was imported (slow: for tests on machines without a GPU; it
+    replaces the GPU compiler for the whole process)."""
+    if triton is None:
+        return False
+    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+if triton is not None:
+
+    @triton.jit
+    def _group_terms_kernel(
+        v_ptrs, g_ptrs, eta_ptr, eta_offsets, sizes, table, block_tensor, block_start, partials,
+        inverse_keep, weight, TABLE_STRIDE: tl.constexpr, MODE: tl.constexpr, ALIGNED: tl.constexpr,
+        BLOCK: tl.constexpr, SUB: tl.constexpr,
+    ):
+        # one program: BLOCK coordinates of one tensor, SUB at a time (few registers per thread, so many programs
+        # stay resident per SM to keep loads in flight), partial sums kept per lane and reduced once at the end
+        pid = tl.program_id(0)
+        i = tl.load(block_tensor + pid)
+        first = tl.load(block_start + pid)
+        n = tl.load(sizes + i)
+        v_address = tl.load(v_ptrs + i)
+        g_address = tl.load(g_ptrs + i)
+        eta_offset = tl.load(eta_offsets + i)
+        if ALIGNED:  # every address a multiple of 16 bytes (checked on the host): 16-byte vector loads
+            v_address = tl.multiple_of(v_address, 16)
+            g_address = tl.multiple_of(g_address, 16)
+            eta_offset = tl.multiple_of(eta_offset, 4)
+            first = tl.multiple_of(first, BLOCK)
+        v_base = v_address.to(tl.pointer_type(tl.float32))
+        g_base = g_address.to(tl.pointer_type(tl.float32))
+        s = tl.load(table + i * TABLE_STRIDE)
+        e = tl.load(table + i * TABLE_STRIDE + 1)
+        if MODE == 3:  # RECOMPUTED
+            s_previous = tl.load(table + i * TABLE_STRIDE + 2)
+            e_previous = tl.load(table + i * TABLE_STRIDE + 3)
+        low = tl.full([SUB], float("inf"), tl.float32)
+        b = tl.zeros([SUB], tl.float32)
+        c = tl.zeros([SUB], tl.float32)
+        c2 = tl.zeros([SUB], tl.float32)
+        total = tl.zeros([SUB], tl.float32)
+        for k in range(0, BLOCK, SUB):
+            offs = first + k + tl.arange(0, SUB)
+            if ALIGNED:
+                offs = tl.max_contiguous(tl.multiple_of(offs, SUB), SUB)
+            mask = offs < n
+            v = tl.load(v_base + offs, mask=mask, other=0.0)
+            g = tl.load(g_base + offs, mask=mask, other=0.0)
+            a = tl.sqrt(v) + e
+            if MODE == 3:
+                a_previous = tl.sqrt(tl.maximum((v - weight * (g * g)) * inverse_keep, 0.0)) + e_previous
+                r = 1.0 / (a * a_previous)
+                eta = s * a_previous * r
+                diff = tl.where(mask, (s * a_previous - s_previous * a) * r, 0.0)
+            else:
+                eta = s / a
+                eta_at = eta_ptr + eta_offset + offs
+                if MODE == 1:  # STORED
+                    diff = tl.where(mask, eta - tl.load(eta_at, mask=mask, other=0.0), 0.0)
+                if MODE != 2:  # FIRST, STORED: η_t becomes the next step's η_{t−1}
+                    tl.store(eta_at, eta, mask=mask)
+            step = eta * g  # g is 0 on masked lanes
+            low = tl.minimum(low, tl.where(mask, eta, float("inf")))
+            b += step * step
+            total += tl.where(mask, eta, 0.0)
+            if MODE == 1 or MODE == 3:
+                c += tl.abs(diff)
+                c2 += diff * diff
+        row = partials + pid * 5
+        tl.store(row, tl.min(low, axis=0))
+        tl.store(row + 1, tl.sum(b, axis=0))
+        tl.store(row + 2, tl.sum(c, axis=0))
+        tl.store(row + 3, tl.sum(c2, axis=0))
+        tl.store(row + 4, tl.sum(total, axis=0))
+
+    @triton.jit
+    def _reduce_kernel(
+        partials, rows, out, accumulators, finite, inverse_total, weight,
+        ROWS_CEILING: tl.constexpr, BLOCK: tl.constexpr, ACCUMULATE: tl.constexpr,
+    ):
+        offs = tl.arange(0, BLOCK)
+        low = tl.full([BLOCK], float("inf"), tl.float32)
+        b = tl.zeros([BLOCK], tl.float32)
+        c = tl.zeros([BLOCK], tl.float32)
+        c2 = tl.zeros([BLOCK], tl.float32)
+        total = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, ROWS_CEILING, BLOCK):  # a compile-time bound (a power of two ≥ rows)
+            r = start + offs
+            mask = r < rows
+            at = partials + r * 5
+            low = tl.minimum(low, tl.load(at, mask=mask, other=float("inf")))
+            b += tl.load(at + 1, mask=mask, other=0.0)
+            c += tl.load(at + 2, mask=mask, other=0.0)
+            c2 += tl.load(at + 3, mask=mask, other=0.0)
+            total += tl.load(at + 4, mask=mask, other=0.0)
+        terms_min = tl.min(low, axis=0)
+        terms_b = tl.sum(b, axis=0)
+        terms_c = tl.sum(c, axis=0)
+        terms_c2 = tl.sum(c2, axis=0)
+        terms_sum = tl.sum(total, axis=0)
+        tl.store(out, terms_min)
+        tl.store(out + 1, terms_b)
+        tl.store(out + 2, terms_c)
+        tl.store(out + 3, terms_c2)
+        tl.store(out + 4, terms_sum)
+        if ACCUMULATE:
+            # the tracker's _accumulate, in the accumulators' dtype: a finite step adds weight·[1, min η, Σ(ηg)²,
+            # Σ|Δη|, Σ(Δη)², Ση/n, Σ|Δη|/n, 0]; a non-finite one adds only 1 to the last slot
+            dtype = accumulators.dtype.element_ty
+            row_min = terms_min.to(dtype)
+            row_b = terms_b.to(dtype)
+            row_c = terms_c.to(dtype)
+            row_c2 = terms_c2.to(dtype)
+            row_mean = terms_sum.to(dtype) * inverse_total
+            row_c_mean = row_c * inverse_total
+            ok = (row_min * 0 == 0) & (row_b * 0 == 0) & (row_c * 0 == 0) & (row_c2 * 0 == 0) & (row_mean * 0 == 0)
+            k = tl.where(ok, weight, 0.0).to(dtype)
+            tl.store(accumulators, tl.load(accumulators) + k)
+            tl.store(accumulators + 1, tl.load(accumulators + 1) + tl.where(ok, row_min * k, 0.0))
+            tl.store(accumulators + 2, tl.load(accumulators + 2) + tl.where(ok, row_b * k, 0.0))
+            tl.store(accumulators + 3, tl.load(accumulators + 3) + tl.where(ok, row_c * k, 0.0))
+            tl.store(accumulators + 4, tl.load(accumulators + 4) + tl.where(ok, row_c2 * k, 0.0))
+            tl.store(accumulators + 5, tl.load(accumulators + 5) + tl.where(ok, row_mean * k, 0.0))
+            tl.store(accumulators + 6, tl.load(accumulators + 6) + tl.where(ok, row_c_mean * k, 0.0))
+            tl.store(accumulators + 7, tl.load(accumulators + 7) + tl.where(ok, 0.0, 1.0).to(dtype))
+            tl.store(finite, ok.to(tl.uint8))
+
+
+def _addresses(tensors: list[Tensor]) -> tuple[int, ...]:
+    return tuple(t.data_ptr() for t in tensors)
+
+
+def _padded(n: int) -> int:
+    return -(-n // 4) * 4
+
+
+@dataclass
+class GroupLaunch:
+    """The launch geometry of one group (built once per list of sizes) and its address tables (rebuilt only when
+    an address changes). Tensor i's η lives at ``offsets[i]`` of the group's flat η buffer of ``eta_numel``
+    elements: each start rounded up to 4 elements, so every η address is 16-byte aligned like the tensors'."""
+
+    sizes: tuple[int, ...]
+    device: torch.device
+    block_tensor: Tensor = field(init=False)
+    block_start: Tensor = field(init=False)
+    sizes_table: Tensor = field(init=False)
+    eta_offsets: Tensor = field(init=False)
+    offsets: list[int] = field(init=False)
+    eta_numel: int = field(init=False)
+    _keys: tuple = field(default=(), init=False)
+    _tables: tuple[Tensor, Tensor] | None = field(default=None, init=False)
+    _aligned: bool = field(default=False, init=False)
+
+    def __post_init__(self) -> None:
+        tensor_of_block, start_of_block, self.offsets, offset = [], [], [], 0
+        for i, n in enumerate(self.sizes):
+            blocks = -(-n // BLOCK)
+            tensor_of_block += [i] * blocks
+            start_of_block += range(0, blocks * BLOCK, BLOCK)
+            self.offsets.append(offset)
+            offset += _padded(n)
+        self.eta_numel = offset
+        self.block_tensor = to_device(tensor_of_block, torch.int32, self.device)
+        self.block_start = to_device(start_of_block, torch.int64, self.device)
+        self.sizes_table = to_device(list(self.sizes), torch.int64, self.device)
+        self.eta_offsets = to_device(self.offsets, torch.int64, self.device)
+
+    def eta_views(self, buffer: Tensor, shapes: list[torch.Size]) -> list[Tensor]:
+        """Each tensor's η as a view of the flat buffer, in its parameter's shape."""
+        return [buffer.narrow(0, o, n).view(shape) for o, n, shape in zip(self.offsets, self.sizes, shapes)]
+
+    @property
+    def blocks(self) -> int:
+        return self.block_tensor.numel()
+
+    def address_tables(self, vs: list[Tensor], gs: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """Device int64 tables of the addresses of ``vs`` and ``gs`` (the last ones again when unchanged)."""
+        keys = (_addresses(vs), _addresses(gs))
+        if self._tables is None or keys != self._keys:
+            self._tables = (to_device(list(keys[0]), torch.int64, self.device), to_device(list(keys[1]), torch.int64, self.device))
+            self._keys = keys
+            self._aligned = all(address % 16 == 0 for group in keys for address in group)
+        return self._tables
+
+    def terms(
+        self,
+        vs: list[Tensor],
+        gs: list[Tensor],
+        eta: Tensor | None,
+        table: Tensor,
+        mode: int,
+        inverse_keep: float = 1.0,
+        weight: float = 0.0,
+        accumulate: tuple[Tensor, Tensor, float, float] | None = None,
+    ) -> Tensor:
+        """The group's five terms (float32 ``[5]``) in two launches; ``vs``, ``gs`` contiguous float32 on the
+        device, ``eta`` the flat float32 η buffer of ``eta_numel`` elements (read and/or written per ``mode``;
+        16-byte aligned, as any fresh allocation is), ``table`` the float32
+        ``[n, 2]`` (s, e) or, for ``RECOMPUTED``, ``[n, 4]`` (s, e, s', e') table. ``accumulate`` =
+        (accumulators ``[8]``, a uint8 finite flag ``[]``, 1/n, k): the second launch also adds the step's row,
+        weighted by k, to the accumulators (as :meth:`ConditionTracker._accumulate` does) and writes whether the
+        step was finite."""
+        v_ptrs, g_ptrs = self.address_tables(vs, gs)
+        partials = torch.empty(self.blocks, 5, dtype=torch.float32, device=self.device)
+        out = torch.empty(5, dtype=torch.float32, device=self.device)
+        eta_arg = eta if eta is not None else partials  # never touched in CURRENT / RECOMPUTED
+        aligned = self._aligned and (eta is None or eta.data_ptr() % 16 == 0)
+        _group_terms_kernel[(self.blocks,)](
+            v_ptrs, g_ptrs, eta_arg, self.eta_offsets, self.sizes_table, table, self.block_tensor, self.block_start,
+            partials, float(inverse_keep), float(weight), TABLE_STRIDE=table.shape[1], MODE=mode, ALIGNED=aligned,
+            BLOCK=BLOCK, SUB=SUB,
+        )
+        ceiling = max(_REDUCE_BLOCK, 1 << (self.blocks - 1).bit_length())
+        accumulators, finite, inverse_total, observe_weight = accumulate if accumulate is not None else (out, out, 1.0, 1.0)
+        _reduce_kernel[(1,)](
+            partials, self.blocks, out, accumulators, finite, float(inverse_total), float(observe_weight),
+            ROWS_CEILING=ceiling, BLOCK=_REDUCE_BLOCK, ACCUMULATE=accumulate is not None,
+        )
+        return out

@@ -1,0 +1,263 @@
+"""The Triton path (``kernel="triton"``, and ``"auto"`` on CUDA): :mod:`lightning_adamtype.triton_kernels`.
+
+On a GPU the kernels are compiled by Triton; on a CPU-only machine they run in Triton's interpreter
+(``tests/conftest.py`` sets ``TRITON_INTERPRET=1``), the same kernel source on CPU tensors. Both against the float64
+oracle: the kernel's five terms against slow float64 sums, and the tracker over the reference runs.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from lightning_adamtype import ConditionTracker, triton_kernels
+from reference import Reference
+from test_kernels import RECOMPUTABLE, SQRT_FORM
+from test_reference import STEPS, assert_matches, make_run, train
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+pytestmark = pytest.mark.skipif(
+    not triton_kernels.available(DEVICE),
+    reason="needs Triton (pip install triton; on a CPU its interpreter, TRITON_INTERPRET=1 before import)",
+)
+# the interpreter runs every program in Python: CPU runs keep the optimizers the fused/foreach kinds cover once
+ON_CPU = DEVICE.type == "cpu"
+SIZES = [1, 64, triton_kernels.SUB + 1, triton_kernels.BLOCK - 1, triton_kernels.BLOCK, triton_kernels.BLOCK + 1, 9000]
+
+
+def _float64_terms(vs, gs, table, previous=None, previous_table=None, update=None):
+    """The five terms in float64: η = s/(sqrt(v)+e); η_{t−1} given, or rebuilt from v_{t−1} = (v − w·g²)/k."""
+    etas, diffs = [], []
+    vs, gs = [v.cpu() for v in vs], [g.cpu() for g in gs]
+    previous = [p.cpu() for p in previous] if previous is not None else None
+    for i, (v, g) in enumerate(zip(vs, gs)):
+        s, e = table[i].double().cpu().tolist()
+        eta = s / (v.double().sqrt() + e)
+        etas.append(eta)
+        if previous is not None:
+            diffs.append(eta - previous[i].double())
+        elif previous_table is not None:
+            keep, weight = update
+            v_previous = ((v.double() - weight * g.double() ** 2) / keep).clamp_min(0)
+            ps, pe = previous_table[i].double().cpu().tolist()
+            diffs.append(eta - ps / (v_previous.sqrt() + pe))
+    zero = torch.zeros((), dtype=torch.float64)
+    return torch.stack(
+        [
+            min(eta.min() for eta in etas),
+            sum(((eta * g.double()) ** 2).sum() for eta, g in zip(etas, gs)),
+            sum(d.abs().sum() for d in diffs) if diffs else zero,
+            sum((d * d).sum() for d in diffs) if diffs else zero,
+            sum(eta.sum() for eta in etas),
+        ]
+    ), etas
+
+
+def _inputs(seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    vs = [(torch.rand(n, generator=gen) * 1e-3).to(DEVICE) for n in SIZES]
+    gs = [(torch.randn(n, generator=gen) * 1e-2).to(DEVICE) for n in SIZES]
+    table = torch.tensor([[1e-3 * (1 + i / 7), 1e-8 * (1 + i)] for i in range(len(SIZES))], device=DEVICE)
+    return vs, gs, table
+
+
+@pytest.mark.parametrize("mode", ["first", "stored", "current"])
+def test_group_terms_match_float64_and_write_every_eta(mode):
+    vs, gs, table = _inputs(0)
+    gen = torch.Generator().manual_seed(1)
+    previous = [(torch.rand(v.numel(), generator=gen) * 1e-2).to(DEVICE) for v in vs]
+    launch = triton_kernels.GroupLaunch(tuple(v.numel() for v in vs), DEVICE)
+    if mode == "first":
+        buffer = torch.full((launch.eta_numel,), float("nan"), device=DEVICE)  # poisoned: every η must be written
+        got = launch.terms(vs, gs, buffer, table, triton_kernels.FIRST)
+        expected, etas = _float64_terms(vs, gs, table)
+    elif mode == "stored":
+        buffer = torch.zeros(launch.eta_numel, device=DEVICE)
+        for into, p in zip(launch.eta_views(buffer, [v.shape for v in vs]), previous):
+            into.copy_(p)
+        got = launch.terms(vs, gs, buffer, table, triton_kernels.STORED)
+        expected, etas = _float64_terms(vs, gs, table, previous=previous)
+    else:
+        buffer = None
+        got = launch.terms(vs, gs, None, table, triton_kernels.CURRENT)
+        expected, etas = _float64_terms(vs, gs, table)
+    torch.testing.assert_close(got.double().cpu(), expected, rtol=2e-5, atol=0)
+    if buffer is not None:
+        written = torch.cat(launch.eta_views(buffer, [v.shape for v in vs]))
+        torch.testing.assert_close(written.double().cpu(), torch.cat(etas), rtol=1e-6, atol=0)
+
+
+def test_recomputed_terms_match_float64():
+    vs_previous, gs, _ = _inputs(2)
+    keep, weight = 0.999, 1e-3
+    vs = [keep * v + weight * g * g for v, g in zip(vs_previous, gs)]
+    table = torch.tensor([[1e-3 * (1 + i / 5), 1e-8 * (1 + i), 0.97e-3 * (1 + i / 5), 1.1e-8 * (1 + i)]
+                          for i in range(len(SIZES))], device=DEVICE)
+    launch = triton_kernels.GroupLaunch(tuple(SIZES), DEVICE)
+    got = launch.terms(vs, gs, None, table, triton_kernels.RECOMPUTED, 1.0 / keep, weight)
+    expected, _ = _float64_terms(vs, gs, table[:, :2], previous_table=table[:, 2:].cpu(), update=(keep, weight))
+    # v_{t−1} rebuilt from float32 v_t: c, c2 to the rounding of v_t (see kernels.py), a, b as tight as above
+    torch.testing.assert_close(got.double().cpu()[[0, 1, 4]], expected[[0, 1, 4]], rtol=2e-5, atol=0)
+    torch.testing.assert_close(got.double().cpu()[[2, 3]], expected[[2, 3]], rtol=1e-3, atol=0)
+
+
+def test_address_tables_are_uploaded_only_when_an_address_changes():
+    vs, gs, _ = _inputs(3)
+    launch = triton_kernels.GroupLaunch(tuple(SIZES), DEVICE)
+    first = launch.address_tables(vs, gs)
+    assert launch.address_tables(vs, list(gs)) is first  # same addresses: no new copy
+    moved = [g.clone() for g in gs]
+    v_table, g_table = launch.address_tables(vs, moved)
+    assert g_table is not first[1] and g_table.tolist() == [g.data_ptr() for g in moved]
+    assert v_table.tolist() == [v.data_ptr() for v in vs]
+
+
+def _spy(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    original = ConditionTracker._triton_contributions
+
+    def spy(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ConditionTracker, "_triton_contributions", spy)
+    return calls
+
+
+def _cases(configs):
+    if not ON_CPU:
+        return configs
+    keep = {"adam-foreach", "adam-fused", "adam-wd-foreach", "adamw-foreach", "adagrad-foreach", "rmsprop-foreach"}
+    return [c for c in configs if c[0] in keep] or configs[:4]
+
+
+@pytest.mark.parametrize("attach_after", [0, 3], ids=["from-start", "attached-after-3"])
+@pytest.mark.parametrize("name,cls,kwargs", _cases(SQRT_FORM), ids=[c[0] for c in _cases(SQRT_FORM)])
+def test_triton_path_matches_float64_reference(monkeypatch, name, cls, kwargs, attach_after):
+    calls = _spy(monkeypatch)
+    model, opt, sched, data = make_run(cls, kwargs, device=str(DEVICE))
+    train(model, opt, sched, data, range(1, attach_after + 1))
+    tracker = ConditionTracker(opt, kernel="triton")
+    ref = Reference(opt)
+    train(model, opt, sched, data, range(attach_after + 1, STEPS + 1), ref)
+    assert_matches(tracker, ref)
+    if kwargs.get("centered"):
+        assert not calls  # centered RMSprop has no square-root form
+    else:
+        assert calls  # the Triton path did run (a silent fallback cannot pass)
+
+
+@pytest.mark.parametrize("name,cls,kwargs", _cases(RECOMPUTABLE), ids=[c[0] for c in _cases(RECOMPUTABLE)])
+def test_triton_recomputed_matches_float64_reference(monkeypatch, name, cls, kwargs):
+    calls = _spy(monkeypatch)
+    model, opt, sched, data = make_run(cls, kwargs, device=str(DEVICE))
+    train(model, opt, sched, data, range(1, 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tracker = ConditionTracker(opt, kernel="triton", previous_stepsize="recomputed")
+        ref = Reference(opt)
+        train(model, opt, sched, data, range(4, STEPS + 1), ref)
+    assert_matches(tracker, ref)
+    assert calls and not any(g.previous for g in tracker._groups)  # no η_{t−1} stored
+
+
+def test_triton_never_changes_the_training():
+    twins = []
+    for tracked in (False, True):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(n, device=DEVICE)) for n in (5000, 70, 3)]
+        opt = torch.optim.Adam(params, lr=1e-2)
+        if tracked:
+            ConditionTracker(opt, kernel="triton")
+        twins.append((params, opt))
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        grads = [torch.randn(p.shape, generator=gen).to(DEVICE) for p in twins[0][0]]
+        for params, opt in twins:
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            opt.step()
+    (bare, bare_opt), (tracked, tracked_opt) = twins
+    for p, q in zip(bare, tracked):
+        assert torch.equal(p, q) and torch.equal(p.grad, q.grad)
+        assert torch.equal(bare_opt.state[p]["exp_avg_sq"], tracked_opt.state[q]["exp_avg_sq"])
+
+
+def test_group_that_changes_membership_between_steps_stays_exact(monkeypatch):
+    """A parameter whose grad is None at some steps leaves the group's tensor list; the flat η buffer and the
+    launch geometry are rebuilt for the new list (the reference runs already have such a parameter; here it is the
+    only thing that changes, on the Triton path)."""
+    calls = _spy(monkeypatch)
+    model, opt, sched, data = make_run(torch.optim.Adam, dict(lr=1e-2), device=str(DEVICE))
+    tracker = ConditionTracker(opt, kernel="triton")
+    ref = Reference(opt)
+    train(model, opt, sched, data, range(1, STEPS + 1), ref)
+    assert_matches(tracker, ref)
+    assert len(calls) >= STEPS
+
+
+def test_triton_asked_for_where_it_cannot_run_warns_once_and_measures(monkeypatch):
+    monkeypatch.setattr(triton_kernels, "available", lambda device: False)
+    calls = _spy(monkeypatch)
+    model, opt, sched, data = make_run(torch.optim.Adam, dict(lr=1e-2), device=str(DEVICE))
+    with pytest.warns(UserWarning, match="kernel='triton' needs Triton and a CUDA device") as record:
+        tracker = ConditionTracker(opt, kernel="triton")
+        ref = Reference(opt)
+        train(model, opt, sched, data, range(1, 6), ref)
+    assert sum("kernel='triton'" in str(w.message) for w in record) == 1
+    assert not calls
+    assert_matches(tracker, ref)
+
+
+@pytest.mark.skipif(not ON_CPU, reason="on CUDA 'auto' is Triton")
+def test_auto_stays_off_triton_on_the_cpu(monkeypatch):
+    calls = _spy(monkeypatch)
+    model, opt, sched, data = make_run(torch.optim.Adam, dict(lr=1e-2))
+    ConditionTracker(opt)
+    train(model, opt, sched, data, range(1, 4))
+    assert not calls
+
+
+def test_unaligned_tensors_take_the_unhinted_kernel_and_stay_exact():
+    """Views at odd offsets (not 16-byte aligned) must not get the 16-byte vector loads."""
+    vs, gs, table = _inputs(4)
+    flat_v = torch.cat([torch.zeros(1, device=DEVICE), *vs])
+    flat_g = torch.cat([torch.zeros(1, device=DEVICE), *gs])
+    starts = [1 + sum(SIZES[:i]) for i in range(len(SIZES))]
+    odd_vs = [flat_v.narrow(0, s, n) for s, n in zip(starts, SIZES)]
+    odd_gs = [flat_g.narrow(0, s, n) for s, n in zip(starts, SIZES)]
+    launch = triton_kernels.GroupLaunch(tuple(SIZES), DEVICE)
+    got = launch.terms(odd_vs, odd_gs, None, table, triton_kernels.CURRENT)
+    assert not launch._aligned
+    expected, _ = _float64_terms(vs, gs, table)
+    torch.testing.assert_close(got.double().cpu(), expected, rtol=2e-5, atol=0)
+    launch.terms(vs, gs, None, table, triton_kernels.CURRENT)
+    assert launch._aligned
+
+
+@pytest.mark.parametrize("case", ["non-finite-step", "observe-every-3"])
+def test_fused_accumulation_matches_the_foreach_path(case):
+    """The second launch adds the row to the accumulators itself (weight k, a non-finite step counted apart, the
+    trend detectors' finite flag): the same results as the foreach path's ``_accumulate``."""
+    results = []
+    for kernel in ("triton", "foreach"):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(n, device=DEVICE)) for n in (300, 7)]
+        opt = torch.optim.Adam(params, lr=1e-2)
+        tracker = ConditionTracker(opt, kernel=kernel, observe_every=3 if case == "observe-every-3" else 1)
+        gen = torch.Generator().manual_seed(1)
+        for step in range(1, 10):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen).to(DEVICE)
+            if case == "non-finite-step" and step == 5:
+                params[1].grad[2] = float("inf")
+            opt.step()
+        results.append((tracker.compute(), tracker._groups[0].last_finite.item()))
+    (got, got_finite), (expected, expected_finite) = results
+    assert got_finite == expected_finite
+    for key, value in expected["Adam/pg0"].items():
+        assert got["Adam/pg0"][key] == pytest.approx(value, rel=1e-5, nan_ok=True), key
+    if case == "non-finite-step":
+        assert got["Adam/pg0"]["nonfinite_steps"] >= 1
