@@ -109,15 +109,15 @@ def _per_coordinate(table: Tensor, sizes: list[int]) -> tuple[Tensor, Tensor]:
 def _contribution_layout(total: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
     """(offset, matrix) with offset + matrix @ [min η, Σ(ηg)², Σ|Δη|, Σ(Δη)², Ση] = the row the accumulators add:
     [1, min η, Σ(ηg)², Σ|Δη|, Σ(Δη)², Ση/n, Σ|Δη|/n, 0] (the last slot counts non-finite steps), for a group of
-    n = ``total`` coordinates. One ``addmv`` per step instead of eight small operations."""
-    matrix = torch.zeros(len(ACCUMULATOR_KEYS), 5, dtype=dtype, device=device)
+    n = ``total`` coordinates. One ``addmv`` per step instead of eight small operations. Built on the host and copied
+    once (:func:`to_device`): setting elements of a CUDA tensor one by one copies each from pageable memory, a sync."""
+    matrix = [[0.0] * 5 for _ in ACCUMULATOR_KEYS]
     for row, column in enumerate(range(4), start=1):
-        matrix[row, column] = 1.0
-    matrix[5, 4] = 1.0 / total
-    matrix[6, 2] = 1.0 / total
-    offset = torch.zeros(len(ACCUMULATOR_KEYS), dtype=dtype, device=device)
-    offset[0] = 1.0
-    return offset, matrix
+        matrix[row][column] = 1.0
+    matrix[5][4] = 1.0 / total
+    matrix[6][2] = 1.0 / total
+    offset = [1.0] + [0.0] * (len(ACCUMULATOR_KEYS) - 1)
+    return to_device(offset, dtype, device), to_device(matrix, dtype, device)
 
 
 @dataclass
@@ -484,8 +484,7 @@ class ConditionTracker:
         made once per accumulator dtype and device."""
         key = (acc.dtype, acc.device)
         if key not in self._accumulate_constants:
-            row = torch.zeros_like(acc)
-            row[-1] = 1.0
+            row = to_device([0.0] * (acc.numel() - 1) + [1.0], acc.dtype, acc.device)  # no element-wise set: no sync
             self._accumulate_constants[key] = (torch.zeros(1, dtype=acc.dtype, device=acc.device), row)
         return self._accumulate_constants[key]
 

@@ -46,9 +46,14 @@ except ImportError:  # pragma: no cover - the CPU-only CI has no Triton
 __all__ = ["BLOCK", "CURRENT", "FIRST", "RECOMPUTED", "STORED", "GroupLaunch", "available"]
 
 FIRST, STORED, CURRENT, RECOMPUTED = 0, 1, 2, 3
-#: coordinates per program (the partial-sum table has one row per program: 6k rows at 100M), taken SUB at a time.
+#: coordinates per program (the partial-sum table has one row per program: 6k rows at 100M), taken SUB at a time by
+#: NUM_WARPS warps. Measured on an H100 at 100M coordinates (benchmarks/triton_variants.py, benchmarks/README.md):
+#: the stored mode (η_{t−1} read and η_t written in place) ran at 0.7 TB/s with SUB = 1024 and 4 warps, 1.8 TB/s with
+#: SUB = 4096 and 8 warps; the other modes at 1.7–2.8 TB/s either way.
 BLOCK = 16384
-SUB = 1024
+SUB = 4096
+NUM_WARPS = 8
+NUM_STAGES = 3
 _REDUCE_BLOCK = 1024
 
 
@@ -265,7 +270,7 @@ class GroupLaunch:
         _group_terms_kernel[(self.blocks,)](
             v_ptrs, g_ptrs, eta_arg, self.eta_offsets, self.sizes_table, table, self.block_tensor, self.block_start,
             partials, float(inverse_keep), float(weight), TABLE_STRIDE=table.shape[1], MODE=mode, ALIGNED=aligned,
-            BLOCK=BLOCK, SUB=SUB,
+            BLOCK=BLOCK, SUB=SUB, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
         )
         ceiling = max(_REDUCE_BLOCK, 1 << (self.blocks - 1).bit_length())
         accumulators, finite, inverse_total, observe_weight = accumulate if accumulate is not None else (out, out, 1.0, 1.0)

@@ -41,6 +41,8 @@ MODES = {
     "compiled-flat": ({"kernel": "compiled"}, 1 << 18),
     "compiled-per-tensor": ({"kernel": "compiled"}, 0),
     "compiled-recomputed-per-tensor": ({"kernel": "compiled", "previous_stepsize": "recomputed"}, 0),
+    "auto-observe-every-3": ({"observe_every": 3}, 1 << 18),
+    "foreach-observe-every-3": ({"kernel": "foreach", "observe_every": 3}, 0),
 }
 
 
