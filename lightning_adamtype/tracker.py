@@ -106,6 +106,16 @@ def _per_coordinate(table: Tensor, sizes: list[int]) -> tuple[Tensor, Tensor]:
     return tuple(torch.repeat_interleave(table[:, i], repeats, output_size=total) for i in (0, 1))  # type: ignore[return-value]
 
 
+def _keep_scales(state: "_GroupState", indices: list[int], table: Tensor) -> None:
+    """Recomputed mode: this step's (s, e) rows (one per parameter, views of ``table``) become the next step's
+    (s', e'); no η_{t−1} is stored for those parameters."""
+    rows = table.unbind(0)
+    for pi, row in zip(indices, rows):
+        state.previous_scales[pi] = row
+        state.previous.pop(pi, None)
+    state.flat_previous_rows = list(rows)
+
+
 def _contribution_layout(total: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
     """(offset, matrix) with offset + matrix @ [min η, Σ(ηg)², Σ|Δη|, Σ(Δη)², Ση] = the row the accumulators add:
     [1, min η, Σ(ηg)², Σ|Δη|, Σ(Δη)², Ση/n, Σ|Δη|/n, 0] (the last slot counts non-finite steps), for a group of
@@ -697,11 +707,7 @@ class ConditionTracker:
             terms = scratch_recomputed_terms(v_flat, g_flat, s, e, ps, pe, 1.0 / keep, weight)
         else:
             terms, _ = scratch_terms(v_flat, g_flat, None, s, e)
-        rows = scalar_table(scalars, dtype, device).unbind(0)
-        for pi, row in zip(indices, rows):
-            state.previous_scales[pi] = row
-            state.previous.pop(pi, None)
-        state.flat_previous_rows = list(rows)
+        _keep_scales(state, indices, scalar_table(scalars, dtype, device))
         state.flat_previous_scalars = (s, e) if isinstance(s, float) and isinstance(e, float) else None
         return terms
 
@@ -748,11 +754,7 @@ class ConditionTracker:
                 terms = launch.terms(vs, grads, None, both, triton_kernels.RECOMPUTED, 1.0 / keep, weight, accumulate)
             else:
                 terms = launch.terms(vs, grads, None, table.to(torch.float32), triton_kernels.CURRENT, accumulate=accumulate)
-            rows = table.unbind(0)
-            for pi, row in zip(indices, rows):
-                state.previous_scales[pi] = row
-                state.previous.pop(pi, None)
-            state.flat_previous_rows = list(rows)
+            _keep_scales(state, indices, table)
             state.triton_previous_table = table
             new_previous = [None] * len(indices)
         else:

@@ -2,7 +2,8 @@
 training left bitwise untouched, and the callback in a GPU ``Trainer``.
 
 Skipped without CUDA (CI has none). The checks are plain functions of ``device`` so that they can also be run on
-the CPU by hand (``python -c "import test_cuda as t; t.check_matches_reference('cpu', ...)"``) when editing them.
+the CPU by hand (``python -c "import test_cuda as t; t.check_matches_reference('cpu', ...)"``) when editing them;
+the bitwise-untouched check is :func:`test_kernels.assert_training_untouched`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 from lightning_adamtype import ConditionTracker
 from reference import Reference
 from test_hot_path import NO_SAMPLES
+from test_kernels import assert_training_untouched
 from test_reference import STEPS, assert_matches, make_run, train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -91,30 +93,6 @@ def check_no_sync(device: str, cls, kwargs, tracker_kwargs: dict, steps: int = 2
     return tracker
 
 
-def check_training_untouched(device: str, tracker_kwargs: dict) -> None:
-    """Parameters, grads and state of a tracked Adam stay bitwise equal to an untracked twin's."""
-    twins = []
-    for tracked in (False, True):
-        torch.manual_seed(0)
-        params = [torch.nn.Parameter(torch.randn(n, device=device)) for n in (5000, 70, 3)]
-        opt = torch.optim.Adam(params, lr=1e-2, fused=device == "cuda")
-        if tracked:
-            ConditionTracker(opt, **tracker_kwargs)
-        twins.append((params, opt))
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(6):
-        grads = [torch.randn(p.shape, generator=gen).to(device) for p in twins[0][0]]
-        for params, opt in twins:
-            for p, g in zip(params, grads):
-                p.grad = g.clone()
-            opt.step()
-    (bare, bare_opt), (tracked, tracked_opt) = twins
-    for p, q in zip(bare, tracked):
-        assert torch.equal(p, q) and torch.equal(p.grad, q.grad)
-        for key in ("exp_avg", "exp_avg_sq"):
-            assert torch.equal(bare_opt.state[p][key], tracked_opt.state[q][key]), key
-
-
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("name,cls,kwargs", OPTIMIZERS, ids=IDS)
 def test_every_path_matches_the_float64_reference_on_cuda(monkeypatch, name, cls, kwargs, mode):
@@ -154,7 +132,7 @@ def test_the_sync_check_is_not_vacuous_on_cuda():
 def test_the_tracker_never_changes_the_training_on_cuda(monkeypatch, mode):
     tracker_kwargs, flat_max = MODES[mode]
     _flat_max(monkeypatch, flat_max)
-    check_training_untouched("cuda", tracker_kwargs)
+    assert_training_untouched((5000, 70, 3), tracker_kwargs, device="cuda", fused=True)
 
 
 def test_monitor_in_a_gpu_trainer_logs_what_a_cpu_run_logs(tmp_path):

@@ -222,24 +222,33 @@ def test_no_host_reads_on_non_sample_steps(monkeypatch, kwargs, cls, opt_kwargs,
 
 @pytest.mark.parametrize("split", [5, 6], ids=["resume-after-5", "resume-after-6-gap"])
 def test_recomputed_resume_matches_uninterrupted(split):
-    cls, kwargs = torch.optim.Adam, dict(lr=1e-2, weight_decay=0.1, foreach=True)
-    model, opt, sched, data = make_run(cls, kwargs)
-    full = ConditionTracker(opt, previous_stepsize="recomputed")
+    got, expected = resumed_and_uninterrupted(
+        torch.optim.Adam, dict(lr=1e-2, weight_decay=0.1, foreach=True), split, previous_stepsize="recomputed"
+    )
+    assert_same(got, expected, rel=1e-12)
+
+
+def resumed_and_uninterrupted(cls, kwargs, split: int, device: str = "cpu", **tracker_kwargs) -> tuple[dict, dict]:
+    """``compute()`` of a tracker whose state went through torch.save / torch.load(weights_only=True) after step
+    ``split``, and of an uninterrupted one, over the same reference run."""
+    model, opt, sched, data = make_run(cls, kwargs, device=device)
+    full = ConditionTracker(opt, **tracker_kwargs)
     train(model, opt, sched, data, range(1, STEPS + 1))
     expected = full.compute()
+    full.remove()
 
-    model, opt, sched, data = make_run(cls, kwargs)
-    first = ConditionTracker(opt, previous_stepsize="recomputed")
+    model, opt, sched, data = make_run(cls, kwargs, device=device)
+    first = ConditionTracker(opt, **tracker_kwargs)
     train(model, opt, sched, data, range(1, split + 1))
     buffer = io.BytesIO()
     torch.save(first.state_dict(), buffer)
     first.remove()
     model2, opt2, sched2 = copy.deepcopy((model, opt, sched))
     buffer.seek(0)
-    resumed = ConditionTracker(opt2, previous_stepsize="recomputed")
+    resumed = ConditionTracker(opt2, **tracker_kwargs)
     resumed.load_state_dict(torch.load(buffer, weights_only=True))
     train(model2, opt2, sched2, data, range(split + 1, STEPS + 1))
-    assert_same(resumed.compute(), expected, rel=1e-12)
+    return resumed.compute(), expected
 
 
 def test_switch_to_amsgrad_with_recomputed_continues_the_oscillation_sum():
@@ -435,17 +444,23 @@ def test_the_tracker_never_changes_the_training(monkeypatch, sizes, tracker_kwar
     import lightning_adamtype.tracker as tracker_module
 
     monkeypatch.setattr(tracker_module, "FLAT_MAX_NUMEL", flat_max)
+    assert_training_untouched(sizes, tracker_kwargs)
+
+
+def assert_training_untouched(sizes, tracker_kwargs: dict, device: str = "cpu", fused: bool = False) -> None:
+    """Adam with and without a tracker, the same gradients: after every one of 5 steps the parameters, gradients
+    and state of the tracked optimizer are bitwise equal to the untracked twin's."""
     torch.manual_seed(0)
     twins = []
     for tracked in (False, True):
-        params = [torch.nn.Parameter(torch.ones(n)) for n in sizes]
-        opt = torch.optim.Adam(params, lr=1e-2)
+        params = [torch.nn.Parameter(torch.ones(n, device=device)) for n in sizes]
+        opt = torch.optim.Adam(params, lr=1e-2, fused=fused or None)
         if tracked:
             ConditionTracker(opt, **tracker_kwargs)
         twins.append((params, opt))
     gen = torch.Generator().manual_seed(1)
     for _ in range(5):
-        grads = [torch.randn(n, generator=gen) for n in sizes]
+        grads = [torch.randn(n, generator=gen).to(device) for n in sizes]
         for params, opt in twins:
             for p, g in zip(params, grads):
                 p.grad = g.clone()

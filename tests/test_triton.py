@@ -14,7 +14,7 @@ import torch
 
 from lightning_adamtype import ConditionTracker, triton_kernels
 from reference import Reference
-from test_kernels import RECOMPUTABLE, SQRT_FORM
+from test_kernels import RECOMPUTABLE, SQRT_FORM, assert_training_untouched, resumed_and_uninterrupted
 from test_reference import STEPS, assert_matches, make_run, train
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -164,25 +164,7 @@ def test_triton_recomputed_matches_float64_reference(monkeypatch, name, cls, kwa
 
 
 def test_triton_never_changes_the_training():
-    twins = []
-    for tracked in (False, True):
-        torch.manual_seed(0)
-        params = [torch.nn.Parameter(torch.randn(n, device=DEVICE)) for n in (5000, 70, 3)]
-        opt = torch.optim.Adam(params, lr=1e-2)
-        if tracked:
-            ConditionTracker(opt, kernel="triton")
-        twins.append((params, opt))
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(5):
-        grads = [torch.randn(p.shape, generator=gen).to(DEVICE) for p in twins[0][0]]
-        for params, opt in twins:
-            for p, g in zip(params, grads):
-                p.grad = g.clone()
-            opt.step()
-    (bare, bare_opt), (tracked, tracked_opt) = twins
-    for p, q in zip(bare, tracked):
-        assert torch.equal(p, q) and torch.equal(p.grad, q.grad)
-        assert torch.equal(bare_opt.state[p]["exp_avg_sq"], tracked_opt.state[q]["exp_avg_sq"])
+    assert_training_untouched((5000, 70, 3), {"kernel": "triton"}, device=str(DEVICE))
 
 
 def test_group_that_changes_membership_between_steps_stays_exact(monkeypatch):
@@ -261,3 +243,19 @@ def test_fused_accumulation_matches_the_foreach_path(case):
         assert got["Adam/pg0"][key] == pytest.approx(value, rel=1e-5, nan_ok=True), key
     if case == "non-finite-step":
         assert got["Adam/pg0"]["nonfinite_steps"] >= 1
+
+
+@pytest.mark.parametrize("previous_stepsize", ["stored", "recomputed"])
+@pytest.mark.parametrize("split", [5, 6], ids=["resume-after-5", "resume-after-6-gap"])
+def test_triton_resume_matches_uninterrupted(monkeypatch, previous_stepsize, split):
+    """Through torch.save / torch.load: η_{t−1} comes back as separate tensors and is copied into a new padded flat
+    buffer once (stored), or the (s', e') rows come back (recomputed); the sums go on as if never interrupted."""
+    calls = _spy(monkeypatch)
+    got, expected = resumed_and_uninterrupted(
+        torch.optim.Adam, dict(lr=1e-2, weight_decay=0.1), split, device=str(DEVICE),
+        kernel="triton", previous_stepsize=previous_stepsize,
+    )
+    assert calls
+    for group, values in expected.items():
+        for key, value in values.items():
+            assert got[group][key] == pytest.approx(value, rel=1e-6, nan_ok=True), (group, key)
