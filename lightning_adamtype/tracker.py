@@ -610,9 +610,17 @@ class ConditionTracker:
                     "the foreach path runs instead",
                 )
             return False
-        return all(
+        eligible = all(
             t.dtype == torch.float32 and t.device == device and t.is_contiguous() for ts in (vs, grads) for t in ts
         )
+        if not eligible and self.kernel == "triton":
+            kinds = sorted({f"{t.dtype}{'' if t.is_contiguous() else ' non-contiguous'} on {t.device}" for t in (*vs, *grads)})
+            self._warn_once(
+                "triton-state",
+                f"kernel='triton' needs contiguous float32 state and gradients on one device; a group has "
+                f"{', '.join(kinds)}: it takes the foreach path",
+            )
+        return eligible
 
     @staticmethod
     def _same_kind(form: tuple) -> bool:

@@ -259,3 +259,16 @@ def test_triton_resume_matches_uninterrupted(monkeypatch, previous_stepsize, spl
     for group, values in expected.items():
         for key, value in values.items():
             assert got[group][key] == pytest.approx(value, rel=1e-6, nan_ok=True), (group, key)
+
+
+def test_triton_asked_for_on_bfloat16_state_warns_once_and_measures(monkeypatch):
+    calls = _spy(monkeypatch)
+    params = [torch.nn.Parameter(torch.randn(40, device=DEVICE, dtype=torch.bfloat16))]
+    opt = torch.optim.Adam(params, lr=1e-2)
+    with pytest.warns(UserWarning, match="contiguous float32 state") as record:
+        tracker = ConditionTracker(opt, kernel="triton")
+        for _ in range(3):
+            params[0].grad = torch.randn_like(params[0])
+            opt.step()
+    assert sum("kernel='triton'" in str(w.message) for w in record) == 1
+    assert not calls and tracker.compute()["Adam/pg0"]["steps"] == 3
