@@ -192,10 +192,16 @@ class AdamAdapter:
         lr, eps = _lr(group), float(group["eps"])
         key = "max_exp_avg_sq" if group.get("amsgrad", False) else "exp_avg_sq"
         scalars = []
+        by_step: dict[float, tuple[Scalar, Scalar]] = {}  # host step counts: one computation per distinct t
         for s in states:
             t = step_value(s)
-            root = _sqrt(1 - beta2**t)
-            scalars.append((lr * root / (1 - beta1**t), eps * root))
+            pair = by_step.get(t) if isinstance(t, float) else None
+            if pair is None:
+                root = _sqrt(1 - beta2**t)
+                pair = (lr * root / (1 - beta1**t), eps * root)
+                if isinstance(t, float):
+                    by_step[t] = pair
+            scalars.append(pair)
         return [s[key] for s in states], scalars
 
     def second_moment_update(self, group: dict[str, Any]) -> tuple[float, float] | None:
