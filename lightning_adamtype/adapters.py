@@ -30,7 +30,37 @@ __all__ = [
 
 Scalar = float | Tensor
 #: (v per parameter, (s, e) per parameter) with η = s / (sqrt(v) + e): see ``sqrt_form`` on the adapters.
-SqrtForm = tuple[list[Tensor], list[tuple[Scalar, Scalar]]]
+SqrtForm = tuple[list[Tensor], Sequence[tuple[Scalar, Scalar]]]
+
+
+class ScalarTable(Sequence):
+    """The (s_i, e_i) of a square-root form held as one ``[n, 2]`` tensor: what an adapter returns when the step
+    counters live on the device (fused or capturable optimizers), computed for all parameters in a few operations
+    instead of several per parameter. Reads as a sequence of (s, e) pairs of 0-dim views; :func:`scalar_table`
+    returns the tensor itself."""
+
+    def __init__(self, table: Tensor) -> None:
+        self.table = table
+
+    def __len__(self) -> int:
+        return self.table.shape[0]
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        row = self.table[index]
+        return (row[0], row[1])
+
+
+def device_steps(states: Sequence[dict[str, Any]]) -> Tensor | None:
+    """The step counters of ``states`` as one float32 vector, clamped to ≥ 1 as :func:`step_value` does, when every
+    one is a tensor on one accelerator; None otherwise (host counters are read as floats, one by one)."""
+    steps = [s["step"] for s in states]
+    if not all(isinstance(t, Tensor) and t.device.type != "cpu" for t in steps):
+        return None
+    if len({t.device for t in steps}) != 1:
+        return None
+    return torch.stack(steps).to(torch.float32).clamp_min(1.0)
 
 
 class OptimizerAdapter(Protocol):
@@ -155,6 +185,8 @@ def to_device(values: Any, dtype: torch.dtype | None, device: torch.device) -> T
 def scalar_table(scalars: Sequence[tuple[Scalar, Scalar]], dtype: torch.dtype, device: torch.device) -> Tensor:
     """The (s, e) pairs of a square-root form as one [n, 2] tensor: one asynchronous host→device copy when they
     are floats (:func:`to_device`), a stack of the 0-dim tensors otherwise (device step counters or lr)."""
+    if isinstance(scalars, ScalarTable):
+        return scalars.table.to(device=device, dtype=dtype)
     if all(isinstance(x, float) for pair in scalars for x in pair):
         return to_device(scalars, dtype, device)
     return torch.stack(
@@ -191,6 +223,10 @@ class AdamAdapter:
         beta1, beta2 = float(group["betas"][0]), float(group["betas"][1])
         lr, eps = _lr(group), float(group["eps"])
         key = "max_exp_avg_sq" if group.get("amsgrad", False) else "exp_avg_sq"
+        steps = device_steps(states)
+        if steps is not None:  # fused / capturable: all parameters at once, on the device
+            root = (1 - torch.pow(beta2, steps)).sqrt()
+            return [s[key] for s in states], ScalarTable(torch.stack([lr * root / (1 - torch.pow(beta1, steps)), eps * root], 1))
         scalars = []
         by_step: dict[float, tuple[Scalar, Scalar]] = {}  # host step counts: one computation per distinct t
         for s in states:

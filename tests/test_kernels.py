@@ -470,3 +470,43 @@ def assert_training_untouched(sizes, tracker_kwargs: dict, device: str = "cpu", 
             assert torch.equal(p, q) and torch.equal(p.grad, q.grad)
             for key in ("exp_avg", "exp_avg_sq"):
                 assert torch.equal(bare_opt.state[p][key], tracked_opt.state[q][key]), key
+
+
+def vectorize_host_steps(monkeypatch) -> list[int]:
+    """Make the adapters take their device-step-counter path (one vector of steps, a ScalarTable) for CPU step
+    tensors too, so it is checked on a machine without a GPU; returns a list that grows at each use."""
+    import lightning_adamtype.adapters as adapters
+
+    used: list[int] = []
+
+    def steps_as_vector(states):
+        steps = [s["step"] for s in states]
+        if not all(isinstance(t, torch.Tensor) for t in steps):
+            return None
+        used.append(1)
+        return torch.stack(steps).to(torch.float32).clamp_min(1.0)
+
+    monkeypatch.setattr(adapters, "device_steps", steps_as_vector)
+    return used
+
+
+@pytest.mark.parametrize(
+    "tracker_kwargs",
+    [{}, {"kernel": "compiled"}, {"previous_stepsize": "recomputed"}, {"kernel": "compiled", "previous_stepsize": "recomputed"}],
+    ids=["default", "compiled", "recomputed", "compiled-recomputed"],
+)
+@pytest.mark.parametrize("flat_max", [0, 1 << 17], ids=["per-tensor-paths", "small-group-path"])
+@pytest.mark.parametrize("name,cls,kwargs", [c for c in SQRT_FORM if c[0] in ("adam-wd-foreach", "adamw-amsgrad-foreach")],
+                         ids=["adam-wd-foreach", "adamw-amsgrad-foreach"])
+def test_scalar_table_of_device_step_counters_matches_float64_reference(monkeypatch, name, cls, kwargs, tracker_kwargs, flat_max):
+    """Fused and capturable optimizers keep their step counters on the GPU; Adam's adapter then computes every
+    parameter's (s, e) at once into a ScalarTable. Every path reads it right (float64 oracle)."""
+    import lightning_adamtype.tracker as tracker_module
+
+    monkeypatch.setattr(tracker_module, "FLAT_MAX_NUMEL", flat_max)
+    used = vectorize_host_steps(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # AMSGrad + recomputed: the stored fallback's warning
+        tracker, ref = _run(cls, kwargs, 3, **tracker_kwargs)
+    assert_matches(tracker, ref)
+    assert used

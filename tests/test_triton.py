@@ -14,7 +14,7 @@ import torch
 
 from lightning_adamtype import ConditionTracker, triton_kernels
 from reference import Reference
-from test_kernels import RECOMPUTABLE, SQRT_FORM, assert_training_untouched, resumed_and_uninterrupted
+from test_kernels import RECOMPUTABLE, SQRT_FORM, assert_training_untouched, resumed_and_uninterrupted, vectorize_host_steps
 from test_reference import STEPS, assert_matches, make_run, train
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -272,3 +272,17 @@ def test_triton_asked_for_on_bfloat16_state_warns_once_and_measures(monkeypatch)
             opt.step()
     assert sum("kernel='triton'" in str(w.message) for w in record) == 1
     assert not calls and tracker.compute()["Adam/pg0"]["steps"] == 3
+
+
+@pytest.mark.parametrize("previous_stepsize", ["stored", "recomputed"])
+def test_triton_reads_the_scalar_table_of_device_step_counters(monkeypatch, previous_stepsize):
+    """Fused/capturable Adam on a GPU: the (s, e) come as one ScalarTable, passed to the kernel as is."""
+    calls = _spy(monkeypatch)
+    used = vectorize_host_steps(monkeypatch)
+    model, opt, sched, data = make_run(torch.optim.Adam, dict(lr=1e-2, weight_decay=0.1), device=str(DEVICE))
+    train(model, opt, sched, data, range(1, 4))
+    tracker = ConditionTracker(opt, kernel="triton", previous_stepsize=previous_stepsize)
+    ref = Reference(opt)
+    train(model, opt, sched, data, range(4, STEPS + 1), ref)
+    assert_matches(tracker, ref)
+    assert calls and used
