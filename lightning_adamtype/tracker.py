@@ -423,14 +423,23 @@ class ConditionTracker:
         else:
             sqrt_form = getattr(self.adapter, "sqrt_form", None)
             form = sqrt_form(group, states) if callable(sqrt_form) else None  # read once per step
-            path, update = self._choose_path(
-                group, form, numel, len(with_previous) in (0, len(entries)), found_inf, grads
-            )
+            all_or_none = len(with_previous) in (0, len(entries))
+            path, update = self._choose_path(group, form, numel, all_or_none, found_inf, grads)
             if path == "triton":
                 # unsharded groups add their row to the accumulators inside the second launch (contributions None)
-                contributions, new_previous = self._triton_contributions(
-                    state, form, update, grads, indices, with_previous, dtype, fused=record and shards is None
-                )
+                try:
+                    contributions, new_previous = self._triton_contributions(
+                        state, form, update, grads, indices, with_previous, dtype, fused=record and shards is None
+                    )
+                except Exception as error:  # Triton cannot compile or launch here: nothing was written yet
+                    self._warn_once(
+                        "triton-failed",
+                        f"the Triton kernels could not run ({type(error).__name__}: "
+                        f"{str(error).splitlines()[0][:200] if str(error) else ''}); the foreach path runs instead",
+                    )
+                    path, update = self._choose_path(group, form, numel, all_or_none, found_inf, grads)
+            if path == "triton":
+                pass
             elif path == "kernels":
                 contributions, new_previous = self._sqrt_form_contributions(
                     state, form, update, grads, indices, with_previous, numel, dtype, found_inf
@@ -596,7 +605,7 @@ class ConditionTracker:
     def _triton_eligible(self, vs: list[Tensor], grads: list[Tensor]) -> bool:
         """``kernel`` is "auto" (CUDA only) or "triton", Triton runs on the device, and every v and g is a contiguous
         float32 tensor on it (one warning when "triton" was asked for and cannot run)."""
-        if self.kernel not in ("auto", "triton"):
+        if self.kernel not in ("auto", "triton") or "triton-failed" in self._warned:
             return False
         device = vs[0].device
         if self.kernel == "auto" and device.type != "cuda":

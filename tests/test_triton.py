@@ -286,3 +286,19 @@ def test_triton_reads_the_scalar_table_of_device_step_counters(monkeypatch, prev
     train(model, opt, sched, data, range(4, STEPS + 1), ref)
     assert_matches(tracker, ref)
     assert calls and used
+
+
+def test_a_triton_failure_warns_once_and_the_foreach_path_measures(monkeypatch):
+    """No compiler for this GPU, a driver without the needed PTX version …: training goes on, measured as before."""
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("PTX .version 9.9 does not support .target sm_00")
+
+    monkeypatch.setattr(triton_kernels.GroupLaunch, "terms", broken)
+    model, opt, sched, data = make_run(torch.optim.Adam, dict(lr=1e-2), device=str(DEVICE))
+    with pytest.warns(UserWarning, match="Triton kernels could not run .RuntimeError: PTX") as record:
+        tracker = ConditionTracker(opt, kernel="triton")
+        ref = Reference(opt)
+        train(model, opt, sched, data, range(1, 6), ref)
+    assert sum("could not run" in str(w.message) for w in record) == 1
+    assert_matches(tracker, ref)
