@@ -106,14 +106,30 @@ def _per_coordinate(table: Tensor, sizes: list[int]) -> tuple[Tensor, Tensor]:
     return tuple(torch.repeat_interleave(table[:, i], repeats, output_size=total) for i in (0, 1))  # type: ignore[return-value]
 
 
+def _same_objects(a: list, b: list) -> bool:
+    """The same objects, in the same order (what the tracker kept last step is what it is given now)."""
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
+
+
 def _keep_scales(state: "_GroupState", indices: list[int], table: Tensor) -> None:
     """Recomputed mode: this step's (s, e) rows (one per parameter, views of ``table``) become the next step's
-    (s', e'); no η_{t−1} is stored for those parameters."""
+    (s', e'); no η_{t−1} is stored for those parameters. ``table`` is kept too (:func:`_previous_scales_table`)."""
     rows = table.unbind(0)
     for pi, row in zip(indices, rows):
         state.previous_scales[pi] = row
         state.previous.pop(pi, None)
-    state.flat_previous_rows = list(rows)
+    state.previous_rows = list(rows)
+    state.previous_table = table
+    state.flat_previous_scalars = None  # (the small-group path sets it again when its scalars are host floats)
+
+
+def _previous_scales_table(state: "_GroupState", indices: list[int]) -> Tensor:
+    """The (s', e') of η_{t−1} of the parameters ``indices`` as one [n, 2] tensor: the table kept last step when
+    its rows are exactly these (no operation), else a stack of the rows."""
+    olds = [state.previous_scales[pi] for pi in indices]
+    if state.previous_table is not None and _same_objects(olds, state.previous_rows):
+        return state.previous_table
+    return torch.stack(olds)
 
 
 def _contribution_layout(total: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -140,10 +156,10 @@ class _GroupState:
     flat_previous: Tensor | None = None  # small groups: η_{t−1} of all parameters in one buffer ...
     flat_views: list[Tensor] = field(default_factory=list)  # ... and the views of it held in ``previous``
     flat_layout: tuple[int, Tensor, Tensor] | None = None  # small groups: (n, *_contribution_layout(n, ...))
-    flat_previous_rows: list[Tensor] = field(default_factory=list)  # small groups, recomputed: the (s, e) rows ...
-    flat_previous_scalars: tuple[float, float] | None = None  # ... and the host floats when all were the same
+    previous_rows: list[Tensor] = field(default_factory=list)  # recomputed: the (s, e) rows kept last step ...
+    previous_table: Tensor | None = None  # ... the [n, 2] table they are rows of ...
+    flat_previous_scalars: tuple[float, float] | None = None  # ... and, small groups, the host floats if all equal
     triton_launch: triton_kernels.GroupLaunch | None = None  # CUDA groups: launch geometry and address tables
-    triton_previous_table: Tensor | None = None  # CUDA groups, recomputed: the table ``flat_previous_rows`` came from
     sharded: bool = False  # coordinates sharded across ranks: ``previous`` holds this rank's shards only
     last_seen: dict[int, int] = field(default_factory=dict)  # param index → observation at which η was taken
     count: int = 0  # observations of this group (host clock of the trend detectors)
@@ -425,21 +441,16 @@ class ConditionTracker:
             form = sqrt_form(group, states) if callable(sqrt_form) else None  # read once per step
             all_or_none = len(with_previous) in (0, len(entries))
             path, update = self._choose_path(group, form, numel, all_or_none, found_inf, grads)
+            triton_result = None
             if path == "triton":
                 # unsharded groups add their row to the accumulators inside the second launch (contributions None)
-                try:
-                    contributions, new_previous = self._triton_contributions(
-                        state, form, update, grads, indices, with_previous, dtype, fused=record and shards is None
-                    )
-                except Exception as error:  # Triton cannot compile or launch here: nothing was written yet
-                    self._warn_once(
-                        "triton-failed",
-                        f"the Triton kernels could not run ({type(error).__name__}: "
-                        f"{str(error).splitlines()[0][:200] if str(error) else ''}); the foreach path runs instead",
-                    )
+                triton_result = self._try_triton(
+                    state, form, update, grads, indices, with_previous, dtype, fused=record and shards is None
+                )
+                if triton_result is None:  # it failed (one warning) and is never chosen again
                     path, update = self._choose_path(group, form, numel, all_or_none, found_inf, grads)
-            if path == "triton":
-                pass
+            if triton_result is not None:
+                contributions, new_previous = triton_result
             elif path == "kernels":
                 contributions, new_previous = self._sqrt_form_contributions(
                     state, form, update, grads, indices, with_previous, numel, dtype, found_inf
@@ -696,7 +707,7 @@ class ConditionTracker:
                 previous is not None
                 and previous.numel() == total
                 and previous.dtype == work
-                and all(a is b for a, b in zip(views, state.flat_views))
+                and _same_objects(views, state.flat_views)
             )
             if not persistent:
                 previous = torch.cat([view.reshape(-1) for view in views]).to(work)  # type: ignore[union-attr]
@@ -713,20 +724,33 @@ class ConditionTracker:
     ) -> Tensor:
         """η_{t−1} rebuilt from v_t and g_t (:func:`~lightning_adamtype.kernels.scratch_recomputed_terms`); the
         (s, e) of this step are kept per parameter (rows of one table) for the next."""
-        device, work, total = v_flat.device, v_flat.dtype, v_flat.numel()
+        device, work = v_flat.device, v_flat.dtype
         keep, weight = update
         if with_previous:
             olds = [state.previous_scales[pi] for pi in indices]
-            if state.flat_previous_scalars is not None and all(a is b for a, b in zip(olds, state.flat_previous_rows)):
+            if state.flat_previous_scalars is not None and _same_objects(olds, state.previous_rows):
                 ps, pe = state.flat_previous_scalars  # the same host floats for every parameter, as last step
             else:
-                ps, pe = _per_coordinate(torch.stack(olds).to(work), sizes)
+                ps, pe = _per_coordinate(_previous_scales_table(state, indices).to(work), sizes)
             terms = scratch_recomputed_terms(v_flat, g_flat, s, e, ps, pe, 1.0 / keep, weight)
         else:
             terms, _ = scratch_terms(v_flat, g_flat, None, s, e)
         _keep_scales(state, indices, scalar_table(scalars, dtype, device))
         state.flat_previous_scalars = (s, e) if isinstance(s, float) and isinstance(e, float) else None
         return terms
+
+    def _try_triton(self, *args: Any, **kwargs: Any) -> tuple[Tensor | None, list[Tensor | None]] | None:
+        """:meth:`_triton_contributions`, or None (one warning) when Triton cannot compile or launch here; nothing is
+        written before the launches, so the caller's other path starts from the same state."""
+        try:
+            return self._triton_contributions(*args, **kwargs)
+        except Exception as error:
+            self._warn_once(
+                "triton-failed",
+                f"the Triton kernels could not run ({type(error).__name__}: "
+                f"{str(error).splitlines()[0][:200] if str(error) else ''}); the foreach path runs instead",
+            )
+            return None
 
     def _triton_contributions(
         self,
@@ -751,44 +775,34 @@ class ConditionTracker:
         if launch is None or launch.sizes != sizes or launch.device != device:
             launch = state.triton_launch = triton_kernels.GroupLaunch(sizes, device)
         new_previous: list[Tensor | None]
-        accumulate = None
-        if fused:
-            assert state.accumulators is not None
-            finite = torch.empty((), dtype=torch.uint8, device=device)
-            accumulate = (state.accumulators, finite, 1.0 / total, float(self.observe_every))
+        assert state.accumulators is not None
+        accumulate = (state.accumulators, 1.0 / total, float(self.observe_every)) if fused else None
         if update is not None:
             keep, weight = update
             table = scalar_table(scalars, dtype, device)  # kept: its rows are the next step's (s', e')
             if with_previous:
-                olds = [state.previous_scales[pi] for pi in indices]
-                previous_table = state.triton_previous_table
-                same_rows = len(olds) == len(state.flat_previous_rows) and all(
-                    a is b for a, b in zip(olds, state.flat_previous_rows)
-                )
-                if previous_table is None or not same_rows:
-                    previous_table = torch.stack(olds)
+                previous_table = _previous_scales_table(state, indices)
                 both = torch.cat([table, previous_table.to(dtype)], dim=1).to(torch.float32)
                 terms = launch.terms(vs, grads, None, both, triton_kernels.RECOMPUTED, 1.0 / keep, weight, accumulate)
             else:
                 terms = launch.terms(vs, grads, None, table.to(torch.float32), triton_kernels.CURRENT, accumulate=accumulate)
             _keep_scales(state, indices, table)
-            state.triton_previous_table = table
             new_previous = [None] * len(indices)
         else:
             table = scalar_table(scalars, torch.float32, device)
             buffer = state.flat_previous
             shapes = [v.shape for v in vs]
+            # the buffer has this launch's layout when it has its padded size and the views have these shapes
+            # (padded size = unpadded size only when no padding is needed, so the offsets then agree too)
             reusable = (
                 buffer is not None
                 and buffer.numel() == launch.eta_numel
                 and buffer.dtype == torch.float32
                 and [f.shape for f in state.flat_views] == shapes
-                and all(f.storage_offset() == o for f, o in zip(state.flat_views, launch.offsets))
             )
             if with_previous:
                 views = [state.previous.get(pi) for pi in indices]
-                same_views = len(views) == len(state.flat_views) and all(a is b for a, b in zip(views, state.flat_views))
-                if not (reusable and same_views):  # η_{t−1} held elsewhere (another path, a resume): copied in once
+                if not (reusable and _same_objects(views, state.flat_views)):  # held elsewhere: copied in once
                     buffer = torch.empty(launch.eta_numel, dtype=torch.float32, device=device)
                     for into, view in zip(launch.eta_views(buffer, shapes), views):
                         into.copy_(view)  # type: ignore[arg-type]
@@ -803,7 +817,7 @@ class ConditionTracker:
                 state.flat_views = launch.eta_views(buffer, shapes)  # type: ignore[arg-type]
             new_previous = list(state.flat_views)
         if accumulate is not None:
-            state.last_finite = accumulate[1].view(torch.bool)
+            state.last_finite = launch.finite.view(torch.bool)
             return None, new_previous
         if state.flat_layout is None or state.flat_layout[0] != total:
             state.flat_layout = (total, *_contribution_layout(total, dtype, device))

@@ -209,6 +209,10 @@ class GroupLaunch:
     eta_offsets: Tensor = field(init=False)
     offsets: list[int] = field(init=False)
     eta_numel: int = field(init=False)
+    partials: Tensor = field(init=False)  # one row of partial sums per program (written by the first launch)
+    out: Tensor = field(init=False)  # the five terms (written by the second)
+    finite: Tensor = field(init=False)  # uint8: was the latest step finite (written by the second when accumulating)
+    _rows_ceiling: int = field(init=False)
     _keys: tuple = field(default=(), init=False)
     _tables: tuple[Tensor, Tensor] | None = field(default=None, init=False)
     _aligned: bool = field(default=False, init=False)
@@ -226,6 +230,11 @@ class GroupLaunch:
         self.block_start = to_device(start_of_block, torch.int64, self.device)
         self.sizes_table = to_device(list(self.sizes), torch.int64, self.device)
         self.eta_offsets = to_device(self.offsets, torch.int64, self.device)
+        # the launches' outputs are reused every step (stream-ordered: a step's launches run after the last one's)
+        self.partials = torch.empty(self.blocks, 5, dtype=torch.float32, device=self.device)
+        self.out = torch.empty(5, dtype=torch.float32, device=self.device)
+        self.finite = torch.empty((), dtype=torch.uint8, device=self.device)
+        self._rows_ceiling = max(_REDUCE_BLOCK, 1 << (self.blocks - 1).bit_length())
 
     def eta_views(self, buffer: Tensor, shapes: list[torch.Size]) -> list[Tensor]:
         """Each tensor's η as a view of the flat buffer, in its parameter's shape."""
@@ -253,18 +262,17 @@ class GroupLaunch:
         mode: int,
         inverse_keep: float = 1.0,
         weight: float = 0.0,
-        accumulate: tuple[Tensor, Tensor, float, float] | None = None,
+        accumulate: tuple[Tensor, float, float] | None = None,
     ) -> Tensor:
         """The group's five terms (float32 ``[5]``) in two launches; ``vs``, ``gs`` contiguous float32 on the
         device, ``eta`` the flat float32 η buffer of ``eta_numel`` elements (read and/or written per ``mode``;
         16-byte aligned, as any fresh allocation is), ``table`` the float32
         ``[n, 2]`` (s, e) or, for ``RECOMPUTED``, ``[n, 4]`` (s, e, s', e') table. ``accumulate`` =
-        (accumulators ``[8]``, a uint8 finite flag ``[]``, 1/n, k): the second launch also adds the step's row,
-        weighted by k, to the accumulators (as :meth:`ConditionTracker._accumulate` does) and writes whether the
-        step was finite."""
+        (accumulators ``[8]``, 1/n, k): the second launch also adds the step's row, weighted by k, to the
+        accumulators (as :meth:`ConditionTracker._accumulate` does) and writes whether the step was finite into
+        :attr:`finite`. The returned tensor is :attr:`out`, overwritten by the next call."""
         v_ptrs, g_ptrs = self.address_tables(vs, gs)
-        partials = torch.empty(self.blocks, 5, dtype=torch.float32, device=self.device)
-        out = torch.empty(5, dtype=torch.float32, device=self.device)
+        partials, out = self.partials, self.out
         eta_arg = eta if eta is not None else partials  # never touched in CURRENT / RECOMPUTED
         aligned = self._aligned and (eta is None or eta.data_ptr() % 16 == 0)
         _group_terms_kernel[(self.blocks,)](
@@ -272,10 +280,9 @@ class GroupLaunch:
             partials, float(inverse_keep), float(weight), TABLE_STRIDE=table.shape[1], MODE=mode, ALIGNED=aligned,
             BLOCK=BLOCK, SUB=SUB, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
         )
-        ceiling = max(_REDUCE_BLOCK, 1 << (self.blocks - 1).bit_length())
-        accumulators, finite, inverse_total, observe_weight = accumulate if accumulate is not None else (out, out, 1.0, 1.0)
+        accumulators, inverse_total, observe_weight = accumulate if accumulate is not None else (out, 1.0, 1.0)
         _reduce_kernel[(1,)](
-            partials, self.blocks, out, accumulators, finite, float(inverse_total), float(observe_weight),
-            ROWS_CEILING=ceiling, BLOCK=_REDUCE_BLOCK, ACCUMULATE=accumulate is not None,
+            partials, self.blocks, out, accumulators, self.finite, float(inverse_total), float(observe_weight),
+            ROWS_CEILING=self._rows_ceiling, BLOCK=_REDUCE_BLOCK, ACCUMULATE=accumulate is not None,
         )
         return out
