@@ -14,6 +14,7 @@ from pytorch_lightning.loggers import TensorBoardLogger  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
 from lightning_adamtype import AdamTypeMonitor, ConditionTracker  # noqa: E402
+from tiny_lightning import Tiny  # noqa: E402
 
 KEYS = ("steps", "a", "b", "c", "c2", "variance_ratio", "bias_ratio")
 
@@ -25,18 +26,12 @@ def _data(n: int = 64) -> DataLoader:
     return DataLoader(TensorDataset(x, y), batch_size=4)
 
 
-class TinyModel(pl.LightningModule):
-    def __init__(self, optimizer: str = "adam", two_groups: bool = True):
-        super().__init__()
-        torch.manual_seed(0)
-        self.body = torch.nn.Linear(8, 8)
-        self.head = torch.nn.Linear(8, 1)
-        self.optimizer = optimizer
-        self.two_groups = two_groups
+class TinyModel(Tiny):
+    """:class:`tiny_lightning.Tiny` with β1 = 0, the head at its own lr, a per-step lr schedule, optionally one group."""
 
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return torch.nn.functional.mse_loss(self.head(torch.tanh(self.body(x))), y)
+    def __init__(self, optimizer: str = "adam", two_groups: bool = True):
+        super().__init__(optimizer)
+        self.two_groups = two_groups
 
     def configure_optimizers(self):
         groups = (

@@ -26,8 +26,9 @@ RECOMPUTABLE = [
 ]
 
 
-def _run(cls, kwargs, attach_after: int, **tracker_kwargs):
-    model, opt, sched, data = make_run(cls, kwargs)
+def _run(cls, kwargs, attach_after: int, device: str = "cpu", **tracker_kwargs):
+    """A reference run, the tracker attached after ``attach_after`` steps: (tracker, float64 oracle)."""
+    model, opt, sched, data = make_run(cls, kwargs, device=device)
     train(model, opt, sched, data, range(1, attach_after + 1))
     tracker = ConditionTracker(opt, **tracker_kwargs)
     ref = Reference(opt)

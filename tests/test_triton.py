@@ -7,14 +7,21 @@ oracle: the kernel's five terms against slow float64 sums, and the tracker over 
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
 import torch
 
 from lightning_adamtype import ConditionTracker, triton_kernels
-from reference import Reference
-from test_kernels import RECOMPUTABLE, SQRT_FORM, assert_training_untouched, resumed_and_uninterrupted, vectorize_host_steps
+from test_kernels import (
+    RECOMPUTABLE,
+    SQRT_FORM,
+    _run,
+    assert_training_untouched,
+    resumed_and_uninterrupted,
+    vectorize_host_steps,
+)
 from test_reference import STEPS, assert_matches, make_run, train
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -136,29 +143,23 @@ def _cases(configs):
 @pytest.mark.parametrize("attach_after", [0, 3], ids=["from-start", "attached-after-3"])
 @pytest.mark.parametrize("name,cls,kwargs", _cases(SQRT_FORM), ids=[c[0] for c in _cases(SQRT_FORM)])
 def test_triton_path_matches_float64_reference(monkeypatch, name, cls, kwargs, attach_after):
+    """The reference runs include a parameter whose grad is None at some steps: it leaves the group's tensor list,
+    and the flat η buffer and the launch geometry are rebuilt for the new list."""
     calls = _spy(monkeypatch)
-    model, opt, sched, data = make_run(cls, kwargs, device=str(DEVICE))
-    train(model, opt, sched, data, range(1, attach_after + 1))
-    tracker = ConditionTracker(opt, kernel="triton")
-    ref = Reference(opt)
-    train(model, opt, sched, data, range(attach_after + 1, STEPS + 1), ref)
+    tracker, ref = _run(cls, kwargs, attach_after, device=str(DEVICE), kernel="triton")
     assert_matches(tracker, ref)
     if kwargs.get("centered"):
         assert not calls  # centered RMSprop has no square-root form
     else:
-        assert calls  # the Triton path did run (a silent fallback cannot pass)
+        assert len(calls) >= STEPS - attach_after  # the Triton path ran every step (a silent fallback cannot pass)
 
 
 @pytest.mark.parametrize("name,cls,kwargs", _cases(RECOMPUTABLE), ids=[c[0] for c in _cases(RECOMPUTABLE)])
 def test_triton_recomputed_matches_float64_reference(monkeypatch, name, cls, kwargs):
     calls = _spy(monkeypatch)
-    model, opt, sched, data = make_run(cls, kwargs, device=str(DEVICE))
-    train(model, opt, sched, data, range(1, 4))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        tracker = ConditionTracker(opt, kernel="triton", previous_stepsize="recomputed")
-        ref = Reference(opt)
-        train(model, opt, sched, data, range(4, STEPS + 1), ref)
+        tracker, ref = _run(cls, kwargs, 3, device=str(DEVICE), kernel="triton", previous_stepsize="recomputed")
     assert_matches(tracker, ref)
     assert calls and not any(g.previous for g in tracker._groups)  # no η_{t−1} stored
 
@@ -167,30 +168,20 @@ def test_triton_never_changes_the_training():
     assert_training_untouched((5000, 70, 3), {"kernel": "triton"}, device=str(DEVICE))
 
 
-def test_group_that_changes_membership_between_steps_stays_exact(monkeypatch):
-    """A parameter whose grad is None at some steps leaves the group's tensor list; the flat η buffer and the
-    launch geometry are rebuilt for the new list (the reference runs already have such a parameter; here it is the
-    only thing that changes, on the Triton path)."""
-    calls = _spy(monkeypatch)
-    model, opt, sched, data = make_run(torch.optim.Adam, dict(lr=1e-2), device=str(DEVICE))
-    tracker = ConditionTracker(opt, kernel="triton")
-    ref = Reference(opt)
-    train(model, opt, sched, data, range(1, STEPS + 1), ref)
+def _falls_back_once(match: str) -> None:
+    """kernel="triton" on a reference run: exactly one warning matching ``match``, and the numbers of the path it
+    fell back to still match the float64 oracle."""
+    with pytest.warns(UserWarning, match=match) as record:
+        tracker, ref = _run(torch.optim.Adam, dict(lr=1e-2), 0, device=str(DEVICE), kernel="triton")
+    assert sum(bool(re.search(match, str(w.message))) for w in record) == 1
     assert_matches(tracker, ref)
-    assert len(calls) >= STEPS
 
 
 def test_triton_asked_for_where_it_cannot_run_warns_once_and_measures(monkeypatch):
     monkeypatch.setattr(triton_kernels, "available", lambda device: False)
     calls = _spy(monkeypatch)
-    model, opt, sched, data = make_run(torch.optim.Adam, dict(lr=1e-2), device=str(DEVICE))
-    with pytest.warns(UserWarning, match="kernel='triton' needs Triton and a CUDA device") as record:
-        tracker = ConditionTracker(opt, kernel="triton")
-        ref = Reference(opt)
-        train(model, opt, sched, data, range(1, 6), ref)
-    assert sum("kernel='triton'" in str(w.message) for w in record) == 1
+    _falls_back_once("kernel='triton' needs Triton and a CUDA device")
     assert not calls
-    assert_matches(tracker, ref)
 
 
 @pytest.mark.skipif(not ON_CPU, reason="on CUDA 'auto' is Triton")
@@ -279,11 +270,8 @@ def test_triton_reads_the_scalar_table_of_device_step_counters(monkeypatch, prev
     """Fused/capturable Adam on a GPU: the (s, e) come as one ScalarTable, passed to the kernel as is."""
     calls = _spy(monkeypatch)
     used = vectorize_host_steps(monkeypatch)
-    model, opt, sched, data = make_run(torch.optim.Adam, dict(lr=1e-2, weight_decay=0.1), device=str(DEVICE))
-    train(model, opt, sched, data, range(1, 4))
-    tracker = ConditionTracker(opt, kernel="triton", previous_stepsize=previous_stepsize)
-    ref = Reference(opt)
-    train(model, opt, sched, data, range(4, STEPS + 1), ref)
+    tracker, ref = _run(torch.optim.Adam, dict(lr=1e-2, weight_decay=0.1), 3, device=str(DEVICE), kernel="triton",
+                        previous_stepsize=previous_stepsize)
     assert_matches(tracker, ref)
     assert calls and used
 
@@ -295,10 +283,4 @@ def test_a_triton_failure_warns_once_and_the_foreach_path_measures(monkeypatch):
         raise RuntimeError("PTX .version 9.9 does not support .target sm_00")
 
     monkeypatch.setattr(triton_kernels.GroupLaunch, "terms", broken)
-    model, opt, sched, data = make_run(torch.optim.Adam, dict(lr=1e-2), device=str(DEVICE))
-    with pytest.warns(UserWarning, match="Triton kernels could not run .RuntimeError: PTX") as record:
-        tracker = ConditionTracker(opt, kernel="triton")
-        ref = Reference(opt)
-        train(model, opt, sched, data, range(1, 6), ref)
-    assert sum("could not run" in str(w.message) for w in record) == 1
-    assert_matches(tracker, ref)
+    _falls_back_once("Triton kernels could not run .RuntimeError: PTX")
