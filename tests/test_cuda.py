@@ -43,6 +43,11 @@ MODES = {
     "compiled-flat": ({"kernel": "compiled"}, 1 << 18),
     "compiled-per-tensor": ({"kernel": "compiled"}, 0),
     "compiled-recomputed-per-tensor": ({"kernel": "compiled", "previous_stepsize": "recomputed"}, 0),
+}
+#: observe_every estimates the sums from every k-th step pair, so it has no exact float64 oracle: it is checked for
+#: syncs here and against the foreach path in test_triton.py (which runs compiled on a GPU)
+SYNC_MODES = {
+    **MODES,
     "auto-observe-every-3": ({"observe_every": 3}, 1 << 18),
     "foreach-observe-every-3": ({"kernel": "foreach", "observe_every": 3}, 0),
 }
@@ -101,10 +106,10 @@ def test_every_path_matches_the_float64_reference_on_cuda(monkeypatch, name, cls
     check_matches_reference("cuda", cls, kwargs, tracker_kwargs)
 
 
-@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("mode", list(SYNC_MODES))
 @pytest.mark.parametrize("name,cls,kwargs", OPTIMIZERS, ids=IDS)
 def test_non_logging_steps_never_synchronise_on_cuda(monkeypatch, name, cls, kwargs, mode):
-    tracker_kwargs, flat_max = MODES[mode]
+    tracker_kwargs, flat_max = SYNC_MODES[mode]
     _flat_max(monkeypatch, flat_max)
     check_no_sync("cuda", cls, kwargs, tracker_kwargs)
 
