@@ -21,7 +21,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .adapters import OptimizerAdapter, _from_sqrt_form, _min_from_sqrt_form, find_adapter, scalar_table, to_device
 from .kernels import chunks, scratch_recomputed_terms, scratch_terms, sqrt_form_kernels
-from . import triton_kernels
+from . import native_kernels, triton_kernels
 from .conditions import _sum, _sum_squares, accumulator_dtype, min_stepsize, oscillation, squared_step_norm, stepsize_sum
 from .trend import TrendDetector, TrendOptions
 
@@ -35,11 +35,17 @@ ACCUMULATOR_KEYS = ("steps", "a", "b", "c", "c2", "a_mean", "c_mean", "nonfinite
 FLAT_MAX_NUMEL = 1 << 18  # measured on a 2-core CPU: faster up to 250k coordinates, slower at 1M (benchmarks/README.md)
 
 KERNELS = {
-    "auto": "default: 'triton' on CUDA groups when Triton is installed, else 'foreach'",
+    "auto": "default: 'triton' on CUDA groups when Triton is installed, 'native' on CPU groups when a C compiler "
+    "works, else 'foreach'",
     "foreach": "multi-tensor torch operations",
     "compiled": "one torch.compile'd pass per tensor",
     "triton": "one Triton launch per group (CUDA)",
+    "native": "one C call per group (CPU; compiled on first use with the system's C compiler)",
 }
+#: the one-call-per-group kernels: kernel option → module with ``available``, ``GroupLaunch`` and the mode constants
+GROUP_KERNELS = {"triton": triton_kernels, "native": native_kernels}
+#: what ``kernel="auto"`` takes on each device type (others: the torch paths)
+AUTO_GROUP_KERNEL = {"cuda": "triton", "cpu": "native"}
 PREVIOUS_STEPSIZES = {
     "stored": "default, 4 bytes per coordinate",
     "recomputed": "no per-coordinate memory; Adam/AdamW/Adagrad/RMSprop",
@@ -159,7 +165,7 @@ class _GroupState:
     previous_rows: list[Tensor] = field(default_factory=list)  # recomputed: the (s, e) rows kept last step ...
     previous_table: Tensor | None = None  # ... the [n, 2] table they are rows of ...
     flat_previous_scalars: tuple[float, float] | None = None  # ... and, small groups, the host floats if all equal
-    triton_launch: triton_kernels.GroupLaunch | None = None  # CUDA groups: launch geometry and address tables
+    group_launch: Any = None  # the group-kernel paths: a GroupLaunch of triton_kernels or native_kernels
     sharded: bool = False  # coordinates sharded across ranks: ``previous`` holds this rank's shards only
     last_seen: dict[int, int] = field(default_factory=dict)  # param index → observation at which η was taken
     count: int = 0  # observations of this group (host clock of the trend detectors)
@@ -200,15 +206,19 @@ class ConditionTracker:
             t mod k (a schedule or data order with a period that divides k would alias); the trend detectors see
             one sample per k steps, so their warm-up and window are in observed steps. Work per step falls to 2/k
             of the default (k = 2 saves nothing).
-        kernel: ``"auto"`` (default): ``"triton"`` for groups on a CUDA device when Triton is installed, else
-            ``"foreach"``. ``"foreach"``: multi-tensor ``torch._foreach_*`` operations (small groups: one
-            concatenated pass). ``"triton"``: for optimizers whose η = s/(sqrt(v) + e) (Adam, AdamW, Adagrad,
-            RMSprop not centered) with float32 state on a CUDA device, two launches per group per step, reading
-            v, g (and η_{t−1}) once (:mod:`lightning_adamtype.triton_kernels`); elsewhere the foreach path (one
-            warning when asked for explicitly). ``"compiled"``: for the same optimizers, one ``torch.compile``'d
-            pass per tensor; the first steps compile (seconds), other optimizers keep the foreach path. Needs a
-            C++ compiler on CPU (Triton on GPU); without one, one warning and the foreach path. On a GPU it is
-            slower than ``"triton"`` (one launch per reduction per tensor).
+        kernel: ``"auto"`` (default): ``"triton"`` for groups on a CUDA device when Triton is installed,
+            ``"native"`` for groups on the CPU when a C compiler works, else ``"foreach"``. ``"foreach"``:
+            multi-tensor ``torch._foreach_*`` operations (small groups: one concatenated pass). ``"triton"``: for
+            optimizers whose η = s/(sqrt(v) + e) (Adam, AdamW, Adagrad, RMSprop not centered) with float32 state on
+            a CUDA device, two launches per group per step, reading v, g (and η_{t−1}) once
+            (:mod:`lightning_adamtype.triton_kernels`); elsewhere the foreach path (one warning when asked for
+            explicitly). ``"native"``: the same on the CPU, one call per group per step of a C loop compiled on
+            first use (:mod:`lightning_adamtype.native_kernels`; about a second, then cached on disk); without a C
+            compiler, the foreach path (one warning when asked for explicitly). ``"compiled"``: for the same
+            optimizers, one ``torch.compile``'d pass per tensor; the first steps compile (seconds), other optimizers
+            keep the foreach path. Needs a C++ compiler on CPU (Triton on GPU); without one, one warning and the
+            foreach path. Slower than ``"native"`` / ``"triton"`` (two loops per tensor on the CPU, one launch per
+            reduction per tensor on a GPU).
         previous_stepsize: ``"stored"`` (default): keep η_{t−1} (4 bytes per coordinate) for c and c2.
             ``"recomputed"``: keep none and rebuild η_{t−1} from the optimizer state after the step,
             v_{t−1} = (v_t − w·g_t²)/k, for Adam/AdamW (not AMSGrad), Adagrad and RMSprop (not centered): exact up
@@ -441,16 +451,16 @@ class ConditionTracker:
             form = sqrt_form(group, states) if callable(sqrt_form) else None  # read once per step
             all_or_none = len(with_previous) in (0, len(entries))
             path, update = self._choose_path(group, form, numel, all_or_none, found_inf, grads)
-            triton_result = None
-            if path == "triton":
-                # unsharded groups add their row to the accumulators inside the second launch (contributions None)
-                triton_result = self._try_triton(
-                    state, form, update, grads, indices, with_previous, dtype, fused=record and shards is None
+            group_result = None
+            if path in GROUP_KERNELS:
+                # unsharded groups add their row to the accumulators inside the kernel (contributions None)
+                group_result = self._try_group_kernel(
+                    path, state, form, update, grads, indices, with_previous, dtype, fused=record and shards is None
                 )
-                if triton_result is None:  # it failed (one warning) and is never chosen again
+                if group_result is None:  # it failed (one warning) and is never chosen again
                     path, update = self._choose_path(group, form, numel, all_or_none, found_inf, grads)
-            if triton_result is not None:
-                contributions, new_previous = triton_result
+            if group_result is not None:
+                contributions, new_previous = group_result
             elif path == "kernels":
                 contributions, new_previous = self._sqrt_form_contributions(
                     state, form, update, grads, indices, with_previous, numel, dtype, found_inf
@@ -584,7 +594,8 @@ class ConditionTracker:
           ``previous_stepsize="recomputed"``, or ``kernel="compiled"`` on groups above ``FLAT_MAX_NUMEL``;
         - ``"flat"``: small groups (≤ ``FLAT_MAX_NUMEL``): v and g concatenated, one eager kernel call, with η_{t−1}
           stored in one flat buffer or recomputed;
-        - ``"triton"``: float32 groups on a CUDA device (``kernel`` "auto" or "triton"): two launches per group;
+        - ``"triton"`` / ``"native"``: float32 groups on a CUDA device / the CPU (``kernel`` "auto", or that name):
+          two launches / one C call per group;
         - ``"foreach"``: multi-tensor operations (every other case, and any optimizer without a square-root form).
 
         A fused step that a GradScaler may skip (``found_inf``) keeps a stored η_{t−1} on the foreach path.
@@ -593,18 +604,18 @@ class ConditionTracker:
             if self.previous_stepsize == "recomputed":
                 self._warn_recompute()
             return "foreach", None
-        triton = found_inf is None and previous_all_or_none and self._triton_eligible(form[0], grads)
+        one_call = self._group_kernel(form[0], grads) if found_inf is None and previous_all_or_none else None
         if self.previous_stepsize == "recomputed":
             update_fn = getattr(self.adapter, "second_moment_update", None)
             update = update_fn(group) if callable(update_fn) else None
             if update is not None:
-                if triton:
-                    return "triton", update
+                if one_call:
+                    return one_call, update
                 small = numel <= FLAT_MAX_NUMEL and previous_all_or_none and found_inf is None
                 return ("flat" if small and self._same_kind(form) else "kernels"), update
             self._warn_recompute()
-        if triton:
-            return "triton", None
+        if one_call:
+            return one_call, None
         if found_inf is not None:
             return "foreach", None
         if numel <= FLAT_MAX_NUMEL and previous_all_or_none and self._same_kind(form):
@@ -613,15 +624,17 @@ class ConditionTracker:
             return "kernels", None
         return "foreach", None
 
-    def _triton_eligible(self, vs: list[Tensor], grads: list[Tensor]) -> bool:
-        """``kernel`` is "auto" (CUDA only) or "triton", Triton runs on the device, and every v and g is a contiguous
-        float32 tensor on it (one warning when "triton" was asked for and cannot run)."""
-        if self.kernel not in ("auto", "triton") or "triton-failed" in self._warned:
-            return False
+    def _group_kernel(self, vs: list[Tensor], grads: list[Tensor]) -> str | None:
+        """The one-call-per-group kernel (a key of :data:`GROUP_KERNELS`) this group can take, or None: ``kernel`` is
+        that name, or "auto" and the name of the group's device type in :data:`AUTO_GROUP_KERNEL`; the kernel runs
+        on the device; every v and g is a contiguous float32 tensor on it. One warning when it was asked for by name
+        and cannot run."""
         device = vs[0].device
-        if self.kernel == "auto" and device.type != "cuda":
-            return False
-        if not triton_kernels.available(device):
+        name = AUTO_GROUP_KERNEL.get(device.type) if self.kernel == "auto" else self.kernel
+        if name not in GROUP_KERNELS or f"{name}-failed" in self._warned:
+            return None
+        module = GROUP_KERNELS[name]
+        if not module.available(device):
             if self.kernel == "triton":
                 self._warn_once(
                     "triton",
@@ -629,18 +642,25 @@ class ConditionTracker:
                     f"{'' if triton_kernels.triton is not None else ', and Triton is not installed'}); "
                     "the foreach path runs instead",
                 )
-            return False
+            elif self.kernel == "native":
+                reason = native_kernels.unavailable_reason()
+                self._warn_once(
+                    "native",
+                    f"kernel='native' needs a CPU group and a working C compiler (this group is on {device}"
+                    f"{'; ' + reason if reason else ''}); the foreach path runs instead",
+                )
+            return None
         eligible = all(
             t.dtype == torch.float32 and t.device == device and t.is_contiguous() for ts in (vs, grads) for t in ts
         )
-        if not eligible and self.kernel == "triton":
+        if not eligible and self.kernel == name:
             kinds = sorted({f"{t.dtype}{'' if t.is_contiguous() else ' non-contiguous'} on {t.device}" for t in (*vs, *grads)})
             self._warn_once(
-                "triton-state",
-                f"kernel='triton' needs contiguous float32 state and gradients on one device; a group has "
+                f"{name}-state",
+                f"kernel={name!r} needs contiguous float32 state and gradients on one device; a group has "
                 f"{', '.join(kinds)}: it takes the foreach path",
             )
-        return eligible
+        return name if eligible else None
 
     @staticmethod
     def _same_kind(form: tuple) -> bool:
@@ -739,21 +759,22 @@ class ConditionTracker:
         state.flat_previous_scalars = (s, e) if isinstance(s, float) and isinstance(e, float) else None
         return terms
 
-    def _try_triton(self, *args: Any, **kwargs: Any) -> tuple[Tensor | None, list[Tensor | None]] | None:
-        """:meth:`_triton_contributions`, or None (one warning) when Triton cannot compile or launch here; nothing is
-        written before the launches, so the caller's other path starts from the same state."""
+    def _try_group_kernel(self, name: str, *args: Any, **kwargs: Any) -> tuple[Tensor | None, list[Tensor | None]] | None:
+        """:meth:`_group_kernel_contributions`, or None (one warning) when the kernel cannot compile or launch here;
+        nothing is written before the launches, so the caller's other path starts from the same state."""
         try:
-            return self._triton_contributions(*args, **kwargs)
+            return self._group_kernel_contributions(GROUP_KERNELS[name], *args, **kwargs)
         except Exception as error:
             self._warn_once(
-                "triton-failed",
-                f"the Triton kernels could not run ({type(error).__name__}: "
+                f"{name}-failed",
+                f"the {'Triton' if name == 'triton' else name} kernels could not run ({type(error).__name__}: "
                 f"{str(error).splitlines()[0][:200] if str(error) else ''}); the foreach path runs instead",
             )
             return None
 
-    def _triton_contributions(
+    def _group_kernel_contributions(
         self,
+        kernels: Any,
         state: _GroupState,
         form: tuple,
         update: tuple[float, float] | None,
@@ -763,17 +784,18 @@ class ConditionTracker:
         dtype: torch.dtype,
         fused: bool = False,
     ) -> tuple[Tensor | None, list[Tensor | None]]:
-        """CUDA groups: the five terms in two Triton launches (:class:`~lightning_adamtype.triton_kernels.GroupLaunch`),
+        """The five terms in one call of ``kernels`` (:mod:`~lightning_adamtype.triton_kernels`: two launches on a
+        CUDA device; :mod:`~lightning_adamtype.native_kernels`: one C call on the CPU) through its ``GroupLaunch``,
         η_{t−1} stored in the group's flat buffer (as on the small-group path) or rebuilt from the state. ``fused``:
-        the second launch also adds the row to the accumulators and sets ``last_finite`` (what :meth:`_accumulate`
-        does, without its ten small operations), and None is returned; else the row, laid out with one ``addmv``."""
+        the kernel also adds the row to the accumulators and sets ``last_finite`` (what :meth:`_accumulate` does,
+        without its ten small operations), and None is returned; else the row, laid out with one ``addmv``."""
         vs, scalars = form
         device = vs[0].device
         sizes = tuple(v.numel() for v in vs)
         total = sum(sizes)
-        launch = state.triton_launch
-        if launch is None or launch.sizes != sizes or launch.device != device:
-            launch = state.triton_launch = triton_kernels.GroupLaunch(sizes, device)
+        launch = state.group_launch
+        if not isinstance(launch, kernels.GroupLaunch) or launch.sizes != sizes or launch.device != device:
+            launch = state.group_launch = kernels.GroupLaunch(sizes, device)
         new_previous: list[Tensor | None]
         assert state.accumulators is not None
         accumulate = (state.accumulators, 1.0 / total, float(self.observe_every)) if fused else None
@@ -783,9 +805,9 @@ class ConditionTracker:
             if with_previous:
                 previous_table = _previous_scales_table(state, indices)
                 both = torch.cat([table, previous_table.to(dtype)], dim=1).to(torch.float32)
-                terms = launch.terms(vs, grads, None, both, triton_kernels.RECOMPUTED, 1.0 / keep, weight, accumulate)
+                terms = launch.terms(vs, grads, None, both, kernels.RECOMPUTED, 1.0 / keep, weight, accumulate)
             else:
-                terms = launch.terms(vs, grads, None, table.to(torch.float32), triton_kernels.CURRENT, accumulate=accumulate)
+                terms = launch.terms(vs, grads, None, table.to(torch.float32), kernels.CURRENT, accumulate=accumulate)
             _keep_scales(state, indices, table)
             new_previous = [None] * len(indices)
         else:
@@ -806,11 +828,11 @@ class ConditionTracker:
                     buffer = torch.empty(launch.eta_numel, dtype=torch.float32, device=device)
                     for into, view in zip(launch.eta_views(buffer, shapes), views):
                         into.copy_(view)  # type: ignore[arg-type]
-                mode = triton_kernels.STORED
+                mode = kernels.STORED
             else:
                 if not reusable:
                     buffer = torch.empty(launch.eta_numel, dtype=torch.float32, device=device)
-                mode = triton_kernels.FIRST
+                mode = kernels.FIRST
             terms = launch.terms(vs, grads, buffer, table, mode, accumulate=accumulate)
             if buffer is not state.flat_previous:
                 state.flat_previous = buffer

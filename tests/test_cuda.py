@@ -45,7 +45,7 @@ MODES = {
     "compiled-recomputed-per-tensor": ({"kernel": "compiled", "previous_stepsize": "recomputed"}, 0),
 }
 #: observe_every estimates the sums from every k-th step pair, so it has no exact float64 oracle: it is checked for
-#: syncs here and against the foreach path in test_triton.py (which runs compiled on a GPU)
+#: syncs here and against the foreach path in test_group_kernels.py (which runs compiled on a GPU)
 SYNC_MODES = {
     **MODES,
     "auto-observe-every-3": ({"observe_every": 3}, 1 << 18),

@@ -115,9 +115,10 @@ def _host_reads_on_non_sample_steps(monkeypatch, cls, kwargs, steps=range(2, 51)
     return bad, counter.calls, tracker
 
 
+@pytest.mark.parametrize("kernel", ["auto", "foreach"])  # on a CPU: the native kernel, and the torch paths
 @pytest.mark.parametrize("name,cls,kwargs", OPTIMIZERS, ids=IDS)
-def test_no_host_reads_in_post_step_on_non_sample_steps(monkeypatch, name, cls, kwargs):
-    bad, _, tracker = _host_reads_on_non_sample_steps(monkeypatch, cls, kwargs)
+def test_no_host_reads_in_post_step_on_non_sample_steps(monkeypatch, name, cls, kwargs, kernel):
+    bad, _, tracker = _host_reads_on_non_sample_steps(monkeypatch, cls, kwargs, kernel=kernel)
     assert not bad, f"{len(bad)} host reads inside ConditionTracker._post_step on non-sample steps: {bad[:5]}"
     assert tracker.observations == 50
 
@@ -169,10 +170,11 @@ def _random_grads(opt: torch.optim.Optimizer) -> None:
             p.grad = torch.randn_like(p)
 
 
+@pytest.mark.parametrize("kernel", ["auto", "foreach"])
 @pytest.mark.parametrize("name,cls,kwargs", OPTIMIZERS, ids=IDS)
-def test_persistent_memory_and_tensor_count_do_not_grow(name, cls, kwargs):
+def test_persistent_memory_and_tensor_count_do_not_grow(name, cls, kwargs, kernel):
     opt = cls(_params(), **kwargs)
-    tracker = ConditionTracker(opt, trend=NO_SAMPLES)
+    tracker = ConditionTracker(opt, trend=NO_SAMPLES, kernel=kernel)
     held = {}
     for step in range(1, 51):
         _random_grads(opt)

@@ -194,13 +194,14 @@ def assert_same(got: dict, expected: dict, rel: float) -> None:
 # ---------------------------------------------------------------------------------------------- the main comparison
 
 
+@pytest.mark.parametrize("kernel", ["auto", "foreach"])  # on a CPU: the native kernel, and the torch paths
 @pytest.mark.parametrize("attach_after", [0, 3], ids=["from-start", "attached-after-3"])
 @pytest.mark.parametrize("name,cls,kwargs", CONFIGS, ids=CONFIG_IDS)
-def test_matches_float64_reference(name, cls, kwargs, attach_after):
+def test_matches_float64_reference(name, cls, kwargs, attach_after, kernel):
     model, opt, sched, data = make_run(cls, kwargs)
     # A tracker attached late sees the optimizer mid-run; the oracle starts observing at the same point.
     train(model, opt, sched, data, range(1, attach_after + 1))
-    tracker = ConditionTracker(opt)
+    tracker = ConditionTracker(opt, kernel=kernel)
     ref = Reference(opt)
     train(model, opt, sched, data, range(attach_after + 1, STEPS + 1), ref)
     got = assert_matches(tracker, ref)

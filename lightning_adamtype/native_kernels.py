@@ -1,0 +1,318 @@
+"""One C call per parameter group for the square-root form on the CPU (``kernel="native"``, the CPU default).
+
+The CPU counterpart of :mod:`lightning_adamtype.triton_kernels`, with the same interface (:class:`GroupLaunch`) and
+the same modes. For a group of n float32 tensors with η_i = s_i / (sqrt(v_i) + e_i), one call of
+``adamtype_group_terms`` reads every v and g once (and the stored η_{t−1} once, writing η_t over it) in one loop,
+cut into pieces of :data:`PIECE` coordinates run in parallel by OpenMP, and folds the pieces' partial sums into the
+group's five terms
+
+    [min_j η_j,  Σ_j (η_j g_j)²,  Σ_j |η_j − η_{t−1,j}|,  Σ_j (η_j − η_{t−1,j})²,  Σ_j η_j]
+
+and, when asked, adds the step's row to the group's float64 accumulators (what the tracker's ``_accumulate``
+does). Why: ``torch.compile`` splits the same math into a reduction loop and a second loop that writes η_t (five
+passes over memory and two square roots and divisions per coordinate, where one of each suffices), and the eager
+paths take ≈ 30 operations per step, whose fixed costs dominate on small models.
+
+The source below is compiled on first use with the system's C compiler (``$CC``, else ``cc``, ``gcc`` or
+``clang``), with OpenMP (which then shares the OpenMP runtime torch loaded), into
+``$LIGHTNING_ADAMTYPE_CACHE`` (default ``~/.cache/lightning_adamtype``), one file per source, flags and CPU, so
+later processes load it in milliseconds. Without a compiler :func:`available` is False and the tracker keeps its
+torch paths (one warning when ``kernel="native"`` was asked for).
+
+Arithmetic: η in float32 with the optimizer's own roundings (square root, add, divide; no contraction into fused
+multiply-adds), sums in float32 within a piece (as torch's own reductions do), pieces folded in float64.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+__all__ = ["CURRENT", "FIRST", "PIECE", "RECOMPUTED", "STORED", "GroupLaunch", "available", "unavailable_reason"]
+
+FIRST, STORED, CURRENT, RECOMPUTED = 0, 1, 2, 3
+#: coordinates per piece (one row of partial sums each, one unit of OpenMP work)
+PIECE = 16384
+#: groups with fewer coordinates run on one thread (an OpenMP fork and join costs more than it saves there)
+PARALLEL_MIN_NUMEL = 1 << 16
+
+_SOURCE = r"""
+#include <math.h>
+#include <stdint.h>
+
+enum { FIRST = 0, STORED = 1, CURRENT = 2, RECOMPUTED = 3 };
+
+/* One piece [start, start + len) of one tensor: its partial sums row[5] = min η, Σ(ηg)², Σ|Δη|, Σ(Δη)², Ση. */
+static void piece_terms(int mode, const float *restrict v, const float *restrict g, float *restrict eta, int64_t len,
+                        float s, float e, float s_prev, float e_prev, float inverse_keep, float weight, double *row) {
+    float lo = INFINITY, b = 0.0f, c = 0.0f, c2 = 0.0f, total = 0.0f;
+    if (mode == FIRST) {
+        #pragma omp simd reduction(min:lo) reduction(+:b, total)
+        for (int64_t j = 0; j < len; j++) {
+            float et = s / (sqrtf(v[j]) + e);
+            float step = et * g[j];
+            lo = lo < et ? lo : et;
+            b += step * step;
+            total += et;
+            eta[j] = et;
+        }
+    } else if (mode == STORED) {
+        #pragma omp simd reduction(min:lo) reduction(+:b, c, c2, total)
+        for (int64_t j = 0; j < len; j++) {
+            float et = s / (sqrtf(v[j]) + e);
+            float step = et * g[j];
+            float diff = et - eta[j];
+            lo = lo < et ? lo : et;
+            b += step * step;
+            c += fabsf(diff);
+            c2 += diff * diff;
+            total += et;
+            eta[j] = et;
+        }
+    } else if (mode == CURRENT) {
+        #pragma omp simd reduction(min:lo) reduction(+:b, total)
+        for (int64_t j = 0; j < len; j++) {
+            float et = s / (sqrtf(v[j]) + e);
+            float step = et * g[j];
+            lo = lo < et ? lo : et;
+            b += step * step;
+            total += et;
+        }
+    } else { /* RECOMPUTED: v_{t-1} = max((v_t - w g_t^2) / k, 0), one division for both stepsizes */
+        #pragma omp simd reduction(min:lo) reduction(+:b, c, c2, total)
+        for (int64_t j = 0; j < len; j++) {
+            float x = v[j], gj = g[j];
+            float a = sqrtf(x) + e;
+            float previous = (x - weight * (gj * gj)) * inverse_keep;
+            float a_prev = sqrtf(previous > 0.0f ? previous : 0.0f) + e_prev;
+            float r = 1.0f / (a * a_prev);
+            float et = s * a_prev * r;
+            float diff = (s * a_prev - s_prev * a) * r;
+            float step = et * gj;
+            lo = lo < et ? lo : et;
+            b += step * step;
+            c += fabsf(diff);
+            c2 += diff * diff;
+            total += et;
+        }
+    }
+    row[0] = lo; row[1] = b; row[2] = c; row[3] = c2; row[4] = total;
+}
+
+/* The group's five terms into out[5] (float64); with accumulate, also the tracker's _accumulate: a finite step adds
+   weight * [1, min η, Σ(ηg)², Σ|Δη|, Σ(Δη)², Ση/n, Σ|Δη|/n, 0] to acc[8], a non-finite one adds 1 to acc[7] only,
+   and *finite says which it was. Returns 0. */
+int adamtype_group_terms(int mode, const int64_t *v_ptrs, const int64_t *g_ptrs, float *eta, const int64_t *eta_offsets,
+                         const int64_t *sizes, const float *table, int64_t table_stride, float inverse_keep, float weight,
+                         int64_t pieces, const int64_t *piece_tensor, const int64_t *piece_start, int64_t piece,
+                         double *partials, double *out, int accumulate, double *acc, double inverse_total,
+                         double observe_weight, uint8_t *finite, int threads) {
+    #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int64_t p = 0; p < pieces; p++) {
+        int64_t i = piece_tensor[p], start = piece_start[p];
+        int64_t len = sizes[i] - start < piece ? sizes[i] - start : piece;
+        const float *tab = table + i * table_stride;
+        float s_prev = mode == RECOMPUTED ? tab[2] : 0.0f, e_prev = mode == RECOMPUTED ? tab[3] : 0.0f;
+        float *eta_i = (mode == FIRST || mode == STORED) ? eta + eta_offsets[i] + start : 0;
+        piece_terms(mode, (const float *)(intptr_t)v_ptrs[i] + start, (const float *)(intptr_t)g_ptrs[i] + start,
+                    eta_i, len, tab[0], tab[1], s_prev, e_prev, inverse_keep, weight, partials + 5 * p);
+    }
+    double lo = INFINITY, b = 0.0, c = 0.0, c2 = 0.0, total = 0.0;
+    for (int64_t p = 0; p < pieces; p++) {
+        const double *row = partials + 5 * p;
+        lo = row[0] < lo ? row[0] : lo;
+        b += row[1]; c += row[2]; c2 += row[3]; total += row[4];
+    }
+    out[0] = lo; out[1] = b; out[2] = c; out[3] = c2; out[4] = total;
+    if (accumulate) {
+        double mean = total * inverse_total, c_mean = c * inverse_total;
+        int ok = isfinite(lo) && isfinite(b) && isfinite(c) && isfinite(c2) && isfinite(mean);
+        if (ok) {
+            double k = observe_weight;
+            acc[0] += k; acc[1] += lo * k; acc[2] += b * k; acc[3] += c * k; acc[4] += c2 * k;
+            acc[5] += mean * k; acc[6] += c_mean * k;
+        } else {
+            acc[7] += 1.0;
+        }
+        *finite = (uint8_t)ok;
+    }
+    return 0;
+}
+"""
+
+_FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", "-march=native"]
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu_key() -> str:
+    """What ``-march=native`` depends on: the CPU's feature flags (one build per kind of CPU sharing a cache)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cache_dir() -> str:
+    return os.environ.get("LIGHTNING_ADAMTYPE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lightning_adamtype")
+
+
+def _build() -> ctypes.CDLL:
+    """Compile (once per source, flags, compiler and CPU) and load the shared library; raises OSError/RuntimeError."""
+    compiler = _compiler()
+    if compiler is None:
+        raise RuntimeError("no C compiler found (set CC, or install gcc or clang)")
+    key = hashlib.sha256("\0".join([_SOURCE, *_FLAGS, compiler, _cpu_key(), platform.machine()]).encode()).hexdigest()[:16]
+    directory = _cache_dir()
+    path = os.path.join(directory, f"adamtype_native_{key}.so")
+    if not os.path.exists(path):
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=directory) as tmp:
+            source = os.path.join(tmp, "adamtype_native.c")
+            with open(source, "w") as f:
+                f.write(_SOURCE)
+            built = os.path.join(tmp, "adamtype_native.so")
+            result = subprocess.run([compiler, *_FLAGS, source, "-o", built, "-lm"], capture_output=True, text=True)
+            if result.returncode != 0:
+                raise RuntimeError(f"{os.path.basename(compiler)} failed: {(result.stderr or result.stdout).strip()[:300]}")
+            os.replace(built, path)  # atomic: processes building at once each load a whole file
+    library = ctypes.CDLL(path)
+    function = library.adamtype_group_terms
+    p, i64, f32, f64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_double, ctypes.c_int
+    function.argtypes = [i32, p, p, p, p, p, p, i64, f32, f32, i64, p, p, i64, p, p, i32, p, f64, f64, p, i32]
+    function.restype = i32
+    return library
+
+
+@functools.lru_cache(maxsize=1)
+def _library() -> tuple[ctypes.CDLL | None, str]:
+    if os.environ.get("LIGHTNING_ADAMTYPE_NATIVE", "1") == "0":
+        return None, "disabled by LIGHTNING_ADAMTYPE_NATIVE=0"
+    try:
+        return _build(), ""
+    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+        return None, f"{type(error).__name__}: {error}"
+
+
+def available(device: torch.device) -> bool:
+    """The compiled library loads and ``device`` is the CPU (the first call may compile it: about a second)."""
+    return device.type == "cpu" and _library()[0] is not None
+
+
+def unavailable_reason() -> str:
+    """Why :func:`available` is False ('' when it is True)."""
+    return _library()[1]
+
+
+def _padded(n: int) -> int:
+    return -(-n // 4) * 4
+
+
+def _table(values: list[int]) -> Tensor:
+    return torch.tensor(values, dtype=torch.int64)
+
+
+@dataclass
+class GroupLaunch:
+    """One group's pieces (built once per list of sizes), address tables (rebuilt only when an address changes) and
+    reused outputs. Tensor i's η lives at ``offsets[i]`` of the group's flat η buffer of ``eta_numel`` elements
+    (starts rounded up to 4 elements, the layout :class:`lightning_adamtype.triton_kernels.GroupLaunch` uses)."""
+
+    sizes: tuple[int, ...]
+    device: torch.device
+    offsets: list[int] = field(init=False)
+    eta_numel: int = field(init=False)
+    partials: Tensor = field(init=False)  # float64 [pieces, 5]
+    out: Tensor = field(init=False)  # float64 [5]: the terms of the latest call
+    finite: Tensor = field(init=False)  # uint8: was the latest accumulated step finite
+    _pieces: tuple[Tensor, Tensor] = field(init=False)
+    _eta_offsets: Tensor = field(init=False)
+    _sizes: Tensor = field(init=False)
+    _keys: tuple = field(default=(), init=False)
+    _tables: tuple[Tensor, Tensor] | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        tensor_of_piece, start_of_piece, self.offsets, offset = [], [], [], 0
+        for i, n in enumerate(self.sizes):
+            pieces = -(-n // PIECE)
+            tensor_of_piece += [i] * pieces
+            start_of_piece += range(0, pieces * PIECE, PIECE)
+            self.offsets.append(offset)
+            offset += _padded(n)
+        self.eta_numel = offset
+        self._pieces = (_table(tensor_of_piece), _table(start_of_piece))
+        self._eta_offsets = _table(self.offsets)
+        self._sizes = _table(list(self.sizes))
+        self.partials = torch.empty(len(tensor_of_piece), 5, dtype=torch.float64)
+        self.out = torch.empty(5, dtype=torch.float64)
+        self.finite = torch.empty((), dtype=torch.uint8)
+        self._threads = 1 if sum(self.sizes) < PARALLEL_MIN_NUMEL else 0  # 0: torch's thread count at each call
+
+    def eta_views(self, buffer: Tensor, shapes: list[torch.Size]) -> list[Tensor]:
+        """Each tensor's η as a view of the flat buffer, in its parameter's shape."""
+        return [buffer.narrow(0, o, n).view(shape) for o, n, shape in zip(self.offsets, self.sizes, shapes)]
+
+    def address_tables(self, vs: list[Tensor], gs: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """int64 tables of the addresses of ``vs`` and ``gs`` (the last ones again when unchanged)."""
+        keys = (tuple(t.data_ptr() for t in vs), tuple(t.data_ptr() for t in gs))
+        if self._tables is None or keys != self._keys:
+            self._tables = (_table(list(keys[0])), _table(list(keys[1])))
+            self._keys = keys
+        return self._tables
+
+    def terms(
+        self,
+        vs: list[Tensor],
+        gs: list[Tensor],
+        eta: Tensor | None,
+        table: Tensor,
+        mode: int,
+        inverse_keep: float = 1.0,
+        weight: float = 0.0,
+        accumulate: tuple[Tensor, float, float] | None = None,
+    ) -> Tensor:
+        """The group's five terms (float64 ``[5]``, :attr:`out`, overwritten by the next call) in one call; ``vs``,
+        ``gs`` contiguous float32 CPU tensors, ``eta`` the flat float32 η buffer of :attr:`eta_numel` elements (read
+        and/or written per ``mode``), ``table`` float32 ``[n, 2]`` (s, e), or ``[n, 4]`` (s, e, s', e') for
+        ``RECOMPUTED``. ``accumulate`` = (float64 accumulators ``[8]``, 1/n, k): also adds the step's row, weighted
+        by k, to the accumulators and writes whether the step was finite into :attr:`finite`."""
+        library, reason = _library()
+        if library is None:
+            raise RuntimeError(f"the native kernel is not available: {reason}")
+        v_ptrs, g_ptrs = self.address_tables(vs, gs)
+        table = table.to(torch.float32).contiguous()
+        piece_tensor, piece_start = self._pieces
+        if accumulate is not None:
+            accumulators, inverse_total, observe_weight = accumulate
+            if accumulators.dtype != torch.float64 or not accumulators.is_contiguous() or accumulators.device.type != "cpu":
+                raise ValueError("the native kernel accumulates into contiguous float64 CPU accumulators")
+            acc_ptr = accumulators.data_ptr()
+        else:
+            acc_ptr, inverse_total, observe_weight = None, 1.0, 1.0
+        library.adamtype_group_terms(
+            mode, v_ptrs.data_ptr(), g_ptrs.data_ptr(), eta.data_ptr() if eta is not None else None,
+            self._eta_offsets.data_ptr(), self._sizes.data_ptr(), table.data_ptr(), table.shape[1],
+            float(inverse_keep), float(weight), self.partials.shape[0], piece_tensor.data_ptr(), piece_start.data_ptr(),
+            PIECE, self.partials.data_ptr(), self.out.data_ptr(), accumulate is not None, acc_ptr,
+            float(inverse_total), float(observe_weight), self.finite.data_ptr(), self._threads or torch.get_num_threads(),
+        )
+        return self.out
