@@ -67,10 +67,12 @@ OPTIMIZERS = {
 
 
 #: tracker configurations measured side by side (ConditionTracker / AdamTypeMonitor keyword arguments).
+#: on the CPU the default (kernel="auto") is the native C kernel when a C compiler works.
 MODES = {
-    "default": {},
+    "default (native)": {},
+    "recomputed (native)": dict(previous_stepsize="recomputed"),
+    "foreach": dict(kernel="foreach"),
     "compiled": dict(kernel="compiled"),
-    "compiled + recomputed": dict(kernel="compiled", previous_stepsize="recomputed"),
     "observe_every=8": dict(observe_every=8),
 }
 #: on a GPU the default (kernel="auto") is the Triton path; the multi-tensor and compiled paths are measured beside it.

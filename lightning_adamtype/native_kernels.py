@@ -3,8 +3,8 @@
 The CPU counterpart of :mod:`lightning_adamtype.triton_kernels`, with the same interface (:class:`GroupLaunch`) and
 the same modes. For a group of n float32 tensors with η_i = s_i / (sqrt(v_i) + e_i), one call of
 ``adamtype_group_terms`` reads every v and g once (and the stored η_{t−1} once, writing η_t over it) in one loop,
-cut into pieces of :data:`PIECE` coordinates run in parallel by OpenMP, and folds the pieces' partial sums into the
-group's five terms
+cut into pieces of :data:`PIECE` coordinates shared among OpenMP threads (each thread folds its pieces into its own
+row of partial sums: nothing per piece is kept), and folds the rows into the group's five terms
 
     [min_j η_j,  Σ_j (η_j g_j)²,  Σ_j |η_j − η_{t−1,j}|,  Σ_j (η_j − η_{t−1,j})²,  Σ_j η_j]
 
@@ -20,7 +20,8 @@ later processes load it in milliseconds. Without a compiler :func:`available` is
 torch paths (one warning when ``kernel="native"`` was asked for).
 
 Arithmetic: η in float32 with the optimizer's own roundings (square root, add, divide; no contraction into fused
-multiply-adds), sums in float32 within a piece (as torch's own reductions do), pieces folded in float64.
+multiply-adds), sums in float32 within a piece (as torch's own reductions do), pieces folded in float64. What a
+group keeps between calls is O(tensors): its tables of sizes, offsets and addresses.
 """
 
 from __future__ import annotations
@@ -49,10 +50,16 @@ PARALLEL_MIN_NUMEL = 1 << 16
 _SOURCE = r"""
 #include <math.h>
 #include <stdint.h>
+#ifdef _OPENMP
+#include <omp.h>
+#else
+static int omp_get_thread_num(void) { return 0; }
+#endif
 
 enum { FIRST = 0, STORED = 1, CURRENT = 2, RECOMPUTED = 3 };
 
-/* One piece [start, start + len) of one tensor: its partial sums row[5] = min η, Σ(ηg)², Σ|Δη|, Σ(Δη)², Ση. */
+/* One piece [start, start + len) of one tensor: its sums (in float32) folded into row[5] = min η, Σ(ηg)², Σ|Δη|,
+   Σ(Δη)², Ση (in float64). */
 static void piece_terms(int mode, const float *restrict v, const float *restrict g, float *restrict eta, int64_t len,
                         float s, float e, float s_prev, float e_prev, float inverse_keep, float weight, double *row) {
     float lo = INFINITY, b = 0.0f, c = 0.0f, c2 = 0.0f, total = 0.0f;
@@ -106,32 +113,45 @@ static void piece_terms(int mode, const float *restrict v, const float *restrict
             total += et;
         }
     }
-    row[0] = lo; row[1] = b; row[2] = c; row[3] = c2; row[4] = total;
+    row[0] = lo < row[0] ? lo : row[0];
+    row[1] += b; row[2] += c; row[3] += c2; row[4] += total;
 }
 
 /* The group's five terms into out[5] (float64); with accumulate, also the tracker's _accumulate: a finite step adds
    weight * [1, min η, Σ(ηg)², Σ|Δη|, Σ(Δη)², Ση/n, Σ|Δη|/n, 0] to acc[8], a non-finite one adds 1 to acc[7] only,
-   and *finite says which it was. Returns 0. */
-int adamtype_group_terms(int mode, const int64_t *v_ptrs, const int64_t *g_ptrs, float *eta, const int64_t *eta_offsets,
-                         const int64_t *sizes, const float *table, int64_t table_stride, float inverse_keep, float weight,
-                         int64_t pieces, const int64_t *piece_tensor, const int64_t *piece_start, int64_t piece,
-                         double *partials, double *out, int accumulate, double *acc, double inverse_total,
-                         double observe_weight, uint8_t *finite, int threads) {
-    #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-    for (int64_t p = 0; p < pieces; p++) {
-        int64_t i = piece_tensor[p], start = piece_start[p];
-        int64_t len = sizes[i] - start < piece ? sizes[i] - start : piece;
-        const float *tab = table + i * table_stride;
-        float s_prev = mode == RECOMPUTED ? tab[2] : 0.0f, e_prev = mode == RECOMPUTED ? tab[3] : 0.0f;
-        float *eta_i = (mode == FIRST || mode == STORED) ? eta + eta_offsets[i] + start : 0;
-        piece_terms(mode, (const float *)(intptr_t)v_ptrs[i] + start, (const float *)(intptr_t)g_ptrs[i] + start,
-                    eta_i, len, tab[0], tab[1], s_prev, e_prev, inverse_keep, weight, partials + 5 * p);
+   and *finite says which it was. Tensor i has pieces first_piece[i] .. first_piece[i + 1] - 1 of `piece`
+   coordinates; each thread folds its pieces (a static schedule: the same ones at every call) into its own row.
+   Returns 0. */
+int adamtype_group_terms(int mode, int64_t n, const int64_t *v_ptrs, const int64_t *g_ptrs, float *eta,
+                         const int64_t *eta_offsets, const int64_t *sizes, const int64_t *first_piece, int64_t piece,
+                         const float *table, int64_t table_stride, float inverse_keep, float weight, double *out,
+                         int accumulate, double *acc, double inverse_total, double observe_weight, uint8_t *finite,
+                         int threads) {
+    int64_t pieces = first_piece[n];
+    double rows[threads][5];
+    for (int t = 0; t < threads; t++) {
+        rows[t][0] = INFINITY; rows[t][1] = rows[t][2] = rows[t][3] = rows[t][4] = 0.0;
+    }
+    #pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        double *row = rows[omp_get_thread_num()];
+        int64_t i = 0;
+        #pragma omp for schedule(static)
+        for (int64_t p = 0; p < pieces; p++) {
+            while (first_piece[i + 1] <= p) i++;  /* a thread's pieces are one increasing run (static schedule) */
+            int64_t start = (p - first_piece[i]) * piece;
+            int64_t len = sizes[i] - start < piece ? sizes[i] - start : piece;
+            const float *tab = table + i * table_stride;
+            float s_prev = mode == RECOMPUTED ? tab[2] : 0.0f, e_prev = mode == RECOMPUTED ? tab[3] : 0.0f;
+            float *eta_i = (mode == FIRST || mode == STORED) ? eta + eta_offsets[i] + start : 0;
+            piece_terms(mode, (const float *)(intptr_t)v_ptrs[i] + start, (const float *)(intptr_t)g_ptrs[i] + start,
+                        eta_i, len, tab[0], tab[1], s_prev, e_prev, inverse_keep, weight, row);
+        }
     }
     double lo = INFINITY, b = 0.0, c = 0.0, c2 = 0.0, total = 0.0;
-    for (int64_t p = 0; p < pieces; p++) {
-        const double *row = partials + 5 * p;
-        lo = row[0] < lo ? row[0] : lo;
-        b += row[1]; c += row[2]; c2 += row[3]; total += row[4];
+    for (int t = 0; t < threads; t++) {
+        lo = rows[t][0] < lo ? rows[t][0] : lo;
+        b += rows[t][1]; c += rows[t][2]; c2 += rows[t][3]; total += rows[t][4];
     }
     out[0] = lo; out[1] = b; out[2] = c; out[3] = c2; out[4] = total;
     if (accumulate) {
@@ -150,7 +170,9 @@ int adamtype_group_terms(int mode, const int64_t *v_ptrs, const int64_t *g_ptrs,
 }
 """
 
-_FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", "-march=native"]
+_FLAGS = ["-O3", "-fPIC", "-shared", "-fno-math-errno", "-ffp-contract=off", "-march=native"]
+#: tried first; a compiler without OpenMP (Apple's clang without libomp) builds the single-threaded loop instead
+_OPENMP = "-fopenmp"
 
 
 def _compiler() -> str | None:
@@ -191,14 +213,19 @@ def _build() -> ctypes.CDLL:
             with open(source, "w") as f:
                 f.write(_SOURCE)
             built = os.path.join(tmp, "adamtype_native.so")
-            result = subprocess.run([compiler, *_FLAGS, source, "-o", built, "-lm"], capture_output=True, text=True)
-            if result.returncode != 0:
+            for openmp in ([_OPENMP], []):
+                result = subprocess.run(
+                    [compiler, *_FLAGS, *openmp, source, "-o", built, "-lm"], capture_output=True, text=True, timeout=120
+                )
+                if result.returncode == 0:
+                    break
+            else:
                 raise RuntimeError(f"{os.path.basename(compiler)} failed: {(result.stderr or result.stdout).strip()[:300]}")
             os.replace(built, path)  # atomic: processes building at once each load a whole file
     library = ctypes.CDLL(path)
     function = library.adamtype_group_terms
     p, i64, f32, f64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_double, ctypes.c_int
-    function.argtypes = [i32, p, p, p, p, p, p, i64, f32, f32, i64, p, p, i64, p, p, i32, p, f64, f64, p, i32]
+    function.argtypes = [i32, i64, p, p, p, p, p, p, i64, p, i64, f32, f32, p, i32, p, f64, f64, p, i32]
     function.restype = i32
     return library
 
@@ -241,28 +268,24 @@ class GroupLaunch:
     device: torch.device
     offsets: list[int] = field(init=False)
     eta_numel: int = field(init=False)
-    partials: Tensor = field(init=False)  # float64 [pieces, 5]
     out: Tensor = field(init=False)  # float64 [5]: the terms of the latest call
     finite: Tensor = field(init=False)  # uint8: was the latest accumulated step finite
-    _pieces: tuple[Tensor, Tensor] = field(init=False)
+    _first_piece: Tensor = field(init=False)  # int64 [n + 1]: tensor i has pieces first_piece[i] .. first_piece[i+1]-1
     _eta_offsets: Tensor = field(init=False)
     _sizes: Tensor = field(init=False)
     _keys: tuple = field(default=(), init=False)
     _tables: tuple[Tensor, Tensor] | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
-        tensor_of_piece, start_of_piece, self.offsets, offset = [], [], [], 0
-        for i, n in enumerate(self.sizes):
-            pieces = -(-n // PIECE)
-            tensor_of_piece += [i] * pieces
-            start_of_piece += range(0, pieces * PIECE, PIECE)
+        first_piece, self.offsets, offset = [0], [], 0
+        for n in self.sizes:
+            first_piece.append(first_piece[-1] + -(-n // PIECE))
             self.offsets.append(offset)
             offset += _padded(n)
         self.eta_numel = offset
-        self._pieces = (_table(tensor_of_piece), _table(start_of_piece))
+        self._first_piece = _table(first_piece)
         self._eta_offsets = _table(self.offsets)
         self._sizes = _table(list(self.sizes))
-        self.partials = torch.empty(len(tensor_of_piece), 5, dtype=torch.float64)
         self.out = torch.empty(5, dtype=torch.float64)
         self.finite = torch.empty((), dtype=torch.uint8)
         self._threads = 1 if sum(self.sizes) < PARALLEL_MIN_NUMEL else 0  # 0: torch's thread count at each call
@@ -300,7 +323,6 @@ class GroupLaunch:
             raise RuntimeError(f"the native kernel is not available: {reason}")
         v_ptrs, g_ptrs = self.address_tables(vs, gs)
         table = table.to(torch.float32).contiguous()
-        piece_tensor, piece_start = self._pieces
         if accumulate is not None:
             accumulators, inverse_total, observe_weight = accumulate
             if accumulators.dtype != torch.float64 or not accumulators.is_contiguous() or accumulators.device.type != "cpu":
@@ -309,10 +331,10 @@ class GroupLaunch:
         else:
             acc_ptr, inverse_total, observe_weight = None, 1.0, 1.0
         library.adamtype_group_terms(
-            mode, v_ptrs.data_ptr(), g_ptrs.data_ptr(), eta.data_ptr() if eta is not None else None,
-            self._eta_offsets.data_ptr(), self._sizes.data_ptr(), table.data_ptr(), table.shape[1],
-            float(inverse_keep), float(weight), self.partials.shape[0], piece_tensor.data_ptr(), piece_start.data_ptr(),
-            PIECE, self.partials.data_ptr(), self.out.data_ptr(), accumulate is not None, acc_ptr,
-            float(inverse_total), float(observe_weight), self.finite.data_ptr(), self._threads or torch.get_num_threads(),
+            mode, len(self.sizes), v_ptrs.data_ptr(), g_ptrs.data_ptr(), eta.data_ptr() if eta is not None else None,
+            self._eta_offsets.data_ptr(), self._sizes.data_ptr(), self._first_piece.data_ptr(), PIECE,
+            table.data_ptr(), table.shape[1], float(inverse_keep), float(weight), self.out.data_ptr(),
+            accumulate is not None, acc_ptr, float(inverse_total), float(observe_weight), self.finite.data_ptr(),
+            self._threads or max(1, torch.get_num_threads()),
         )
         return self.out
