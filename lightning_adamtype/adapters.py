@@ -55,8 +55,11 @@ class ScalarTable(Sequence):
 def device_steps(states: Sequence[dict[str, Any]]) -> Tensor | None:
     """The step counters of ``states`` as one float32 vector, clamped to ≥ 1 as :func:`step_value` does, when every
     one is a tensor on one accelerator; None otherwise (host counters are read as floats, one by one)."""
+    first = states[0]["step"] if states else None
+    if not isinstance(first, Tensor) or first.is_cpu:  # host counters (the common case), decided on the first one
+        return None
     steps = [s["step"] for s in states]
-    if not all(isinstance(t, Tensor) and t.device.type != "cpu" for t in steps):
+    if not all(isinstance(t, Tensor) and not t.is_cpu for t in steps):
         return None
     if len({t.device for t in steps}) != 1:
         return None
@@ -86,7 +89,7 @@ def step_value(state: dict[str, Any]) -> Scalar:
     # A state still at step 0 (its first step was skipped by a GradScaler inside a fused optimizer) reads as step 1:
     # the bias corrections 1 − β^t stay finite, and that step is masked out of every sum anyway.
     if isinstance(step, Tensor):
-        if step.device.type == "cpu":
+        if step.is_cpu:
             return max(float(step), 1.0)
         return (step.to(torch.float32) if not step.is_floating_point() else step).clamp_min(1.0)
     return max(float(step), 1.0)
@@ -187,7 +190,7 @@ def scalar_table(scalars: Sequence[tuple[Scalar, Scalar]], dtype: torch.dtype, d
     are floats (:func:`to_device`), a stack of the 0-dim tensors otherwise (device step counters or lr)."""
     if isinstance(scalars, ScalarTable):
         return scalars.table.to(device=device, dtype=dtype)
-    if all(isinstance(x, float) for pair in scalars for x in pair):
+    if all(type(s) is float and type(e) is float for s, e in scalars):
         return to_device(scalars, dtype, device)
     return torch.stack(
         [torch.stack([torch.as_tensor(x, device=device).to(dtype).reshape(()) for x in pair]) for pair in scalars]

@@ -45,7 +45,7 @@ FIRST, STORED, CURRENT, RECOMPUTED = 0, 1, 2, 3
 #: coordinates per piece (one row of partial sums each, one unit of OpenMP work)
 PIECE = 16384
 #: groups with fewer coordinates run on one thread (an OpenMP fork and join costs more than it saves there)
-PARALLEL_MIN_NUMEL = 1 << 16
+PARALLEL_MIN_NUMEL = 2 * PIECE
 
 _SOURCE = r"""
 #include <math.h>
@@ -274,7 +274,7 @@ class GroupLaunch:
     _eta_offsets: Tensor = field(init=False)
     _sizes: Tensor = field(init=False)
     _keys: tuple = field(default=(), init=False)
-    _tables: tuple[Tensor, Tensor] | None = field(default=None, init=False)
+    _tables: tuple[ctypes.Array, ctypes.Array] | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         first_piece, self.offsets, offset = [0], [], 0
@@ -294,11 +294,12 @@ class GroupLaunch:
         """Each tensor's η as a view of the flat buffer, in its parameter's shape."""
         return [buffer.narrow(0, o, n).view(shape) for o, n, shape in zip(self.offsets, self.sizes, shapes)]
 
-    def address_tables(self, vs: list[Tensor], gs: list[Tensor]) -> tuple[Tensor, Tensor]:
-        """int64 tables of the addresses of ``vs`` and ``gs`` (the last ones again when unchanged)."""
-        keys = (tuple(t.data_ptr() for t in vs), tuple(t.data_ptr() for t in gs))
+    def address_tables(self, vs: list[Tensor], gs: list[Tensor]) -> tuple[ctypes.Array, ctypes.Array]:
+        """int64 arrays of the addresses of ``vs`` and ``gs`` (the last ones again when unchanged)."""
+        keys = (tuple(map(Tensor.data_ptr, vs)), tuple(map(Tensor.data_ptr, gs)))
         if self._tables is None or keys != self._keys:
-            self._tables = (_table(list(keys[0])), _table(list(keys[1])))
+            array = ctypes.c_int64 * len(self.sizes)
+            self._tables = (array(*keys[0]), array(*keys[1]))
             self._keys = keys
         return self._tables
 
@@ -331,7 +332,7 @@ class GroupLaunch:
         else:
             acc_ptr, inverse_total, observe_weight = None, 1.0, 1.0
         library.adamtype_group_terms(
-            mode, len(self.sizes), v_ptrs.data_ptr(), g_ptrs.data_ptr(), eta.data_ptr() if eta is not None else None,
+            mode, len(self.sizes), ctypes.addressof(v_ptrs), ctypes.addressof(g_ptrs), eta.data_ptr() if eta is not None else None,
             self._eta_offsets.data_ptr(), self._sizes.data_ptr(), self._first_piece.data_ptr(), PIECE,
             table.data_ptr(), table.shape[1], float(inverse_keep), float(weight), self.out.data_ptr(),
             accumulate is not None, acc_ptr, float(inverse_total), float(observe_weight), self.finite.data_ptr(),

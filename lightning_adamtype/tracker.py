@@ -385,19 +385,20 @@ class ConditionTracker:
         snapshot = self._snapshots.get(gi, {})
         uniform = getattr(self.adapter, "uniform_stepsize", None)
         needs_state = not callable(uniform)  # plain SGD keeps no state at all
-        entries = []
-        for k, (pi, p) in enumerate(with_grad):
+        entries, states = [], []
+        for pi, p in with_grad:
             if p.grad.is_sparse:
                 self._warn_once("sparse", "sparse gradients are not measured; those parameters are left out")
                 continue
-            if needs_state and not optimizer.state.get(p):
+            param_state = optimizer.state.get(p)
+            if needs_state and not param_state:
                 continue
             if p.numel() == 0:  # no coordinate: nothing to add, and no minimum to take
                 continue
             entries.append((pi, p, snapshot.get(pi)))
+            states.append(param_state or {})
         if not entries:
             return False
-        states = [optimizer.state.get(p, {}) for _, p, _ in entries]
         grads = [p.grad for _, p, _ in entries]
         shards = None  # the process group over which this group's coordinates are sharded (FSDP2 / DTensor)
         if is_dtensor(entries[0][1]):
@@ -650,8 +651,9 @@ class ConditionTracker:
                     f"{'; ' + reason if reason else ''}); the foreach path runs instead",
                 )
             return None
+        index = vs[0].get_device()  # an int (-1 on the CPU): cheaper to compare than torch.device objects
         eligible = all(
-            t.dtype == torch.float32 and t.device == device and t.is_contiguous() for ts in (vs, grads) for t in ts
+            t.dtype == torch.float32 and t.get_device() == index and t.is_contiguous() for ts in (vs, grads) for t in ts
         )
         if not eligible and self.kernel == name:
             kinds = sorted({f"{t.dtype}{'' if t.is_contiguous() else ' non-contiguous'} on {t.device}" for t in (*vs, *grads)})
@@ -968,12 +970,11 @@ class ConditionTracker:
             state.detectors = {
                 kind: TrendDetector(self.trend_options, device=acc.device, dtype=acc.dtype) for kind in ("variance", "bias")
             }
-        a = acc[ACCUMULATOR_KEYS.index("a")]
         sampled = False
         for kind, key in (("variance", "b"), ("bias", "c")):
             detector = state.detectors[kind]
             if state.count >= detector.next_sample_step:  # host ints: no device work on other steps
-                ratio = acc[ACCUMULATOR_KEYS.index(key)] / a
+                ratio = acc[ACCUMULATOR_KEYS.index(key)] / acc[ACCUMULATOR_KEYS.index("a")]
                 if state.last_finite is not None:  # a non-finite step is an invalid sample, not a frozen ratio
                     ratio = torch.where(state.last_finite, ratio, torch.full_like(ratio, math.nan))
                 sampled |= detector.update(state.count, ratio)
