@@ -193,6 +193,38 @@ class MonitorClock:
             setattr(cls, name, original)
 
 
+class MonitorGate:
+    """Runs the monitor's hooks (tracker pre/post-step, the callback's batch-end hook) only while :attr:`on`; when off
+    they return at once (the tracker neither reads nor counts that step). Lets one training run alternate blocks of
+    iterations with and without the monitor, so that drift of the machine's speed between runs cancels out."""
+
+    def __init__(self) -> None:
+        self.on = True
+
+    def __enter__(self) -> "MonitorGate":
+        from lightning_adamtype import AdamTypeMonitor, ConditionTracker
+
+        hooks = [(ConditionTracker, "_pre_step"), (ConditionTracker, "_post_step"), (AdamTypeMonitor, "on_train_batch_end")]
+        self._saved = [(cls, name, getattr(cls, name)) for cls, name in hooks]
+        for cls, name, original in self._saved:
+            setattr(cls, name, self._gated(original))
+        return self
+
+    def _gated(self, original):
+        def gated(*args, **kwargs):
+            return original(*args, **kwargs) if self.on else None
+
+        return gated
+
+    def __exit__(self, *exc) -> None:
+        for cls, name, original in self._saved:
+            setattr(cls, name, original)
+
+
+#: iterations per block in the interleaved runs (with, without, with, ...)
+INTERLEAVE_BLOCK = 10
+
+
 def bench_end_to_end(
     reps: int, steps: int, skip: int = 10, modes=None, device: str = "cpu"
 ) -> dict[str, list[tuple[float, float, float]]]:
@@ -241,6 +273,8 @@ def bench_end_to_end(
         def configure_optimizers(self):
             return torch.optim.Adam(self.parameters(), lr=1e-3)
 
+    gate: MonitorGate | None = None
+
     class Clock(pl.Callback):
         """Wall time of every training iteration after batch ``skip`` (batch end to batch end: data, forward,
         backward, optimizer step with the tracker's hooks, callbacks). On a GPU the first and the last stamp wait
@@ -249,12 +283,18 @@ def bench_end_to_end(
 
         def __init__(self) -> None:
             self.stamps: list[float] = []
+            self.monitored: list[bool] = []  # per stamp: was the monitor on during the batch it closes
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if gate is not None:  # interleaved runs: blocks of INTERLEAVE_BLOCK iterations without, with, ...
+                gate.on = trainer.global_step < skip or (trainer.global_step - skip) // INTERLEAVE_BLOCK % 2 == 1
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             if trainer.global_step >= skip:
                 if trainer.global_step in (skip, skip + steps):
                     synchronize(device)
                 self.stamps.append(time.perf_counter())
+                self.monitored.append(gate is None or gate.on)
 
     def run(mode: str | None, logdir: str) -> tuple[float, float, float]:
         torch.manual_seed(0)
@@ -280,9 +320,29 @@ def bench_end_to_end(
         monitor = sum(inside.seconds[len(inside.seconds) - len(iterations) :])  # the timed iterations only
         return (len(stamps) - 1) * batch / total, batch / median(iterations), monitor / (total - monitor)
 
+    def interleaved(mode: str, logdir: str) -> float:
+        """One run alternating blocks without and with the monitor: median iteration with / without − 1."""
+        nonlocal gate
+        clock = Clock()
+        trainer = pl.Trainer(
+            max_steps=skip + steps, accelerator="gpu" if on_gpu else "cpu", devices=1,
+            callbacks=[clock, AdamTypeMonitor(**modes[mode])], logger=TensorBoardLogger(logdir, name="bench"),
+            log_every_n_steps=50, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        )
+        loader = data if on_gpu else torch.utils.data.DataLoader(data, batch_size=batch, shuffle=True, num_workers=0)
+        torch.manual_seed(0)
+        with MonitorGate() as gate:
+            trainer.fit(CNN(), loader)
+        gate = None
+        times = [b - a for a, b in zip(clock.stamps, clock.stamps[1:])]
+        flags = clock.monitored[1:]
+        with_ = median([t for t, f in zip(times, flags) if f])
+        without = median([t for t, f in zip(times, flags) if not f])
+        return with_ / without - 1
+
     # "without (control)" is a second arm without the monitor: its "slowdown" is the noise floor of the method.
     arms = ["without", *modes, "without (control)"]
-    runs: dict[str, list[tuple[float, float]]] = {arm: [] for arm in arms}
+    runs: dict[str, list[tuple[float, ...]]] = {arm: [] for arm in arms}
     with tempfile.TemporaryDirectory() as tmp, _quiet():
         run(None, tmp)  # warm-up (imports, first-call overheads)
         for mode in modes:
@@ -290,7 +350,10 @@ def bench_end_to_end(
         for rep in range(reps):
             order = arms[rep % len(arms):] + arms[: rep % len(arms)]  # rotate: no arm always runs first
             for arm in order:
-                runs[arm].append(run(None if arm.startswith("without") else arm, tmp))
+                if arm.startswith("without"):
+                    runs[arm].append(run(None, tmp))
+                else:
+                    runs[arm].append((*run(arm, tmp), interleaved(arm, tmp)))
     return runs
 
 
@@ -586,7 +649,11 @@ def main(argv: list[str] | None = None) -> int:
              "In situ: in every monitored run, the wall time spent inside the monitor's hooks (tracker pre/post-step, "
              "the callback's batch-end hook with its logging) over the rest of the same iterations: a ratio taken "
              "side by side in the same iterations, which drift of the machine's speed between runs cannot move "
-             "(median over runs, range)"
+             "(median over runs, range). Interleaved: one more run per mode and repetition in which the monitor "
+             f"is off and on in alternate blocks of {INTERLEAVE_BLOCK} iterations (its hooks return at once while "
+             "off): median iteration with / without − 1, median over runs (range); it includes what the in-situ "
+             "share cannot see (caches the hooks evict, allocator and garbage-collector work) and, within one "
+             "run, is not moved by drift between runs"
              + ("; on a GPU this is host time (kernel launches), the device time of the tracker's kernels is in the "
                 "A/B columns only" if on_gpu else "")
              + f". Target: slowdown ≤ {'1' if on_gpu else '2'} %.")
@@ -594,8 +661,9 @@ def main(argv: list[str] | None = None) -> int:
         emit("| model | tracker mode | device | without monitor (samples/s, median iteration) | with AdamTypeMonitor | "
              "slowdown from the median iteration (paired) | slowdown from total time (paired) | "
              "time inside the monitor / the rest of the iteration (in situ) | "
+             f"interleaved in one run (blocks of {INTERLEAVE_BLOCK}) | "
              "runs without / with (median iteration) |")
-        emit("|---|---|---|---|---|---|---|---|---|")
+        emit("|---|---|---|---|---|---|---|---|---|---|")
         # on a GPU the compiled mode is left out here (it is measured in part 1; on a ResNet-18 it recompiles past
         # torch._dynamo's limit and falls back to eager, 4× slower, which would take most of a 10-minute lease)
         e2e_modes = {k: v for k, v in GPU_MODES.items() if k != "compiled"} if on_gpu else MODES
@@ -610,8 +678,10 @@ def main(argv: list[str] | None = None) -> int:
             (wo, wi, robust), (_, _, total) = cells
             shares = sorted(r[2] for r in wi_all)
             in_situ = "—" if mode.startswith("without") else f"**{median(shares):.2%}** ({shares[0]:.2%}–{shares[-1]:.2%})"
+            blocks = sorted(r[3] for r in wi_all) if not mode.startswith("without") else []
+            inter = f"**{median(blocks):+.1%}** ({blocks[0]:+.1%}–{blocks[-1]:+.1%})" if blocks else "—"
             emit(f"| {'ResNet-18' if on_gpu else 'small CNN'} | {mode} | {where} | {wo:.0f} | {wi:.0f} | {robust} | "
-                 f"{total} | {in_situ} | "
+                 f"{total} | {in_situ} | {inter} | "
                  f"{', '.join(f'{r[1]:.0f}' for r in wo_all)} / {', '.join(f'{r[1]:.0f}' for r in wi_all)} |")
         emit()
 
