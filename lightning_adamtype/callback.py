@@ -82,9 +82,10 @@ class AdamTypeMonitor(*_callback_bases()):  # type: ignore[misc]
         progress_bar: show the first group's ``variance_ratio`` and ``bias_ratio`` in Lightning's progress bar as
             ``adamtype_variance_ratio`` / ``adamtype_bias_ratio`` (updated at log steps only, not sent to loggers).
         kernel, previous_stepsize: how each tracker computes (see :class:`ConditionTracker`): ``kernel="auto"``
-            (default) takes two Triton launches per group on a CUDA device and multi-tensor operations elsewhere;
-            ``kernel="compiled"`` fuses the per-step math into one ``torch.compile``'d pass per tensor; ``previous_stepsize="recomputed"``
-            keeps no per-coordinate η_{t−1} (Adam/AdamW/Adagrad/RMSprop).
+            (default) takes two Triton launches per group on a CUDA device, one call of a C loop per group on the
+            CPU (compiled on first use when a C compiler works), and multi-tensor operations otherwise;
+            ``kernel="foreach"`` / ``"compiled"`` force the torch paths; ``previous_stepsize="recomputed"`` keeps
+            no per-coordinate η_{t−1} (Adam/AdamW/Adagrad/RMSprop).
         observe_every: observe only the step pairs (t − 1, t) with t divisible by k and weigh them by k (see
             :class:`ConditionTracker`); 1 (default) observes every step.
 
