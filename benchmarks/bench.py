@@ -127,21 +127,35 @@ def _time_steps(opt: torch.optim.Optimizer, steps: int, device: str = "cpu") -> 
     return (time.perf_counter() - t0) / steps * 1e3
 
 
-class HookTimer:
+class _PatchedHooks:
+    """Replaces the monitor's hooks on their classes (before the trackers bind them) with ``self._wrap(original,
+    name)`` inside a ``with`` block, and puts them back after. Subclasses say what the wrapper does."""
+
+    def __enter__(self):
+        from lightning_adamtype import AdamTypeMonitor
+
+        hooks = [(ConditionTracker, "_pre_step"), (ConditionTracker, "_post_step"), (AdamTypeMonitor, "on_train_batch_end")]
+        self._saved = [(cls, name, getattr(cls, name)) for cls, name in hooks]
+        for cls, name, original in self._saved:
+            setattr(cls, name, self._wrap(original, name))
+        return self
+
+    def _wrap(self, original, name: str):
+        raise NotImplementedError
+
+    def __exit__(self, *exc) -> None:
+        for cls, name, original in self._saved:
+            setattr(cls, name, original)
+
+
+class HookTimer(_PatchedHooks):
     """Sums the wall time spent inside the trackers' pre- and post-step hooks (:attr:`seconds`; reset it at will).
     On a GPU that is host time: the launches, not the kernels."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
 
-    def __enter__(self) -> "HookTimer":
-        hooks = ("_pre_step", "_post_step")
-        self._saved = [(name, getattr(ConditionTracker, name)) for name in hooks]
-        for name, original in self._saved:
-            setattr(ConditionTracker, name, self._timed(original))
-        return self
-
-    def _timed(self, original):
+    def _wrap(self, original, name: str):
         def timed(*args, **kwargs):
             t0 = time.perf_counter()
             try:
@@ -150,10 +164,6 @@ class HookTimer:
                 self.seconds += time.perf_counter() - t0
 
         return timed
-
-    def __exit__(self, *exc) -> None:
-        for name, original in self._saved:
-            setattr(ConditionTracker, name, original)
 
 
 def bench_step(name: str, numel: int, reps: int, steps: int, warmup: int = 3, modes=None, device: str = "cpu") -> list[StepRow]:
@@ -191,7 +201,7 @@ def bench_step(name: str, numel: int, reps: int, steps: int, warmup: int = 3, mo
 # ---------------------------------------------------------------------------------------------- 2. end to end
 
 
-class MonitorClock:
+class MonitorClock(_PatchedHooks):
     """Times, per training iteration, everything the monitor runs: the tracker's pre- and post-step hooks and the
     callback's ``on_train_batch_end`` (which writes the logs). The hooks are patched on the classes before the
     trackers bind them; two ``perf_counter`` calls per hook (~0.1 µs) are the clock's own cost.
@@ -201,16 +211,9 @@ class MonitorClock:
         self.seconds: list[float] = []
         self._current = 0.0
 
-    def __enter__(self) -> "MonitorClock":
-        from lightning_adamtype import AdamTypeMonitor, ConditionTracker
+    def _wrap(self, original, name: str):
+        closes = name == "on_train_batch_end"
 
-        hooks = [(ConditionTracker, "_pre_step"), (ConditionTracker, "_post_step"), (AdamTypeMonitor, "on_train_batch_end")]
-        self._saved = [(cls, name, getattr(cls, name)) for cls, name in hooks]
-        for cls, name, original in self._saved:
-            setattr(cls, name, self._timed(original, closes=name == "on_train_batch_end"))
-        return self
-
-    def _timed(self, original, closes: bool):
         def timed(*args, **kwargs):
             t0 = time.perf_counter()
             try:
@@ -223,12 +226,8 @@ class MonitorClock:
 
         return timed
 
-    def __exit__(self, *exc) -> None:
-        for cls, name, original in self._saved:
-            setattr(cls, name, original)
 
-
-class MonitorGate:
+class MonitorGate(_PatchedHooks):
     """Runs the monitor's hooks (tracker pre/post-step, the callback's batch-end hook) only while :attr:`on`; when off
     they return at once (the tracker neither reads nor counts that step). Lets one training run alternate blocks of
     iterations with and without the monitor, so that drift of the machine's speed between runs cancels out."""
@@ -236,24 +235,11 @@ class MonitorGate:
     def __init__(self) -> None:
         self.on = True
 
-    def __enter__(self) -> "MonitorGate":
-        from lightning_adamtype import AdamTypeMonitor, ConditionTracker
-
-        hooks = [(ConditionTracker, "_pre_step"), (ConditionTracker, "_post_step"), (AdamTypeMonitor, "on_train_batch_end")]
-        self._saved = [(cls, name, getattr(cls, name)) for cls, name in hooks]
-        for cls, name, original in self._saved:
-            setattr(cls, name, self._gated(original))
-        return self
-
-    def _gated(self, original):
+    def _wrap(self, original, name: str):
         def gated(*args, **kwargs):
             return original(*args, **kwargs) if self.on else None
 
         return gated
-
-    def __exit__(self, *exc) -> None:
-        for cls, name, original in self._saved:
-            setattr(cls, name, original)
 
 
 #: iterations per block in the interleaved runs (with, without, with, ...)
