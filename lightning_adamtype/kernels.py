@@ -30,12 +30,13 @@ for float64 state); the tracker adds the rows in float64.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["CHUNK_LENGTHS", "SquareRootKernels", "chunks", "scratch_recomputed_terms", "scratch_terms", "sqrt_form_kernels"]
+__all__ = ["CHUNK_LENGTHS", "FlatEtaLayout", "SquareRootKernels", "chunks", "scratch_recomputed_terms", "scratch_terms", "sqrt_form_kernels"]
 
 #: The list lengths the compiled kernels see (a group of n tensors is cut greedily into these): at most four
 #: graphs per kernel, and one Python call per up to eight tensors.
@@ -162,6 +163,33 @@ def scratch_recomputed_terms(
     c = minus_diff.abs_().sum()
     step = g.mul_(eta)
     return torch.stack([eta.amin(), torch.dot(step, step), c, c2, eta.sum()])
+
+
+@dataclass
+class FlatEtaLayout:
+    """Where a group's tensors keep η in one flat buffer (the layout of the one-call-per-group kernels,
+    :mod:`~lightning_adamtype.triton_kernels` and :mod:`~lightning_adamtype.native_kernels`): tensor i at
+    ``offsets[i]``, each start rounded up to 4 elements so every η address is 16-byte aligned like the tensors'."""
+
+    sizes: tuple[int, ...]
+    offsets: list[int] = field(init=False)
+    eta_numel: int = field(init=False)  # the buffer's length
+
+    def __post_init__(self) -> None:
+        self.offsets, offset = [], 0
+        for n in self.sizes:
+            self.offsets.append(offset)
+            offset += -(-n // 4) * 4
+        self.eta_numel = offset
+
+    def eta_views(self, buffer: Tensor, shapes: list[torch.Size]) -> list[Tensor]:
+        """Each tensor's η as a view of the flat buffer, in its parameter's shape."""
+        return [buffer.narrow(0, o, n).view(shape) for o, n, shape in zip(self.offsets, self.sizes, shapes)]
+
+
+def addresses(tensors: Sequence[Tensor]) -> tuple[int, ...]:
+    """The tensors' data pointers (a group's address tables are rebuilt only when these change)."""
+    return tuple(map(Tensor.data_ptr, tensors))
 
 
 class SquareRootKernels:

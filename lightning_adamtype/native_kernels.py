@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .kernels import FlatEtaLayout, addresses
+
 __all__ = ["CURRENT", "FIRST", "PIECE", "RECOMPUTED", "STORED", "GroupLaunch", "available", "unavailable_reason"]
 
 FIRST, STORED, CURRENT, RECOMPUTED = 0, 1, 2, 3
@@ -250,24 +252,17 @@ def unavailable_reason() -> str:
     return _library()[1]
 
 
-def _padded(n: int) -> int:
-    return -(-n // 4) * 4
-
-
 def _table(values: list[int]) -> Tensor:
     return torch.tensor(values, dtype=torch.int64)
 
 
 @dataclass
-class GroupLaunch:
+class GroupLaunch(FlatEtaLayout):
     """One group's pieces (built once per list of sizes), address tables (rebuilt only when an address changes) and
-    reused outputs. Tensor i's η lives at ``offsets[i]`` of the group's flat η buffer of ``eta_numel`` elements
-    (starts rounded up to 4 elements, the layout :class:`lightning_adamtype.triton_kernels.GroupLaunch` uses)."""
+    reused outputs; η lives in the group's flat buffer as :class:`~lightning_adamtype.kernels.FlatEtaLayout` places
+    it (the layout of :class:`lightning_adamtype.triton_kernels.GroupLaunch` too)."""
 
-    sizes: tuple[int, ...]
     device: torch.device
-    offsets: list[int] = field(init=False)
-    eta_numel: int = field(init=False)
     out: Tensor = field(init=False)  # float64 [5]: the terms of the latest call
     finite: Tensor = field(init=False)  # uint8: was the latest accumulated step finite
     _first_piece: Tensor = field(init=False)  # int64 [n + 1]: tensor i has pieces first_piece[i] .. first_piece[i+1]-1
@@ -275,28 +270,23 @@ class GroupLaunch:
     _sizes: Tensor = field(init=False)
     _keys: tuple = field(default=(), init=False)
     _tables: tuple[ctypes.Array, ctypes.Array] | None = field(default=None, init=False)
+    _threads: int = field(init=False)  # OpenMP threads per call; 0: torch's thread count at each call
 
     def __post_init__(self) -> None:
-        first_piece, self.offsets, offset = [0], [], 0
+        super().__post_init__()
+        first_piece = [0]
         for n in self.sizes:
             first_piece.append(first_piece[-1] + -(-n // PIECE))
-            self.offsets.append(offset)
-            offset += _padded(n)
-        self.eta_numel = offset
         self._first_piece = _table(first_piece)
         self._eta_offsets = _table(self.offsets)
         self._sizes = _table(list(self.sizes))
         self.out = torch.empty(5, dtype=torch.float64)
         self.finite = torch.empty((), dtype=torch.uint8)
-        self._threads = 1 if sum(self.sizes) < PARALLEL_MIN_NUMEL else 0  # 0: torch's thread count at each call
-
-    def eta_views(self, buffer: Tensor, shapes: list[torch.Size]) -> list[Tensor]:
-        """Each tensor's η as a view of the flat buffer, in its parameter's shape."""
-        return [buffer.narrow(0, o, n).view(shape) for o, n, shape in zip(self.offsets, self.sizes, shapes)]
+        self._threads = 1 if sum(self.sizes) < PARALLEL_MIN_NUMEL else 0
 
     def address_tables(self, vs: list[Tensor], gs: list[Tensor]) -> tuple[ctypes.Array, ctypes.Array]:
         """int64 arrays of the addresses of ``vs`` and ``gs`` (the last ones again when unchanged)."""
-        keys = (tuple(map(Tensor.data_ptr, vs)), tuple(map(Tensor.data_ptr, gs)))
+        keys = (addresses(vs), addresses(gs))
         if self._tables is None or keys != self._keys:
             array = ctypes.c_int64 * len(self.sizes)
             self._tables = (array(*keys[0]), array(*keys[1]))

@@ -138,6 +138,15 @@ def _previous_scales_table(state: "_GroupState", indices: list[int]) -> Tensor:
     return torch.stack(olds)
 
 
+def _laid_out(state: "_GroupState", terms: Tensor, total: int, dtype: torch.dtype) -> Tensor:
+    """The accumulators' row [1, a, b, c, c2, Ση/n, c/n, 0] from a group's five terms, in one ``addmv`` with the
+    group's layout (built once per group size: a group's device and dtype do not change)."""
+    if state.flat_layout is None or state.flat_layout[0] != total:
+        state.flat_layout = (total, *_contribution_layout(total, dtype, terms.device))
+    _, offset, layout = state.flat_layout
+    return torch.addmv(offset, layout, terms.to(dtype))
+
+
 def _contribution_layout(total: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
     """(offset, matrix) with offset + matrix @ [min η, Σ(ηg)², Σ|Δη|, Σ(Δη)², Ση] = the row the accumulators add:
     [1, min η, Σ(ηg)², Σ|Δη|, Σ(Δη)², Ση/n, Σ|Δη|/n, 0] (the last slot counts non-finite steps), for a group of
@@ -712,11 +721,7 @@ class ConditionTracker:
         else:
             terms = self._flat_stored(state, vs, v_flat, g_flat, s, e, sizes, indices, with_previous, work)
             new_previous = list(state.flat_views)
-        if state.flat_layout is None or state.flat_layout[0] != total:  # (a group's device and dtype do not change)
-            state.flat_layout = (total, *_contribution_layout(total, dtype, device))
-        _, offset, layout = state.flat_layout
-        contributions = torch.addmv(offset, layout, terms.to(dtype))  # [1, a, b, c, c2, Ση/n, c/n, 0]
-        return contributions, new_previous
+        return _laid_out(state, terms, total, dtype), new_previous
 
     def _flat_stored(self, state, vs, v_flat, g_flat, s, e, sizes, indices, with_previous, work) -> Tensor:
         """η_{t−1} from the group's flat buffer (kept, with the same views, from step to step), then η_t into it."""
@@ -843,10 +848,7 @@ class ConditionTracker:
         if accumulate is not None:
             state.last_finite = launch.finite.view(torch.bool)
             return None, new_previous
-        if state.flat_layout is None or state.flat_layout[0] != total:
-            state.flat_layout = (total, *_contribution_layout(total, dtype, device))
-        _, offset, layout = state.flat_layout
-        return torch.addmv(offset, layout, terms.to(dtype)), new_previous
+        return _laid_out(state, terms, total, dtype), new_previous
 
     def _kernels(self):
         if self.kernel == "compiled" and "compile-failed" not in self._warned:

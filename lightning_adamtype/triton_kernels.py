@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from .adapters import to_device
+from .kernels import FlatEtaLayout, addresses
 
 try:
     import triton
@@ -187,28 +188,17 @@ if triton is not None:
             tl.store(finite, ok.to(tl.uint8))
 
 
-def _addresses(tensors: list[Tensor]) -> tuple[int, ...]:
-    return tuple(t.data_ptr() for t in tensors)
-
-
-def _padded(n: int) -> int:
-    return -(-n // 4) * 4
-
-
 @dataclass
-class GroupLaunch:
+class GroupLaunch(FlatEtaLayout):
     """The launch geometry of one group (built once per list of sizes) and its address tables (rebuilt only when
-    an address changes). Tensor i's η lives at ``offsets[i]`` of the group's flat η buffer of ``eta_numel``
-    elements: each start rounded up to 4 elements, so every η address is 16-byte aligned like the tensors'."""
+    an address changes); η lives in the group's flat buffer as :class:`~lightning_adamtype.kernels.FlatEtaLayout`
+    places it."""
 
-    sizes: tuple[int, ...]
     device: torch.device
     block_tensor: Tensor = field(init=False)
     block_start: Tensor = field(init=False)
     sizes_table: Tensor = field(init=False)
     eta_offsets: Tensor = field(init=False)
-    offsets: list[int] = field(init=False)
-    eta_numel: int = field(init=False)
     partials: Tensor = field(init=False)  # one row of partial sums per program (written by the first launch)
     out: Tensor = field(init=False)  # the five terms (written by the second)
     finite: Tensor = field(init=False)  # uint8: was the latest step finite (written by the second when accumulating)
@@ -218,14 +208,12 @@ class GroupLaunch:
     _aligned: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
-        tensor_of_block, start_of_block, self.offsets, offset = [], [], [], 0
+        super().__post_init__()
+        tensor_of_block, start_of_block = [], []
         for i, n in enumerate(self.sizes):
             blocks = -(-n // BLOCK)
             tensor_of_block += [i] * blocks
             start_of_block += range(0, blocks * BLOCK, BLOCK)
-            self.offsets.append(offset)
-            offset += _padded(n)
-        self.eta_numel = offset
         self.block_tensor = to_device(tensor_of_block, torch.int32, self.device)
         self.block_start = to_device(start_of_block, torch.int64, self.device)
         self.sizes_table = to_device(list(self.sizes), torch.int64, self.device)
@@ -236,17 +224,13 @@ class GroupLaunch:
         self.finite = torch.empty((), dtype=torch.uint8, device=self.device)
         self._rows_ceiling = max(_REDUCE_BLOCK, 1 << (self.blocks - 1).bit_length())
 
-    def eta_views(self, buffer: Tensor, shapes: list[torch.Size]) -> list[Tensor]:
-        """Each tensor's η as a view of the flat buffer, in its parameter's shape."""
-        return [buffer.narrow(0, o, n).view(shape) for o, n, shape in zip(self.offsets, self.sizes, shapes)]
-
     @property
     def blocks(self) -> int:
         return self.block_tensor.numel()
 
     def address_tables(self, vs: list[Tensor], gs: list[Tensor]) -> tuple[Tensor, Tensor]:
         """Device int64 tables of the addresses of ``vs`` and ``gs`` (the last ones again when unchanged)."""
-        keys = (_addresses(vs), _addresses(gs))
+        keys = (addresses(vs), addresses(gs))
         if self._tables is None or keys != self._keys:
             self._tables = (to_device(list(keys[0]), torch.int64, self.device), to_device(list(keys[1]), torch.int64, self.device))
             self._keys = keys

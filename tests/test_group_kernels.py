@@ -219,11 +219,9 @@ def test_triton_asked_for_where_it_cannot_run_warns_once_and_measures(monkeypatc
 
 
 def test_native_asked_for_without_a_compiler_warns_once_and_measures(monkeypatch):
-    """No C compiler (CC names a missing program and none is on PATH): one warning naming the reason, and the
-    foreach path measures."""
+    """No C compiler found: one warning naming the reason, and the foreach path measures."""
     native_kernels._library.cache_clear()
     monkeypatch.setattr(native_kernels, "_compiler", lambda: None)
-    monkeypatch.setenv("LIGHTNING_ADAMTYPE_CACHE", "/nonexistent-cache-dir")
     try:
         calls = _spy(monkeypatch, "native")
         _falls_back_once("kernel='native' needs a CPU group and a working C compiler .* no C compiler found", "native", CPU)
@@ -251,17 +249,12 @@ def test_native_kernel_is_built_once_and_loaded_from_the_cache(monkeypatch, tmp_
 @NEEDS_NATIVE
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="on CUDA 'auto' is Triton")
 def test_auto_on_the_cpu_is_native_and_never_triton(monkeypatch):
-    triton_calls, native_calls = _spy(monkeypatch, "triton"), []
-    original = ConditionTracker._group_kernel_contributions  # the spy above
-    monkeypatch.setattr(
-        ConditionTracker, "_group_kernel_contributions",
-        lambda self, kernels, *a, **k: native_calls.extend([kernels is native_kernels]) or original(self, kernels, *a, **k),
-    )
+    triton_calls, native_calls = _spy(monkeypatch, "triton"), _spy(monkeypatch, "native")  # the second wraps the first
     model, opt, sched, data = make_run(torch.optim.Adam, dict(lr=1e-2))
     ConditionTracker(opt)
     train(model, opt, sched, data, range(1, 4))
     assert not triton_calls
-    assert len(native_calls) >= 3 and all(native_calls)  # every step of every group
+    assert len(native_calls) >= 3  # every step (a group whose grads are all None at a step is skipped)
 
 
 @NEEDS_TRITON
