@@ -34,11 +34,13 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from .adapters import Scalar, scalar_table
 from .kernels import FlatEtaLayout, addresses
 
 __all__ = ["CURRENT", "FIRST", "PIECE", "RECOMPUTED", "STORED", "GroupLaunch", "available", "unavailable_reason"]
@@ -265,12 +267,14 @@ class GroupLaunch(FlatEtaLayout):
     device: torch.device
     out: Tensor = field(init=False)  # float64 [5]: the terms of the latest call
     finite: Tensor = field(init=False)  # uint8: was the latest accumulated step finite
+    finite_flag: Tensor = field(init=False)  # the same byte as a bool tensor (made once: a view per step costs)
     _first_piece: Tensor = field(init=False)  # int64 [n + 1]: tensor i has pieces first_piece[i] .. first_piece[i+1]-1
     _eta_offsets: Tensor = field(init=False)
     _sizes: Tensor = field(init=False)
-    _keys: tuple = field(default=(), init=False)
-    _tables: tuple[ctypes.Array, ctypes.Array] | None = field(default=None, init=False)
+    _tables: tuple[ctypes.Array, ctypes.Array] = field(init=False)  # the addresses of v and g (rewritten per call)
     _threads: int = field(init=False)  # OpenMP threads per call; 0: torch's thread count at each call
+    _host_table: Tensor = field(init=False)  # float32 [n, 2]: the (s, e) of the latest :meth:`scalar_table` ...
+    _host_table_values: ctypes.Array = field(init=False)  # ... and its memory as a ctypes array, written in place
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -282,15 +286,26 @@ class GroupLaunch(FlatEtaLayout):
         self._sizes = _table(list(self.sizes))
         self.out = torch.empty(5, dtype=torch.float64)
         self.finite = torch.empty((), dtype=torch.uint8)
+        self.finite_flag = self.finite.view(torch.bool)
+        self._tables = ((ctypes.c_int64 * len(self.sizes))(), (ctypes.c_int64 * len(self.sizes))())
+        self._host_table = torch.empty(len(self.sizes), 2, dtype=torch.float32)
+        self._host_table_values = (ctypes.c_float * (2 * len(self.sizes))).from_address(self._host_table.data_ptr())
         self._threads = 1 if sum(self.sizes) < PARALLEL_MIN_NUMEL else 0
 
+    def scalar_table(self, scalars: Sequence[tuple[Scalar, Scalar]]) -> Tensor:
+        """The float32 [n, 2] (s, e) table :meth:`terms` takes. Host floats are written into one table kept by the
+        launch (no tensor is made: right after an optimizer step a tensor factory costs tens of microseconds), so
+        the result is overwritten by the next call; other scalars go through :func:`adapters.scalar_table`."""
+        if len(scalars) == len(self.sizes) and all(type(s) is float and type(e) is float for s, e in scalars):
+            self._host_table_values[:] = [x for pair in scalars for x in pair]
+            return self._host_table
+        return scalar_table(scalars, torch.float32, self.device)
+
     def address_tables(self, vs: list[Tensor], gs: list[Tensor]) -> tuple[ctypes.Array, ctypes.Array]:
-        """int64 arrays of the addresses of ``vs`` and ``gs`` (the last ones again when unchanged)."""
-        keys = (addresses(vs), addresses(gs))
-        if self._tables is None or keys != self._keys:
-            array = ctypes.c_int64 * len(self.sizes)
-            self._tables = (array(*keys[0]), array(*keys[1]))
-            self._keys = keys
+        """int64 arrays of the addresses of ``vs`` and ``gs``, written in place (two arrays per launch)."""
+        v_ptrs, g_ptrs = self._tables
+        v_ptrs[:] = addresses(vs)
+        g_ptrs[:] = addresses(gs)
         return self._tables
 
     def terms(
@@ -313,7 +328,8 @@ class GroupLaunch(FlatEtaLayout):
         if library is None:
             raise RuntimeError(f"the native kernel is not available: {reason}")
         v_ptrs, g_ptrs = self.address_tables(vs, gs)
-        table = table.to(torch.float32).contiguous()
+        if table.dtype != torch.float32 or not table.is_contiguous():
+            table = table.to(torch.float32).contiguous()
         if accumulate is not None:
             accumulators, inverse_total, observe_weight = accumulate
             if accumulators.dtype != torch.float64 or not accumulators.is_contiguous() or accumulators.device.type != "cpu":

@@ -390,25 +390,28 @@ class ConditionTracker:
         the group took part, or when ``record`` is False (η_t is then only kept as the next step's η_{t−1})."""
         assert self.adapter is not None
         state = self._groups[gi]
-        with_grad = [(pi, p) for pi, p in enumerate(group["params"]) if p.grad is not None]
         snapshot = self._snapshots.get(gi, {})
         uniform = getattr(self.adapter, "uniform_stepsize", None)
         needs_state = not callable(uniform)  # plain SGD keeps no state at all
-        entries, states = [], []
-        for pi, p in with_grad:
-            if p.grad.is_sparse:
+        optimizer_state = optimizer.state
+        entries, states, grads = [], [], []  # (one pass over the group: this runs at every step)
+        for pi, p in enumerate(group["params"]):
+            grad = p.grad
+            if grad is None:
+                continue
+            if grad.is_sparse:
                 self._warn_once("sparse", "sparse gradients are not measured; those parameters are left out")
                 continue
-            param_state = optimizer.state.get(p)
+            param_state = optimizer_state.get(p)
             if needs_state and not param_state:
                 continue
             if p.numel() == 0:  # no coordinate: nothing to add, and no minimum to take
                 continue
             entries.append((pi, p, snapshot.get(pi)))
             states.append(param_state or {})
+            grads.append(grad)
         if not entries:
             return False
-        grads = [p.grad for _, p, _ in entries]
         shards = None  # the process group over which this group's coordinates are sharded (FSDP2 / DTensor)
         if is_dtensor(entries[0][1]):
             local = self._local_shards(entries, states, grads)
@@ -818,7 +821,7 @@ class ConditionTracker:
             _keep_scales(state, indices, table)
             new_previous = [None] * len(indices)
         else:
-            table = scalar_table(scalars, torch.float32, device)
+            table = launch.scalar_table(scalars)  # (the native launch's is overwritten by its next call)
             buffer = state.flat_previous
             shapes = [v.shape for v in vs]
             # the buffer has this launch's layout when it has its padded size and the views have these shapes
@@ -846,7 +849,7 @@ class ConditionTracker:
                 state.flat_views = launch.eta_views(buffer, shapes)  # type: ignore[arg-type]
             new_previous = list(state.flat_views)
         if accumulate is not None:
-            state.last_finite = launch.finite.view(torch.bool)
+            state.last_finite = launch.finite_flag
             return None, new_previous
         return _laid_out(state, terms, total, dtype), new_previous
 

@@ -29,12 +29,13 @@ blocks of :data:`BLOCK` coordinates, folded in float32.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from .adapters import to_device
+from .adapters import Scalar, scalar_table, to_device
 from .kernels import FlatEtaLayout, addresses
 
 try:
@@ -202,6 +203,7 @@ class GroupLaunch(FlatEtaLayout):
     partials: Tensor = field(init=False)  # one row of partial sums per program (written by the first launch)
     out: Tensor = field(init=False)  # the five terms (written by the second)
     finite: Tensor = field(init=False)  # uint8: was the latest step finite (written by the second when accumulating)
+    finite_flag: Tensor = field(init=False)  # the same byte as a bool tensor (made once: a view per step costs)
     _rows_ceiling: int = field(init=False)
     _keys: tuple = field(default=(), init=False)
     _tables: tuple[Tensor, Tensor] | None = field(default=None, init=False)
@@ -222,11 +224,17 @@ class GroupLaunch(FlatEtaLayout):
         self.partials = torch.empty(self.blocks, 5, dtype=torch.float32, device=self.device)
         self.out = torch.empty(5, dtype=torch.float32, device=self.device)
         self.finite = torch.empty((), dtype=torch.uint8, device=self.device)
+        self.finite_flag = self.finite.view(torch.bool)
         self._rows_ceiling = max(_REDUCE_BLOCK, 1 << (self.blocks - 1).bit_length())
 
     @property
     def blocks(self) -> int:
         return self.block_tensor.numel()
+
+    def scalar_table(self, scalars: Sequence[tuple[Scalar, Scalar]]) -> Tensor:
+        """The float32 [n, 2] (s, e) table :meth:`terms` takes, on the device (:func:`adapters.scalar_table`: a
+        fresh tensor per step, as an asynchronous copy may still be reading the last one)."""
+        return scalar_table(scalars, torch.float32, self.device)
 
     def address_tables(self, vs: list[Tensor], gs: list[Tensor]) -> tuple[Tensor, Tensor]:
         """Device int64 tables of the addresses of ``vs`` and ``gs`` (the last ones again when unchanged)."""
