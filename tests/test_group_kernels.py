@@ -151,6 +151,27 @@ def test_address_tables_hold_the_current_addresses(backend):
         assert (v_table, g_table) == first and g_table is first[1]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scalar_table_holds_the_pairs_as_float32(backend):
+    """Host floats and 0-dim tensors give the same float32 [n, 2] table; the native launch writes host floats
+    into the one table it keeps (overwritten by the next call), so a caller that keeps a table must copy it."""
+    name, device = backend
+    launch = GROUP_KERNELS[name].GroupLaunch(tuple(SIZES), device)
+    pairs = [(1e-3 * (i + 1) / 3, 1e-8 * (i + 2) / 7) for i in range(len(SIZES))]
+    expected = torch.tensor(pairs, dtype=torch.float64).to(torch.float32)
+    first = launch.scalar_table(pairs)
+    assert first.dtype == torch.float32 and first.shape == (len(SIZES), 2)
+    torch.testing.assert_close(first.cpu(), expected, rtol=0, atol=0)
+    as_tensors = [(torch.tensor(s, dtype=torch.float64), torch.tensor(e, dtype=torch.float64)) for s, e in pairs]
+    torch.testing.assert_close(launch.scalar_table(as_tensors).cpu(), expected, rtol=0, atol=0)
+    second = launch.scalar_table([(2 * s, 2 * e) for s, e in pairs])
+    torch.testing.assert_close(second.cpu(), 2 * expected, rtol=0, atol=0)
+    if name == "native":
+        assert second is first  # one kept table, written in place
+    with pytest.raises((ValueError, TypeError, RuntimeError)):
+        launch.scalar_table(pairs[:-1] + [(1.0, 2.0, 3.0)])  # not a pair
+
+
 def _spy(monkeypatch, name: str) -> list[int]:
     """A list that grows at each step the tracker takes the ``name`` kernel's path."""
     calls: list[int] = []
