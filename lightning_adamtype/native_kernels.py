@@ -174,9 +174,11 @@ int adamtype_group_terms(int mode, int64_t n, const int64_t *v_ptrs, const int64
 }
 """
 
-_FLAGS = ["-O3", "-fPIC", "-shared", "-fno-math-errno", "-ffp-contract=off", "-march=native"]
-#: tried first; a compiler without OpenMP (Apple's clang without libomp) builds the single-threaded loop instead
-_OPENMP = "-fopenmp"
+_FLAGS = ["-O3", "-fPIC", "-shared", "-fno-math-errno", "-ffp-contract=off"]
+#: the optional flags, tried in this order until one set compiles: a compiler without OpenMP (Apple's clang without
+#: libomp) builds the single-threaded loop, one without ``-march=native`` (older Apple clang on arm64, some cross
+#: compilers) the generic vector code
+_OPTIONAL_FLAGS = (["-march=native", "-fopenmp"], ["-march=native"], ["-fopenmp"], [])
 
 
 def _compiler() -> str | None:
@@ -207,7 +209,8 @@ def _build() -> ctypes.CDLL:
     compiler = _compiler()
     if compiler is None:
         raise RuntimeError("no C compiler found (set CC, or install gcc or clang)")
-    key = hashlib.sha256("\0".join([_SOURCE, *_FLAGS, compiler, _cpu_key(), platform.machine()]).encode()).hexdigest()[:16]
+    flags = [*_FLAGS, *(flag for optional in _OPTIONAL_FLAGS for flag in optional)]
+    key = hashlib.sha256("\0".join([_SOURCE, *flags, compiler, _cpu_key(), platform.machine()]).encode()).hexdigest()[:16]
     directory = _cache_dir()
     path = os.path.join(directory, f"adamtype_native_{key}.so")
     if not os.path.exists(path):
@@ -217,9 +220,9 @@ def _build() -> ctypes.CDLL:
             with open(source, "w") as f:
                 f.write(_SOURCE)
             built = os.path.join(tmp, "adamtype_native.so")
-            for openmp in ([_OPENMP], []):
+            for optional in _OPTIONAL_FLAGS:
                 result = subprocess.run(
-                    [compiler, *_FLAGS, *openmp, source, "-o", built, "-lm"], capture_output=True, text=True, timeout=120
+                    [compiler, *_FLAGS, *optional, source, "-o", built, "-lm"], capture_output=True, text=True, timeout=120
                 )
                 if result.returncode == 0:
                     break

@@ -274,6 +274,37 @@ def test_native_kernel_is_built_once_and_loaded_from_the_cache(monkeypatch, tmp_
 
 
 @NEEDS_NATIVE
+def test_native_kernel_builds_without_the_flags_a_compiler_rejects(monkeypatch, tmp_path):
+    """A compiler that rejects -march=native (older Apple clang on arm64) gets the next set of flags, and the
+    kernel it builds is exact."""
+    real = native_kernels._compiler()
+    log = tmp_path / "calls.txt"
+    picky = tmp_path / "picky-cc"
+    picky.write_text(
+        "#!/bin/sh\n"
+        f'echo "$*" >> "{log}"\n'
+        'for a in "$@"; do [ "$a" = "-march=native" ] && { echo "error: unsupported option -march=native" >&2; exit 1; }; done\n'
+        f'exec "{real}" "$@"\n'
+    )
+    picky.chmod(0o755)
+    monkeypatch.setenv("CC", str(picky))
+    monkeypatch.setenv("LIGHTNING_ADAMTYPE_CACHE", str(tmp_path / "cache"))
+    native_kernels._library.cache_clear()
+    try:
+        assert native_kernels.available(CPU), native_kernels.unavailable_reason()
+        calls = log.read_text().splitlines()
+        # (-march=native -fopenmp), (-march=native) rejected; then (-fopenmp), or () where the compiler has no OpenMP
+        assert all("-march=native" in call for call in calls[:2]) and len(calls) in (3, 4)
+        assert all("-march=native" not in call for call in calls[2:]) and "-fopenmp" in calls[2]
+        vs, gs, table = _inputs(5, CPU)
+        got = native_kernels.GroupLaunch(tuple(SIZES), CPU).terms(vs, gs, None, table, native_kernels.CURRENT)
+        expected, _ = _float64_terms(vs, gs, table)
+        torch.testing.assert_close(got.double(), expected, rtol=2e-5, atol=0)
+    finally:
+        native_kernels._library.cache_clear()
+
+
+@NEEDS_NATIVE
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="on CUDA 'auto' is Triton")
 def test_auto_on_the_cpu_is_native_and_never_triton(monkeypatch):
     triton_calls, native_calls = _spy(monkeypatch, "triton"), _spy(monkeypatch, "native")  # the second wraps the first
