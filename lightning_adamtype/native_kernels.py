@@ -14,10 +14,11 @@ passes over memory and two square roots and divisions per coordinate, where one 
 paths take ≈ 30 operations per step, whose fixed costs dominate on small models.
 
 The source below is compiled on first use with the system's C compiler (``$CC``, else ``cc``, ``gcc`` or
-``clang``), with OpenMP (which then shares the OpenMP runtime torch loaded), into
-``$LIGHTNING_ADAMTYPE_CACHE`` (default ``~/.cache/lightning_adamtype``), one file per source, flags and CPU, so
-later processes load it in milliseconds. Without a compiler :func:`available` is False and the tracker keeps its
-torch paths (one warning when ``kernel="native"`` was asked for).
+``clang``), with OpenMP (which then shares the OpenMP runtime torch loaded) and ``-march=native`` where the
+compiler takes them, into ``$LIGHTNING_ADAMTYPE_CACHE`` (default ``~/.cache/lightning_adamtype``; where that cannot
+be written, a folder in the temporary directory), one file per source, flags and CPU, so later processes load it in
+milliseconds. Without a compiler :func:`available` is False and the tracker keeps its torch paths (one warning when
+``kernel="native"`` was asked for).
 
 Arithmetic: η in float32 with the optimizer's own roundings (square root, add, divide; no contraction into fused
 multiply-adds), sums in float32 within a piece (as torch's own reductions do), pieces folded in float64. What a
@@ -200,8 +201,33 @@ def _cpu_key() -> str:
     return platform.processor() or platform.machine()
 
 
-def _cache_dir() -> str:
-    return os.environ.get("LIGHTNING_ADAMTYPE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lightning_adamtype")
+def _cache_dirs() -> list[str]:
+    """Where the library is kept: ``$LIGHTNING_ADAMTYPE_CACHE`` or ``~/.cache/lightning_adamtype``, then (a home that
+    cannot be written, as on some clusters and containers) a folder of this user's in the temporary directory."""
+    user = os.getuid() if hasattr(os, "getuid") else os.getpid()
+    return [
+        os.environ.get("LIGHTNING_ADAMTYPE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lightning_adamtype"),
+        os.path.join(tempfile.gettempdir(), f"lightning_adamtype-{user}"),
+    ]
+
+
+def _compile_into(compiler: str, directory: str, path: str) -> None:
+    """Compile the source into ``path`` (in ``directory``) with the first set of optional flags that works."""
+    os.makedirs(directory, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+        source = os.path.join(tmp, "adamtype_native.c")
+        with open(source, "w") as f:
+            f.write(_SOURCE)
+        built = os.path.join(tmp, "adamtype_native.so")
+        for optional in _OPTIONAL_FLAGS:
+            result = subprocess.run(
+                [compiler, *_FLAGS, *optional, source, "-o", built, "-lm"], capture_output=True, text=True, timeout=120
+            )
+            if result.returncode == 0:
+                break
+        else:
+            raise RuntimeError(f"{os.path.basename(compiler)} failed: {(result.stderr or result.stdout).strip()[:300]}")
+        os.replace(built, path)  # atomic: processes building at once each load a whole file
 
 
 def _build() -> ctypes.CDLL:
@@ -211,24 +237,17 @@ def _build() -> ctypes.CDLL:
         raise RuntimeError("no C compiler found (set CC, or install gcc or clang)")
     flags = [*_FLAGS, *(flag for optional in _OPTIONAL_FLAGS for flag in optional)]
     key = hashlib.sha256("\0".join([_SOURCE, *flags, compiler, _cpu_key(), platform.machine()]).encode()).hexdigest()[:16]
-    directory = _cache_dir()
-    path = os.path.join(directory, f"adamtype_native_{key}.so")
-    if not os.path.exists(path):
-        os.makedirs(directory, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=directory) as tmp:
-            source = os.path.join(tmp, "adamtype_native.c")
-            with open(source, "w") as f:
-                f.write(_SOURCE)
-            built = os.path.join(tmp, "adamtype_native.so")
-            for optional in _OPTIONAL_FLAGS:
-                result = subprocess.run(
-                    [compiler, *_FLAGS, *optional, source, "-o", built, "-lm"], capture_output=True, text=True, timeout=120
-                )
-                if result.returncode == 0:
-                    break
-            else:
-                raise RuntimeError(f"{os.path.basename(compiler)} failed: {(result.stderr or result.stdout).strip()[:300]}")
-            os.replace(built, path)  # atomic: processes building at once each load a whole file
+    errors = []
+    for directory in _cache_dirs():
+        path = os.path.join(directory, f"adamtype_native_{key}.so")
+        try:
+            if not os.path.exists(path):
+                _compile_into(compiler, directory, path)
+            break
+        except OSError as error:  # this folder cannot be written: the next one
+            errors.append(f"{directory}: {error}")
+    else:
+        raise OSError("no cache folder could be written (" + "; ".join(errors) + ")")
     library = ctypes.CDLL(path)
     function = library.adamtype_group_terms
     p, i64, f32, f64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_double, ctypes.c_int

@@ -274,6 +274,25 @@ def test_native_kernel_is_built_once_and_loaded_from_the_cache(monkeypatch, tmp_
 
 
 @NEEDS_NATIVE
+def test_native_kernel_is_built_in_the_temporary_directory_when_the_cache_folder_cannot_be_written(monkeypatch, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("LIGHTNING_ADAMTYPE_CACHE", str(blocker / "cache"))  # under a file: makedirs fails, even as root
+    monkeypatch.setattr(native_kernels.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    native_kernels._library.cache_clear()
+    try:
+        assert native_kernels.available(CPU), native_kernels.unavailable_reason()
+        assert len(list((tmp_path / "tmp").glob("lightning_adamtype-*/adamtype_native_*.so"))) == 1
+        monkeypatch.setattr(native_kernels.tempfile, "gettempdir", lambda: str(blocker / "tmp"))
+        native_kernels._library.cache_clear()
+        assert not native_kernels.available(CPU)  # neither folder can be written: the reason names both
+        reason = native_kernels.unavailable_reason()
+        assert reason.startswith("OSError: no cache folder could be written") and str(blocker / "cache") in reason and str(blocker / "tmp") in reason
+    finally:
+        native_kernels._library.cache_clear()
+
+
+@NEEDS_NATIVE
 def test_native_kernel_builds_without_the_flags_a_compiler_rejects(monkeypatch, tmp_path):
     """A compiler that rejects -march=native (older Apple clang on arm64) gets the next set of flags, and the
     kernel it builds is exact."""
