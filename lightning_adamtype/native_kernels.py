@@ -296,7 +296,8 @@ class GroupLaunch(FlatEtaLayout):
     _tables: tuple[ctypes.Array, ctypes.Array] = field(init=False)  # the addresses of v and g (rewritten per call)
     _threads: int = field(init=False)  # OpenMP threads per call; 0: torch's thread count at each call
     _host_table: Tensor = field(init=False)  # float32 [n, 2]: the (s, e) of the latest :meth:`scalar_table` ...
-    _host_table_values: ctypes.Array = field(init=False)  # ... and its memory as a ctypes array, written in place
+    _host_table_type: type = field(init=False)  # ... whose memory is written through this ctypes array type (a view
+    # made at each call from the tensor's address, never kept: a copy of the launch then writes its own table)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -311,7 +312,7 @@ class GroupLaunch(FlatEtaLayout):
         self.finite_flag = self.finite.view(torch.bool)
         self._tables = ((ctypes.c_int64 * len(self.sizes))(), (ctypes.c_int64 * len(self.sizes))())
         self._host_table = torch.empty(len(self.sizes), 2, dtype=torch.float32)
-        self._host_table_values = (ctypes.c_float * (2 * len(self.sizes))).from_address(self._host_table.data_ptr())
+        self._host_table_type = ctypes.c_float * (2 * len(self.sizes))
         self._threads = 1 if sum(self.sizes) < PARALLEL_MIN_NUMEL else 0
 
     def scalar_table(self, scalars: Sequence[tuple[Scalar, Scalar]]) -> Tensor:
@@ -319,7 +320,7 @@ class GroupLaunch(FlatEtaLayout):
         launch (no tensor is made: right after an optimizer step a tensor factory costs tens of microseconds), so
         the result is overwritten by the next call; other scalars go through :func:`adapters.scalar_table`."""
         if len(scalars) == len(self.sizes) and all(type(s) is float and type(e) is float for s, e in scalars):
-            self._host_table_values[:] = [x for pair in scalars for x in pair]
+            self._host_table_type.from_address(self._host_table.data_ptr())[:] = [x for pair in scalars for x in pair]
             return self._host_table
         return scalar_table(scalars, torch.float32, self.device)
 

@@ -9,6 +9,7 @@ float64 sums, and the tracker over the reference runs.
 
 from __future__ import annotations
 
+import copy
 import re
 import warnings
 
@@ -168,6 +169,9 @@ def test_scalar_table_holds_the_pairs_as_float32(backend):
     torch.testing.assert_close(second.cpu(), 2 * expected, rtol=0, atol=0)
     if name == "native":
         assert second is first  # one kept table, written in place
+    copied = copy.deepcopy(launch)  # (a copied tracker): the copy writes and reads its own table
+    torch.testing.assert_close(copied.scalar_table(pairs).cpu(), expected, rtol=0, atol=0)
+    torch.testing.assert_close(launch.scalar_table(pairs).cpu(), expected, rtol=0, atol=0)
     with pytest.raises((ValueError, TypeError, RuntimeError)):
         launch.scalar_table(pairs[:-1] + [(1.0, 2.0, 3.0)])  # not a pair
 
