@@ -36,6 +36,19 @@ def _run(cls, kwargs, attach_after: int, device: str = "cpu", **tracker_kwargs):
     return tracker, ref
 
 
+#: tracker options of the tests parametrized over FLAT_MAX_NUMEL too: "auto" is the native kernel on a CPU, which
+#: ignores the threshold; the torch paths ("foreach", "compiled") take the concatenated or the per-tensor path by it
+TRACKER_KWARG_IDS = {
+    "auto": {},
+    "foreach": {"kernel": "foreach"},
+    "compiled": {"kernel": "compiled"},
+    "auto-recomputed": {"previous_stepsize": "recomputed"},
+    "foreach-recomputed": {"kernel": "foreach", "previous_stepsize": "recomputed"},
+    "compiled-recomputed": {"kernel": "compiled", "previous_stepsize": "recomputed"},
+}
+TRACKER_KWARGS = list(TRACKER_KWARG_IDS.values())
+
+
 def _uses_sqrt_form_path(monkeypatch, tracker_kwargs) -> list[str]:
     """Record which kernels the tracker calls (so a silent fallback to foreach cannot pass these tests); the test
     models are tiny, so the concatenated path for small groups is switched off."""
@@ -211,7 +224,9 @@ def test_recomputed_holds_no_per_coordinate_memory(cls, kwargs):
 
 
 @pytest.mark.parametrize("kwargs", [dict(kernel="compiled"), dict(previous_stepsize="recomputed"),
-                                    dict(kernel="compiled", previous_stepsize="recomputed")], ids=["compiled", "recomputed", "both"])
+                                    dict(kernel="foreach", previous_stepsize="recomputed"),
+                                    dict(kernel="compiled", previous_stepsize="recomputed")],
+                         ids=["compiled", "auto-recomputed", "foreach-recomputed", "compiled-recomputed"])
 @pytest.mark.parametrize("cls,opt_kwargs", [(torch.optim.Adam, dict(lr=1e-2, foreach=True, weight_decay=0.1)),
                                             (torch.optim.Adagrad, dict(lr=1e-2, lr_decay=1e-3))], ids=["Adam", "Adagrad"])
 @pytest.mark.parametrize("flat_max", [0, 1 << 17], ids=["per-tensor", "small-groups-flat"])
@@ -438,8 +453,8 @@ def test_invalid_observe_every_is_refused(bad):
 @pytest.mark.parametrize("sizes", [(50,), (50, 7, 3)], ids=["one-tensor", "three-tensors"])
 @pytest.mark.parametrize(
     "tracker_kwargs",
-    [{}, {"kernel": "compiled"}, {"previous_stepsize": "recomputed"}, {"kernel": "compiled", "previous_stepsize": "recomputed"}],
-    ids=["default", "compiled", "recomputed", "compiled-recomputed"],
+    TRACKER_KWARGS,
+    ids=list(TRACKER_KWARG_IDS),
 )
 @pytest.mark.parametrize("flat_max", [0, 1 << 17], ids=["per-tensor-paths", "small-group-path"])
 def test_the_tracker_never_changes_the_training(monkeypatch, sizes, tracker_kwargs, flat_max):
@@ -496,8 +511,8 @@ def vectorize_host_steps(monkeypatch) -> list[int]:
 
 @pytest.mark.parametrize(
     "tracker_kwargs",
-    [{}, {"kernel": "compiled"}, {"previous_stepsize": "recomputed"}, {"kernel": "compiled", "previous_stepsize": "recomputed"}],
-    ids=["default", "compiled", "recomputed", "compiled-recomputed"],
+    TRACKER_KWARGS,
+    ids=list(TRACKER_KWARG_IDS),
 )
 @pytest.mark.parametrize("flat_max", [0, 1 << 17], ids=["per-tensor-paths", "small-group-path"])
 @pytest.mark.parametrize("name,cls,kwargs", [c for c in SQRT_FORM if c[0] in ("adam-wd-foreach", "adamw-amsgrad-foreach")],
