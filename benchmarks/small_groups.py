@@ -1,4 +1,5 @@
-"""Post-step time of the tracker on one group of 6 tensors, multi-tensor path vs concatenated ("flat") path.
+"""Post-step time of the tracker's foreach paths (``kernel="foreach"``) on one group of 6 tensors, multi-tensor
+path vs concatenated ("flat") path.
 
 Measures the crossover that sets ``lightning_adamtype.tracker.FLAT_MAX_NUMEL``. Run:
 ``python benchmarks/small_groups.py`` (about 20 s).
@@ -27,7 +28,7 @@ def main() -> None:
         for p in params:
             p.grad = torch.randn_like(p)
         opt = torch.optim.Adam(params, lr=1e-3, foreach=True)
-        tracker = ConditionTracker(opt)
+        tracker = ConditionTracker(opt, kernel="foreach")  # ("auto" takes the native kernel: no threshold)
         for _ in range(3):
             opt.step()
         row = {}

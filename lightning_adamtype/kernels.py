@@ -36,7 +36,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["CHUNK_LENGTHS", "FlatEtaLayout", "SquareRootKernels", "chunks", "scratch_recomputed_terms", "scratch_terms", "sqrt_form_kernels"]
+__all__ = ["CHUNK_LENGTHS", "CURRENT", "FIRST", "RECOMPUTED", "STORED", "FlatEtaLayout", "SquareRootKernels", "addresses", "chunks", "scratch_recomputed_terms", "scratch_terms", "sqrt_form_kernels"]
 
 #: The list lengths the compiled kernels see (a group of n tensors is cut greedily into these): at most four
 #: graphs per kernel, and one Python call per up to eight tensors.
@@ -165,6 +165,12 @@ def scratch_recomputed_terms(
     return torch.stack([eta.amin(), torch.dot(step, step), c, c2, eta.sum()])
 
 
+#: the modes of the one-call-per-group kernels (:mod:`~lightning_adamtype.triton_kernels`,
+#: :mod:`~lightning_adamtype.native_kernels`, whose C source repeats them): η_{t−1} absent and η_t stored; read and
+#: overwritten; absent and not stored; rebuilt from v_t and g_t (the table then has 4 columns: s, e, s', e')
+FIRST, STORED, CURRENT, RECOMPUTED = 0, 1, 2, 3
+
+
 @dataclass
 class FlatEtaLayout:
     """Where a group's tensors keep η in one flat buffer (the layout of the one-call-per-group kernels,
@@ -182,13 +188,25 @@ class FlatEtaLayout:
             offset += -(-n // 4) * 4
         self.eta_numel = offset
 
+    def check_launch(self, vs: Sequence[Tensor], gs: Sequence[Tensor], eta: Tensor | None, table: Tensor, mode: int) -> None:
+        """The kernels read raw addresses: one v and one g per tensor, a float32 [n, 2] table ([n, 4] for
+        ``RECOMPUTED``) and, in ``FIRST`` / ``STORED``, an η buffer of :attr:`eta_numel` elements; ValueError else."""
+        n, columns = len(self.sizes), 4 if mode == RECOMPUTED else 2
+        needs_eta = mode in (FIRST, STORED)
+        if len(vs) != n or len(gs) != n or table.shape != (n, columns) or (needs_eta and (eta is None or eta.numel() < self.eta_numel)):
+            raise ValueError(
+                f"a launch for {n} tensors (η buffer of {self.eta_numel}) got {len(vs)} v, {len(gs)} g, a table of shape "
+                f"{tuple(table.shape)} (expected ({n}, {columns}) in mode {mode}) and "
+                f"{'no η buffer' if eta is None else f'an η buffer of {eta.numel()}'}"
+            )
+
     def eta_views(self, buffer: Tensor, shapes: list[torch.Size]) -> list[Tensor]:
         """Each tensor's η as a view of the flat buffer, in its parameter's shape."""
         return [buffer.narrow(0, o, n).view(shape) for o, n, shape in zip(self.offsets, self.sizes, shapes)]
 
 
 def addresses(tensors: Sequence[Tensor]) -> tuple[int, ...]:
-    """The tensors' data pointers (a group's address tables are rebuilt only when these change)."""
+    """The tensors' data pointers (what the group launches' address tables hold)."""
     return tuple(map(Tensor.data_ptr, tensors))
 
 

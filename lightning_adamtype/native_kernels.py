@@ -42,11 +42,10 @@ import torch
 from torch import Tensor
 
 from .adapters import Scalar, scalar_table
-from .kernels import FlatEtaLayout, addresses
+from .kernels import CURRENT, FIRST, RECOMPUTED, STORED, FlatEtaLayout, addresses
 
 __all__ = ["CURRENT", "FIRST", "PIECE", "RECOMPUTED", "STORED", "GroupLaunch", "available", "unavailable_reason"]
 
-FIRST, STORED, CURRENT, RECOMPUTED = 0, 1, 2, 3
 #: coordinates per piece (one row of partial sums each, one unit of OpenMP work)
 PIECE = 16384
 #: groups with fewer coordinates run on one thread (an OpenMP fork and join costs more than it saves there)
@@ -282,8 +281,8 @@ def _table(values: list[int]) -> Tensor:
 
 @dataclass
 class GroupLaunch(FlatEtaLayout):
-    """One group's pieces (built once per list of sizes), address tables (rebuilt only when an address changes) and
-    reused outputs; η lives in the group's flat buffer as :class:`~lightning_adamtype.kernels.FlatEtaLayout` places
+    """One group's pieces (built once per list of sizes), address arrays (rewritten at each call) and reused
+    outputs; η lives in the group's flat buffer as :class:`~lightning_adamtype.kernels.FlatEtaLayout` places
     it (the layout of :class:`lightning_adamtype.triton_kernels.GroupLaunch` too)."""
 
     device: torch.device
@@ -350,6 +349,7 @@ class GroupLaunch(FlatEtaLayout):
         library, reason = _library()
         if library is None:
             raise RuntimeError(f"the native kernel is not available: {reason}")
+        self.check_launch(vs, gs, eta, table, mode)
         v_ptrs, g_ptrs = self.address_tables(vs, gs)
         if table.dtype != torch.float32 or not table.is_contiguous():
             table = table.to(torch.float32).contiguous()

@@ -39,7 +39,7 @@ KERNELS = {
     "works, else 'foreach'",
     "foreach": "multi-tensor torch operations",
     "compiled": "one torch.compile'd pass per tensor",
-    "triton": "one Triton launch per group (CUDA)",
+    "triton": "two Triton launches per group (CUDA)",
     "native": "one C call per group (CPU; compiled on first use with the system's C compiler)",
 }
 #: the one-call-per-group kernels: kernel option → module with ``available``, ``GroupLaunch`` and the mode constants
@@ -498,7 +498,7 @@ class ConditionTracker:
             state.last_seen[pi] = self.observations
         if not record:  # (the same phase on every rank: a sharded group skips its reduction everywhere)
             return False
-        if contributions is None:  # already added on the device (the Triton path)
+        if contributions is None:  # already added by the group kernel (Triton or native)
             state.count += 1
             return True
         if shards is not None:

@@ -1,4 +1,4 @@
-"""One Triton launch per parameter group for the square-root form on a CUDA device.
+"""Two Triton launches per parameter group for the square-root form on a CUDA device.
 
 For a group of n tensors with η_i = s_i / (sqrt(v_i) + e_i) (see :mod:`lightning_adamtype.kernels`), one launch
 of :func:`_group_terms_kernel` reads every v and g once (and the stored η_{t−1} once, writing η_t over it), and
@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from .adapters import Scalar, scalar_table, to_device
-from .kernels import FlatEtaLayout, addresses
+from .kernels import CURRENT, FIRST, RECOMPUTED, STORED, FlatEtaLayout, addresses
 
 try:
     import triton
@@ -47,7 +47,6 @@ except ImportError:  # pragma: no cover - the CPU-only CI has no Triton
 
 __all__ = ["BLOCK", "CURRENT", "FIRST", "RECOMPUTED", "STORED", "GroupLaunch", "available"]
 
-FIRST, STORED, CURRENT, RECOMPUTED = 0, 1, 2, 3
 #: coordinates per program (the partial-sum table has one row per program: 6k rows at 100M), taken SUB at a time by
 #: NUM_WARPS warps. Measured on an H100 at 100M coordinates (benchmarks/triton_variants.py, benchmarks/README.md):
 #: the stored mode (η_{t−1} read and η_t written in place) ran at 0.7 TB/s with SUB = 1024 and 4 warps, 1.8 TB/s with
@@ -263,6 +262,7 @@ class GroupLaunch(FlatEtaLayout):
         (accumulators ``[8]``, 1/n, k): the second launch also adds the step's row, weighted by k, to the
         accumulators (as :meth:`ConditionTracker._accumulate` does) and writes whether the step was finite into
         :attr:`finite`. The returned tensor is :attr:`out`, overwritten by the next call."""
+        self.check_launch(vs, gs, eta, table, mode)
         v_ptrs, g_ptrs = self.address_tables(vs, gs)
         partials, out = self.partials, self.out
         eta_arg = eta if eta is not None else partials  # never touched in CURRENT / RECOMPUTED

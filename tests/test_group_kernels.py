@@ -153,6 +153,25 @@ def test_address_tables_hold_the_current_addresses(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_a_launch_refuses_inputs_its_kernel_would_read_out_of_bounds(backend):
+    """The kernels follow raw addresses: a table without the (s', e') columns, a missing η buffer or a tensor too
+    few is a ValueError before anything runs."""
+    name, device = backend
+    kernels = GROUP_KERNELS[name]
+    vs, gs, table = _inputs(7, device)
+    launch = kernels.GroupLaunch(tuple(SIZES), device)
+    with pytest.raises(ValueError, match=r"table of shape \(7, 2\) \(expected \(7, 4\) in mode 3\)"):
+        launch.terms(vs, gs, None, table, kernels.RECOMPUTED, 1.0, 0.0)
+    with pytest.raises(ValueError, match="no η buffer"):
+        launch.terms(vs, gs, None, table, kernels.STORED)
+    with pytest.raises(ValueError, match="got 6 v, 6 g"):
+        launch.terms(vs[:-1], gs[:-1], None, table[:-1], kernels.CURRENT)
+    expected, _ = _float64_terms(vs, gs, table)  # and the right inputs still run
+    got = launch.terms(vs, gs, None, table, kernels.CURRENT)
+    torch.testing.assert_close(got.double().cpu(), expected, rtol=2e-5, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_scalar_table_holds_the_pairs_as_float32(backend):
     """Host floats and 0-dim tensors give the same float32 [n, 2] table; the native launch writes host floats
     into the one table it keeps (overwritten by the next call), so a caller that keeps a table must copy it."""
