@@ -66,27 +66,18 @@ OPTIMIZERS = {
 }
 
 
-#: tracker configurations measured side by side (ConditionTracker / AdamTypeMonitor keyword arguments).
-#: on the CPU the default (kernel="auto") is the native C kernel when a C compiler works.
-MODES = {
-    "default (native)": {},
-    "recomputed (native)": dict(previous_stepsize="recomputed"),
-    "foreach": dict(kernel="foreach"),
-    "compiled": dict(kernel="compiled"),
-    "observe_every=8": dict(observe_every=8),
-}
-#: on a GPU the default (kernel="auto") is the Triton path; the multi-tensor and compiled paths are measured beside it.
-GPU_MODES = {
-    "default (Triton)": {},
-    "recomputed (Triton)": dict(previous_stepsize="recomputed"),
-    "foreach": dict(kernel="foreach"),
-    "compiled": dict(kernel="compiled"),
-    "observe_every=8": dict(observe_every=8),
-}
-
-
 def modes_for(device: str) -> dict[str, dict]:
-    return GPU_MODES if torch.device(device).type == "cuda" else MODES
+    """The tracker configurations measured side by side (ConditionTracker / AdamTypeMonitor keyword arguments): the
+    default (kernel="auto": the native C kernel on the CPU when a C compiler works, the Triton path on a GPU), the
+    same with no stored η_{t−1}, the multi-tensor and compiled paths, and observe_every=8."""
+    group_kernel = "Triton" if torch.device(device).type == "cuda" else "native"
+    return {
+        f"default ({group_kernel})": {},
+        f"recomputed ({group_kernel})": dict(previous_stepsize="recomputed"),
+        "foreach": dict(kernel="foreach"),
+        "compiled": dict(kernel="compiled"),
+        "observe_every=8": dict(observe_every=8),
+    }
 
 
 def median(xs: list[float]) -> float:
@@ -692,7 +683,7 @@ def main(argv: list[str] | None = None) -> int:
         emit("|---|---|---|---|---|---|---|---|---|---|")
         # on a GPU the compiled mode is left out here (it is measured in part 1; on a ResNet-18 it recompiles past
         # torch._dynamo's limit and falls back to eager, 4× slower, which would take most of a 10-minute lease)
-        e2e_modes = {k: v for k, v in GPU_MODES.items() if k != "compiled"} if on_gpu else MODES
+        e2e_modes = {k: v for k, v in modes_for(device).items() if not (on_gpu and k == "compiled")}
         runs = bench_end_to_end(e2e_reps, e2e_steps, device=device, modes=e2e_modes)
         wo_all = runs.pop("without")
         for mode, wi_all in runs.items():
