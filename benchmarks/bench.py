@@ -233,6 +233,15 @@ class MonitorGate(_PatchedHooks):
         return gated
 
 
+def small_cnn() -> torch.nn.Module:
+    """The CPU end-to-end model: conv 3→32→64, linear 4096→10 on 3×32×32 inputs (62k parameters in 6 tensors)."""
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(32, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Flatten(), torch.nn.Linear(64 * 8 * 8, 10),
+    )
+
+
 #: iterations per block in the interleaved runs (with, without, with, ...)
 INTERLEAVE_BLOCK = 10
 
@@ -267,11 +276,7 @@ def bench_end_to_end(
         make_net = lambda: CifarResNet("resnet18")  # noqa: E731
     else:
         data = torch.utils.data.TensorDataset(x, y)
-        make_net = lambda: torch.nn.Sequential(  # noqa: E731
-            torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-            torch.nn.Conv2d(32, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-            torch.nn.Flatten(), torch.nn.Linear(64 * 8 * 8, 10),
-        )
+        make_net = small_cnn
 
     class CNN(pl.LightningModule):
         def __init__(self) -> None:

@@ -18,21 +18,37 @@ host cost per parameter.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
 
 import torch
 
-from lightning_adamtype import ConditionTracker
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench import _PatchedHooks, small_cnn  # noqa: E402
+
+from lightning_adamtype import ConditionTracker  # noqa: E402
 
 
-def small_cnn() -> torch.nn.Module:
-    """The CPU end-to-end model of ``bench.py`` (62k parameters in 6 tensors)."""
-    return torch.nn.Sequential(
-        torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-        torch.nn.Conv2d(32, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-        torch.nn.Flatten(), torch.nn.Linear(64 * 8 * 8, 10),
-    )
+class PostStepTimes(_PatchedHooks):
+    """The duration of every call of the tracker's post-step hook (:attr:`times`); the other hooks run as they are."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def _wrap(self, original, name: str):
+        if name != "_post_step":
+            return original
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.times.append(time.perf_counter() - t0)
+
+        return timed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,23 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     net = small_cnn()
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    hook_times: list[float] = []
-    post_step = ConditionTracker._post_step
-
-    def timed(self, *a, **k):
-        t0 = time.perf_counter()
-        try:
-            return post_step(self, *a, **k)
-        finally:
-            hook_times.append(time.perf_counter() - t0)
-
     x = torch.randn(64 * 16, 3, 32, 32)
     y = torch.randint(0, 10, (64 * 16,))
     pairs = [(1e-3 * 0.5, 1e-8 * 0.3)] * 6
     probe_first: list[float] = []
     probe_second: list[float] = []
-    ConditionTracker._post_step = timed  # before the tracker binds its hooks to the optimizer
-    try:
+    with PostStepTimes() as hook:  # patched before the tracker binds its hooks to the optimizer
         tracker = ConditionTracker(opt, kernel=args.kernel)
         for i in range(args.iterations):
             xb, yb = x[i % 16 * 64 : (i % 16 + 1) * 64], y[i % 16 * 64 : (i % 16 + 1) * 64]
@@ -73,13 +78,11 @@ def main(argv: list[str] | None = None) -> int:
             t2 = time.perf_counter()
             probe_first.append(t1 - t0)
             probe_second.append(t2 - t1)
-        in_situ = hook_times[20:]
-        hook_times.clear()
+        in_situ = hook.times[20:]
+        hook.times.clear()
         for _ in range(300):  # warm: the same hook back to back on the state the loop left
             tracker._post_step(opt, (), {})
-        warm = hook_times[20:]
-    finally:
-        ConditionTracker._post_step = post_step
+        warm = hook.times[20:]
     us = lambda values: f"{statistics.median(values) * 1e6:7.1f} us"  # noqa: E731
     print(f"post-step hook, in situ (after forward, backward, Adam step): {us(in_situ)}")
     print(f"post-step hook, warm (called back to back):                   {us(warm)}")
