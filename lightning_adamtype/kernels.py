@@ -189,14 +189,20 @@ class FlatEtaLayout:
         self.eta_numel = offset
 
     def check_launch(self, vs: Sequence[Tensor], gs: Sequence[Tensor], eta: Tensor | None, table: Tensor, mode: int) -> None:
-        """The kernels read raw addresses: one v and one g per tensor, a float32 [n, 2] table ([n, 4] for
-        ``RECOMPUTED``) and, in ``FIRST`` / ``STORED``, an η buffer of :attr:`eta_numel` elements; ValueError else."""
+        """The kernels read raw addresses: one v and one g per tensor, a contiguous float32 table of n rows and at least 2 columns
+        (s, e; 4 for ``RECOMPUTED``: s', e' too; the row stride is the column count) and, in ``FIRST`` / ``STORED``,
+        an η buffer of :attr:`eta_numel` elements; ValueError else."""
         n, columns = len(self.sizes), 4 if mode == RECOMPUTED else 2
         needs_eta = mode in (FIRST, STORED)
-        if len(vs) != n or len(gs) != n or table.shape != (n, columns) or (needs_eta and (eta is None or eta.numel() < self.eta_numel)):
+        bad_table = (
+            table.dim() != 2 or table.shape[0] != n or table.shape[1] < columns
+            or table.dtype != torch.float32 or not table.is_contiguous()
+        )
+        if len(vs) != n or len(gs) != n or bad_table or (needs_eta and (eta is None or eta.numel() < self.eta_numel)):
             raise ValueError(
-                f"a launch for {n} tensors (η buffer of {self.eta_numel}) got {len(vs)} v, {len(gs)} g, a table of shape "
-                f"{tuple(table.shape)} (expected ({n}, {columns}) in mode {mode}) and "
+                f"a launch for {n} tensors (η buffer of {self.eta_numel}) got {len(vs)} v, {len(gs)} g, a "
+                f"{'' if table.is_contiguous() else 'non-contiguous '}{table.dtype} table of shape {tuple(table.shape)} "
+                f"(expected contiguous float32, {n} rows of at least {columns} in mode {mode}) and "
                 f"{'no η buffer' if eta is None else f'an η buffer of {eta.numel()}'}"
             )
 

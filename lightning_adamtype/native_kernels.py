@@ -351,8 +351,6 @@ class GroupLaunch(FlatEtaLayout):
             raise RuntimeError(f"the native kernel is not available: {reason}")
         self.check_launch(vs, gs, eta, table, mode)
         v_ptrs, g_ptrs = self.address_tables(vs, gs)
-        if table.dtype != torch.float32 or not table.is_contiguous():
-            table = table.to(torch.float32).contiguous()
         if accumulate is not None:
             accumulators, inverse_total, observe_weight = accumulate
             if accumulators.dtype != torch.float64 or not accumulators.is_contiguous() or accumulators.device.type != "cpu":

@@ -160,15 +160,20 @@ def test_a_launch_refuses_inputs_its_kernel_would_read_out_of_bounds(backend):
     kernels = GROUP_KERNELS[name]
     vs, gs, table = _inputs(7, device)
     launch = kernels.GroupLaunch(tuple(SIZES), device)
-    with pytest.raises(ValueError, match=r"table of shape \(7, 2\) \(expected \(7, 4\) in mode 3\)"):
+    with pytest.raises(ValueError, match=r"torch.float32 table of shape \(7, 2\) \(expected contiguous float32, 7 rows of at least 4 in mode 3\)"):
         launch.terms(vs, gs, None, table, kernels.RECOMPUTED, 1.0, 0.0)
+    with pytest.raises(ValueError, match=r"a torch.float64 table of shape \(7, 2\)"):
+        launch.terms(vs, gs, None, table.double(), kernels.CURRENT)
+    with pytest.raises(ValueError, match=r"a non-contiguous torch.float32 table of shape \(7, 2\)"):
+        launch.terms(vs, gs, None, table.t().contiguous().t(), kernels.CURRENT)
     with pytest.raises(ValueError, match="no η buffer"):
         launch.terms(vs, gs, None, table, kernels.STORED)
     with pytest.raises(ValueError, match="got 6 v, 6 g"):
         launch.terms(vs[:-1], gs[:-1], None, table[:-1], kernels.CURRENT)
-    expected, _ = _float64_terms(vs, gs, table)  # and the right inputs still run
-    got = launch.terms(vs, gs, None, table, kernels.CURRENT)
-    torch.testing.assert_close(got.double().cpu(), expected, rtol=2e-5, atol=0)
+    expected, _ = _float64_terms(vs, gs, table)  # the right inputs still run, and a wider table is read by its stride
+    for wide in (table, torch.cat([table, torch.full_like(table, float("nan"))], dim=1)):
+        got = launch.terms(vs, gs, None, wide, kernels.CURRENT)
+        torch.testing.assert_close(got.double().cpu(), expected, rtol=2e-5, atol=0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
