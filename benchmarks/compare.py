@@ -1,7 +1,7 @@
 """A/B the tracker's per-step cost: the installed ``lightning_adamtype`` against a modified copy of the package.
 
-    mkdir -p /tmp/variant && cp -r lightning_adamtype /tmp/variant/
-    patch -d /tmp/variant -p1 < benchmarks/proposals.patch
+    mkdir -p /tmp/variant && git archive 59c6f8f lightning_adamtype | tar -x -C /tmp/variant
+    patch -d /tmp/variant -p1 < benchmarks/proposals.patch    # the patch is against commit 59c6f8f
     python benchmarks/compare.py /tmp/variant/lightning_adamtype
 
 Three optimizers on identical parameters (bare, tracked by the installed package, tracked by the variant) are
