@@ -13,7 +13,7 @@ Measures, in ONE run, with alternating repetitions (bare, tracked, bare, tracked
 
 Usage::
 
-    python benchmarks/bench.py --out benchmarks/results.md                    # CPU, ~4-5 min on 2 cores
+    python benchmarks/bench.py --out benchmarks/results.md                    # CPU, ~6 min on 2 cores
     python benchmarks/bench.py --device cuda --out benchmarks/results-gpu.md  # GPU, ~5 min on an H100
     python benchmarks/bench.py --quick                                        # smoke run, ~30 s
 """
