@@ -12,7 +12,9 @@ from __future__ import annotations
 from typing import Any
 
 from .adapters import OptimizerAdapter, find_adapter, register_adapter, registered_adapters
-from .tracker import ACCUMULATOR_KEYS, ConditionTracker
+from .options import TrackerOptions
+from .row import ACCUMULATOR_KEYS
+from .tracker import ConditionTracker
 from .trend import TrendDetector, TrendOptions
 from . import optim  # noqa: F401  (registers AdaFom's adapter)
 
@@ -22,6 +24,7 @@ __all__ = [
     "OptimizerAdapter",
     "TrendDetector",
     "TrendOptions",
+    "TrackerOptions",
     "ACCUMULATOR_KEYS",
     "find_adapter",
     "register_adapter",

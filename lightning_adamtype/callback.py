@@ -11,11 +11,13 @@ installed, so both ``pytorch_lightning.Trainer`` and ``lightning.pytorch.Trainer
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import Any
 
 import torch
 
-from .tracker import ConditionTracker, check_kernel_options, check_observe_every
+from .options import TrackerOptions
+from .tracker import ConditionTracker
 from .trend import TrendOptions
 
 __all__ = ["AdamTypeMonitor", "TAG_PREFIX"]
@@ -107,13 +109,10 @@ class AdamTypeMonitor(*_callback_bases()):  # type: ignore[misc]
         previous_stepsize: str = "stored",
         observe_every: int = 1,
     ) -> None:
-        check_kernel_options("AdamTypeMonitor", kernel, previous_stepsize)
-        check_observe_every("AdamTypeMonitor", observe_every)
-        self.observe_every = observe_every
-        self.kernel = kernel
-        self.previous_stepsize = previous_stepsize
+        self.options = TrackerOptions(switch_to_amsgrad, trend, kernel, previous_stepsize, observe_every).validated(
+            "AdamTypeMonitor"
+        )
         for option, value in (
-            ("switch_to_amsgrad", switch_to_amsgrad),
             ("tensorboard_layout", tensorboard_layout),
             ("progress_bar", progress_bar),
         ):
@@ -121,11 +120,7 @@ class AdamTypeMonitor(*_callback_bases()):  # type: ignore[misc]
                 raise ValueError(f"AdamTypeMonitor({option}={value!r}): expected True or False")
         _check_positive_int_or_none("log_every_n_steps", log_every_n_steps, "to use the Trainer's log_every_n_steps")
         _check_positive_int_or_none("histogram_every_n_logs", histogram_every_n_logs, "for no histograms")
-        if trend is not None and not isinstance(trend, TrendOptions):
-            raise ValueError(f"AdamTypeMonitor(trend={trend!r}): expected a lightning_adamtype.TrendOptions or None")
         self.log_every_n_steps = log_every_n_steps
-        self.switch_to_amsgrad = switch_to_amsgrad
-        self.trend = trend
         self.tensorboard_layout = tensorboard_layout
         self.histogram_every_n_logs = histogram_every_n_logs
         self.progress_bar = progress_bar
@@ -150,20 +145,12 @@ class AdamTypeMonitor(*_callback_bases()):  # type: ignore[misc]
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         """Attach a tracker to each optimizer (after the checkpoint, if any, has restored their state)."""
         self._detach()
+        self.trackers = []  # a callback reused for another fit releases the previous optimizers
+        names = {p: n for n, p in pl_module.named_parameters()}
         optimizers = list(trainer.optimizers)
         for opt, prefix in zip(optimizers, _optimizer_prefixes(optimizers)):
             raw = getattr(opt, "optimizer", opt)  # a LightningOptimizer wraps the torch one
-            self.trackers.append(
-                ConditionTracker(
-                    raw,
-                    name=prefix,
-                    switch_to_amsgrad=self.switch_to_amsgrad,
-                    trend=self.trend,
-                    kernel=self.kernel,
-                    previous_stepsize=self.previous_stepsize,
-                    observe_every=self.observe_every,
-                )
-            )
+            self.trackers.append(ConditionTracker(raw, name=prefix, parameter_names=names, **self.options.as_kwargs()))
         if self._pending_state is not None:
             saved = self._pending_state.get("trackers", {})
             for tracker in self.trackers:
@@ -187,6 +174,7 @@ class AdamTypeMonitor(*_callback_bases()):  # type: ignore[misc]
         self._detach()
 
     def _detach(self) -> None:
+        """Detach every tracker; their numbers stay readable until the next ``fit`` replaces them."""
         for tracker in self.trackers:
             tracker.remove()
 
@@ -270,6 +258,25 @@ class AdamTypeMonitor(*_callback_bases()):  # type: ignore[misc]
             "last_logged_bucket": self._last_logged_bucket,
             "last_logged_step": self._last_logged_step,
         }
+
+    def __getstate__(self) -> dict[str, Any]:
+        """A copy (``copy.deepcopy``, pickling) is detached: it holds no tracker, only this one's state, which it
+        applies at its next ``fit`` (as a checkpoint would)."""
+        state = dict(self.__dict__)
+        state["_pending_state"] = self.state_dict()
+        state["trackers"] = []
+        state["_copied"] = True
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if state.get("_copied"):
+            warnings.warn(
+                "lightning_adamtype: this AdamTypeMonitor is a copy and is detached from the optimizers; compute() "
+                "gives {} until its next fit, which continues from the copied state",
+                UserWarning,
+                stacklevel=2,
+            )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Applied in on_train_start, once the optimizers exist and their own state is restored.

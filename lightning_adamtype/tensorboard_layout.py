@@ -77,31 +77,9 @@ def write_layout(loggers: Iterable[Any], groups: Iterable[str]) -> int:
 
 
 def stepsize_histograms(tracker: Any) -> dict[str, torch.Tensor]:
-    """``{group name: η_{t−1} of every coordinate}`` (flat, float32, CPU) from a ``ConditionTracker``.
-
-    The tracker keeps, per parameter, the effective stepsize η = α_t / sqrt(v̂_t) of the last step it observed.
-    For optimizers with one η for all coordinates (SGD) that is a float, expanded to the parameter's size so the
-    histogram still counts coordinates. Groups without any η yet are left out.
-    """
-    out: dict[str, torch.Tensor] = {}
-    names = tracker.group_names()
-    for gi, state in enumerate(tracker._groups):
-        if gi >= len(names):
-            continue
-        previous = state.previous or (tracker.stepsizes_from_state(gi) if state.previous_scales else {})
-        if not previous:
-            continue
-        params = tracker.optimizer.param_groups[gi]["params"]
-        pieces = []
-        for pi, eta in sorted(previous.items()):
-            if isinstance(eta, torch.Tensor) and eta.numel() > 1:
-                pieces.append(eta.detach().reshape(-1).to("cpu", torch.float32))
-            else:
-                numel = params[pi].numel() if pi < len(params) else 1
-                pieces.append(torch.full((numel,), float(eta), dtype=torch.float32))
-        if pieces:
-            out[names[gi]] = torch.cat(pieces)
-    return out
+    """``{group name: η of every coordinate}`` (flat, float32, CPU) from a ``ConditionTracker``'s latest observed
+    step (:meth:`ConditionTracker.stepsizes`); a one-η optimizer's (SGD) is repeated over the coordinates."""
+    return tracker.stepsizes()
 
 
 def write_histograms(loggers: Iterable[Any], trackers: Iterable[Any], step: int) -> int:

@@ -1,6 +1,6 @@
-"""Two Triton launches per parameter group for the square-root form on a CUDA device.
+"""The CUDA one-pass backend (``kernel="triton"``, the CUDA default): two Triton launches per group and step.
 
-For a group of n tensors with η_i = s_i / (sqrt(v_i) + e_i) (see :mod:`lightning_adamtype.kernels`), one launch
+For a group of n tensors with η_i = s_i / (sqrt(v_i) + e_i) (see :mod:`.one_pass`), one launch
 of :func:`_group_terms_kernel` reads every v and g once (and the stored η_{t−1} once, writing η_t over it), and
 each program writes the partial sums of one block of one tensor; :func:`_reduce_kernel` folds those into the
 group's five terms
@@ -19,11 +19,11 @@ host-to-device copy, only when an address changed. Modes (``MODE``):
 - ``FIRST``: no η_{t−1}; η_t is written into the group's flat η buffer;
 - ``STORED``: η_{t−1} read from the flat buffer, η_t written over it;
 - ``CURRENT``: no η_{t−1} and nothing written (``previous_stepsize="recomputed"``, first step);
-- ``RECOMPUTED``: η_{t−1} rebuilt from v_t and g_t as in :func:`lightning_adamtype.kernels.recomputed_terms`
+- ``RECOMPUTED``: η_{t−1} rebuilt from v_t and g_t as in :mod:`.one_pass`
   (v_{t−1} = max((v_t − w·g_t²)·(1/k), 0)); the table then holds (s, e, s', e') per tensor.
 
 Float32 state and gradients only (the tracker takes another path otherwise); partial sums in float32 over
-blocks of :data:`BLOCK` coordinates, folded in float32.
+blocks of :data:`BLOCK` coordinates, folded in float64 (exact enough at any size).
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .adapters import Scalar, scalar_table, to_device
-from .kernels import CURRENT, FIRST, RECOMPUTED, STORED, FlatEtaLayout, addresses
+from ..adapters import Scalar, scalar_table, to_device
+from .one_pass import FlatEtaLayout, OnePassBackend, addresses
 
 try:
     import triton
@@ -45,7 +45,7 @@ except ImportError:  # pragma: no cover - the CPU-only CI has no Triton
     triton = None
     tl = None
 
-__all__ = ["BLOCK", "CURRENT", "FIRST", "RECOMPUTED", "STORED", "GroupLaunch", "available"]
+__all__ = ["BLOCK", "GroupLaunch", "TritonBackend", "available"]
 
 #: coordinates per program (the partial-sum table has one row per program: 6k rows at 100M), taken SUB at a time by
 #: NUM_WARPS warps. Measured on an H100 at 100M coordinates (benchmarks/triton_variants.py, benchmarks/README.md):
@@ -141,20 +141,20 @@ if triton is not None:
         ROWS_CEILING: tl.constexpr, BLOCK: tl.constexpr, ACCUMULATE: tl.constexpr,
     ):
         offs = tl.arange(0, BLOCK)
-        low = tl.full([BLOCK], float("inf"), tl.float32)
-        b = tl.zeros([BLOCK], tl.float32)
-        c = tl.zeros([BLOCK], tl.float32)
-        c2 = tl.zeros([BLOCK], tl.float32)
-        total = tl.zeros([BLOCK], tl.float32)
+        low = tl.full([BLOCK], float("inf"), tl.float64)
+        b = tl.zeros([BLOCK], tl.float64)
+        c = tl.zeros([BLOCK], tl.float64)
+        c2 = tl.zeros([BLOCK], tl.float64)
+        total = tl.zeros([BLOCK], tl.float64)
         for start in range(0, ROWS_CEILING, BLOCK):  # a compile-time bound (a power of two ≥ rows)
             r = start + offs
             mask = r < rows
             at = partials + r * 5
-            low = tl.minimum(low, tl.load(at, mask=mask, other=float("inf")))
-            b += tl.load(at + 1, mask=mask, other=0.0)
-            c += tl.load(at + 2, mask=mask, other=0.0)
-            c2 += tl.load(at + 3, mask=mask, other=0.0)
-            total += tl.load(at + 4, mask=mask, other=0.0)
+            low = tl.minimum(low, tl.load(at, mask=mask, other=float("inf")).to(tl.float64))
+            b += tl.load(at + 1, mask=mask, other=0.0).to(tl.float64)
+            c += tl.load(at + 2, mask=mask, other=0.0).to(tl.float64)
+            c2 += tl.load(at + 3, mask=mask, other=0.0).to(tl.float64)
+            total += tl.load(at + 4, mask=mask, other=0.0).to(tl.float64)
         terms_min = tl.min(low, axis=0)
         terms_b = tl.sum(b, axis=0)
         terms_c = tl.sum(c, axis=0)
@@ -166,7 +166,7 @@ if triton is not None:
         tl.store(out + 3, terms_c2)
         tl.store(out + 4, terms_sum)
         if ACCUMULATE:
-            # the tracker's _accumulate, in the accumulators' dtype: a finite step adds weight·[1, min η, Σ(ηg)²,
+            # lightning_adamtype.row.add_step, in the accumulators' dtype: a finite step adds weight·[1, min η, Σ(ηg)²,
             # Σ|Δη|, Σ(Δη)², Ση/n, Σ|Δη|/n, 0]; a non-finite one adds only 1 to the last slot
             dtype = accumulators.dtype.element_ty
             row_min = terms_min.to(dtype)
@@ -191,7 +191,7 @@ if triton is not None:
 @dataclass
 class GroupLaunch(FlatEtaLayout):
     """The launch geometry of one group (built once per list of sizes) and its address tables (rebuilt only when
-    an address changes); η lives in the group's flat buffer as :class:`~lightning_adamtype.kernels.FlatEtaLayout`
+    an address changes); η lives in the group's flat buffer as :class:`.one_pass.FlatEtaLayout`
     places it."""
 
     device: torch.device
@@ -221,7 +221,7 @@ class GroupLaunch(FlatEtaLayout):
         self.eta_offsets = to_device(self.offsets, torch.int64, self.device)
         # the launches' outputs are reused every step (stream-ordered: a step's launches run after the last one's)
         self.partials = torch.empty(self.blocks, 5, dtype=torch.float32, device=self.device)
-        self.out = torch.empty(5, dtype=torch.float32, device=self.device)
+        self.out = torch.empty(5, dtype=torch.float64, device=self.device)
         self.finite = torch.empty((), dtype=torch.uint8, device=self.device)
         self.finite_flag = self.finite.view(torch.bool)
         self._rows_ceiling = max(_REDUCE_BLOCK, 1 << (self.blocks - 1).bit_length())
@@ -255,12 +255,12 @@ class GroupLaunch(FlatEtaLayout):
         weight: float = 0.0,
         accumulate: tuple[Tensor, float, float] | None = None,
     ) -> Tensor:
-        """The group's five terms (float32 ``[5]``) in two launches; ``vs``, ``gs`` contiguous float32 on the
+        """The group's five terms (float64 ``[5]``) in two launches; ``vs``, ``gs`` contiguous float32 on the
         device, ``eta`` the flat float32 η buffer of ``eta_numel`` elements (read and/or written per ``mode``;
         16-byte aligned, as any fresh allocation is), ``table`` the float32
         ``[n, 2]`` (s, e) or, for ``RECOMPUTED``, ``[n, 4]`` (s, e, s', e') table. ``accumulate`` =
         (accumulators ``[8]``, 1/n, k): the second launch also adds the step's row, weighted by k, to the
-        accumulators (as :meth:`ConditionTracker._accumulate` does) and writes whether the step was finite into
+        accumulators (as :func:`lightning_adamtype.row.add_step` does) and writes whether the step was finite into
         :attr:`finite`. The returned tensor is :attr:`out`, overwritten by the next call."""
         self.check_launch(vs, gs, eta, table, mode)
         v_ptrs, g_ptrs = self.address_tables(vs, gs)
@@ -278,3 +278,21 @@ class GroupLaunch(FlatEtaLayout):
             ROWS_CEILING=self._rows_ceiling, BLOCK=_REDUCE_BLOCK, ACCUMULATE=accumulate is not None,
         )
         return out
+
+
+class TritonBackend(OnePassBackend):
+    """Two Triton launches per group on a CUDA device (or, for tests, the CPU under ``TRITON_INTERPRET=1``)."""
+
+    name = "triton"
+    launch_class = GroupLaunch
+
+    @property
+    def device_type(self) -> str:  # type: ignore[override]
+        return "cpu" if os.environ.get("TRITON_INTERPRET") == "1" and not torch.cuda.is_available() else "cuda"
+
+    def unavailable(self, device: torch.device) -> str | None:
+        if triton is None:
+            return "Triton is not installed (it comes with CUDA builds of torch: pip install triton)"
+        if not available(device):
+            return f"Triton runs on CUDA devices (this group is on {device})"
+        return None

@@ -1,0 +1,123 @@
+"""The CPU one-pass backend (``kernel="native"``, the CPU default): one C call per group and step.
+
+For a group of n float32 tensors with η_i = s_i / (sqrt(v_i) + e_i), one call of ``adamtype_group_terms`` (the C
+source and its trusted build: :mod:`.native_build`) reads every v and g once (and the stored η_{t−1} once, writing
+η_t over it) in pieces of :data:`PIECE` coordinates shared among OpenMP threads, and folds them into the group's
+five terms (:mod:`lightning_adamtype.row`) and, when asked, adds the step's row to the float64 accumulators:
+η in float32 with the optimizer's roundings, sums in float32 within a piece, pieces folded in float64.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..adapters import Scalar, scalar_table
+from . import native_build
+from .one_pass import FlatEtaLayout, OnePassBackend, addresses
+
+__all__ = ["PIECE", "GroupLaunch", "NativeBackend"]
+
+#: coordinates per piece (one row of partial sums each, one unit of OpenMP work)
+PIECE = 16384
+#: groups with fewer coordinates run on one thread (an OpenMP fork and join costs more than it saves there)
+PARALLEL_MIN_NUMEL = 2 * PIECE
+
+
+def _table(values: list[int]) -> Tensor:
+    return torch.tensor(values, dtype=torch.int64)
+
+
+@dataclass
+class GroupLaunch(FlatEtaLayout):
+    """One group's pieces (built once per list of sizes), address arrays (rewritten at each call) and reused
+    outputs; η lives in the group's flat buffer as :class:`FlatEtaLayout` places it."""
+
+    device: torch.device
+    out: Tensor = field(init=False)  # float64 [5]: the terms of the latest call
+    finite: Tensor = field(init=False)  # uint8: was the latest accumulated step finite
+    finite_flag: Tensor = field(init=False)  # the same byte as a bool tensor (made once)
+    _first_piece: Tensor = field(init=False)
+    _eta_offsets: Tensor = field(init=False)
+    _sizes: Tensor = field(init=False)
+    _tables: tuple[ctypes.Array, ctypes.Array] = field(init=False)
+    _threads: int = field(init=False)
+    _host_table: Tensor = field(init=False)
+    _host_table_type: type = field(init=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        first_piece = [0]
+        for n in self.sizes:
+            first_piece.append(first_piece[-1] + -(-n // PIECE))
+        self._first_piece = _table(first_piece)
+        self._eta_offsets = _table(self.offsets)
+        self._sizes = _table(list(self.sizes))
+        self.out = torch.empty(5, dtype=torch.float64)
+        self.finite = torch.empty((), dtype=torch.uint8)
+        self.finite_flag = self.finite.view(torch.bool)
+        self._tables = ((ctypes.c_int64 * len(self.sizes))(), (ctypes.c_int64 * len(self.sizes))())
+        self._host_table = torch.empty(len(self.sizes), 2, dtype=torch.float32)
+        self._host_table_type = ctypes.c_float * (2 * len(self.sizes))
+        self._threads = 1 if sum(self.sizes) < PARALLEL_MIN_NUMEL else 0
+
+    def scalar_table(self, scalars: Sequence[tuple[Scalar, Scalar]]) -> Tensor:
+        """The float32 [n, 2] (s, e) table :meth:`terms` takes; host floats are written into a table the launch
+        keeps (overwritten by the next call), other scalars go through :func:`adapters.scalar_table`."""
+        if len(scalars) == len(self.sizes) and all(type(s) is float and type(e) is float for s, e in scalars):
+            self._host_table_type.from_address(self._host_table.data_ptr())[:] = [x for pair in scalars for x in pair]
+            return self._host_table
+        return scalar_table(scalars, torch.float32, self.device)
+
+    def terms(
+        self,
+        vs: list[Tensor],
+        gs: list[Tensor],
+        eta: Tensor | None,
+        table: Tensor,
+        mode: int,
+        inverse_keep: float = 1.0,
+        weight: float = 0.0,
+        accumulate: tuple[Tensor, float, float] | None = None,
+    ) -> Tensor:
+        """The group's five terms (float64 [5], :attr:`out`, overwritten by the next call) in one call.
+        ``accumulate`` = (float64 accumulators [8], 1/n, k): also add k·row (:func:`lightning_adamtype.row.add_step`)
+        and write whether the step was finite into :attr:`finite`."""
+        function = native_build.library().adamtype_group_terms
+        self.check_launch(vs, gs, eta, table, mode)
+        v_ptrs, g_ptrs = self._tables
+        v_ptrs[:] = addresses(vs)
+        g_ptrs[:] = addresses(gs)
+        if accumulate is not None:
+            accumulators, inverse_total, observe_weight = accumulate
+            if accumulators.dtype != torch.float64 or not accumulators.is_contiguous() or accumulators.device.type != "cpu":
+                raise ValueError("the native kernel accumulates into contiguous float64 CPU accumulators")
+            acc_ptr = accumulators.data_ptr()
+        else:
+            acc_ptr, inverse_total, observe_weight = None, 1.0, 1.0
+        function(
+            mode, len(self.sizes), ctypes.addressof(v_ptrs), ctypes.addressof(g_ptrs),
+            eta.data_ptr() if eta is not None else None, self._eta_offsets.data_ptr(), self._sizes.data_ptr(),
+            self._first_piece.data_ptr(), PIECE, table.data_ptr(), table.shape[1], float(inverse_keep), float(weight),
+            self.out.data_ptr(), accumulate is not None, acc_ptr, float(inverse_total), float(observe_weight),
+            self.finite.data_ptr(), self._threads or max(1, torch.get_num_threads()),
+        )
+        return self.out
+
+
+class NativeBackend(OnePassBackend):
+    """One C call per group on the CPU."""
+
+    name = "native"
+    device_type = "cpu"
+    launch_class = GroupLaunch
+
+    def unavailable(self, device: torch.device) -> str | None:
+        if device.type != "cpu":
+            return f"the native kernel runs on the CPU (this group is on {device})"
+        library, reason = native_build.availability()
+        return None if library is not None else reason

@@ -1,0 +1,161 @@
+"""What the one-pass backends (:mod:`.native` on the CPU, :mod:`.triton` on CUDA) share.
+
+Both compute, for optimizers whose η_i = s_i / (sqrt(v_i) + e_i), the five terms of a whole group in one call that
+reads every v and g once (and η_{t−1} once, writing η_t over it). Modes:
+
+- ``FIRST``: no η_{t−1}; η_t is written into the group's flat η buffer;
+- ``STORED``: η_{t−1} read from the flat buffer, η_t written over it;
+- ``CURRENT``: no η_{t−1} and nothing written (recomputed mode, first step);
+- ``RECOMPUTED``: η_{t−1} rebuilt from v_t and g_t, v_{t−1} = max((v_t − w·g_t²)/k, 0); the table holds
+  (s, e, s', e') per tensor.
+
+:class:`FlatEtaLayout` places each tensor's η in the flat buffer; :class:`OnePassBackend` decides the mode, keeps
+the buffer (its views are what the tracker stores as each parameter's η_{t−1}, so a step whose η_{t−1} are exactly
+those views copies nothing) and calls the launch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from ..adapters import scalar_table
+from . import GroupStep, StepResult
+
+__all__ = ["CURRENT", "FIRST", "RECOMPUTED", "STORED", "FlatEtaLayout", "OnePassBackend", "addresses"]
+
+#: the launch modes (the C source in :mod:`.native_build` repeats them)
+FIRST, STORED, CURRENT, RECOMPUTED = 0, 1, 2, 3
+
+
+def addresses(tensors: Sequence[Tensor]) -> tuple[int, ...]:
+    """The tensors' data pointers (what the launches' address tables hold)."""
+    return tuple(map(Tensor.data_ptr, tensors))
+
+
+@dataclass
+class FlatEtaLayout:
+    """Tensor i's η at ``offsets[i]`` of one flat buffer, each start rounded up to 4 elements (16-byte aligned)."""
+
+    sizes: tuple[int, ...]
+    offsets: list[int] = field(init=False)
+    eta_numel: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.offsets, offset = [], 0
+        for n in self.sizes:
+            self.offsets.append(offset)
+            offset += -(-n // 4) * 4
+        self.eta_numel = offset
+
+    def check_launch(self, vs: Sequence[Tensor], gs: Sequence[Tensor], eta: Tensor | None, table: Tensor, mode: int) -> None:
+        """The kernels read raw addresses: n v's and g's, a contiguous float32 [n, ≥2] table (≥4 in RECOMPUTED) and,
+        in FIRST / STORED, an η buffer of :attr:`eta_numel` elements; ValueError naming what is wrong else."""
+        n, columns = len(self.sizes), 4 if mode == RECOMPUTED else 2
+        bad_table = (
+            table.dim() != 2 or table.shape[0] != n or table.shape[1] < columns
+            or table.dtype != torch.float32 or not table.is_contiguous()
+        )
+        needs_eta = mode in (FIRST, STORED)
+        if len(vs) != n or len(gs) != n or bad_table or (needs_eta and (eta is None or eta.numel() < self.eta_numel)):
+            raise ValueError(
+                f"a launch for {n} tensors (η buffer of {self.eta_numel}) got {len(vs)} v, {len(gs)} g, a "
+                f"{table.dtype} table of shape {tuple(table.shape)} (expected contiguous float32, {n} rows of at "
+                f"least {columns} in mode {mode}) and {'no η buffer' if eta is None else f'an η buffer of {eta.numel()}'}"
+            )
+
+    def eta_views(self, buffer: Tensor, shapes: Sequence[torch.Size]) -> list[Tensor]:
+        """Each tensor's η as a view of the flat buffer, in its parameter's shape."""
+        return [buffer.narrow(0, o, n).view(shape) for o, n, shape in zip(self.offsets, self.sizes, shapes)]
+
+
+def _same_objects(a: Sequence[Any], b: Sequence[Any]) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
+
+
+class OnePassBackend:
+    """The shared part of the native and Triton backends; subclasses set ``name``, ``launch_class``,
+    ``device_type`` and :meth:`unavailable`."""
+
+    name = ""
+    device_type = ""
+    launch_class: Any = None
+
+    def unavailable(self, device: torch.device) -> str | None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def decline(self, step: GroupStep) -> str | None:
+        """None when the group has a square-root form, contiguous float32 v and g on this backend's device, all or
+        none of its parameters with an η_{t−1}, and no GradScaler flag to apply on the device."""
+        if step.form is None:
+            return "its effective stepsize is not of the form s / (sqrt(v) + e)"
+        if step.found_inf is not None:
+            return "a fused step that a GradScaler may skip is applied on the device by the foreach backend"
+        with_previous = step.with_previous
+        if with_previous not in (0, len(step.params)):
+            return "only some of its parameters have an η_{t−1}"
+        vs = step.form[0]
+        if not all(
+            t.dtype == torch.float32 and t.device.type == self.device_type and t.is_contiguous()
+            for ts in (vs, step.grads) for t in ts
+        ):
+            kinds = sorted({f"{t.dtype}{'' if t.is_contiguous() else ' non-contiguous'} on {t.device}" for t in (*vs, *step.grads)})
+            return f"it needs contiguous float32 state and gradients on {self.device_type}; the group has {', '.join(kinds)}"
+        if len({t.device for t in (*vs, *step.grads)}) != 1:
+            return "its tensors are on more than one device"
+        return None
+
+    def _launch(self, step: GroupStep, sizes: tuple[int, ...]) -> Any:
+        launch = step.cache.get(self.name)
+        if launch is None or launch.sizes != sizes or launch.device != step.device:
+            launch = step.cache[self.name] = self.launch_class(sizes, step.device)
+            step.cache.pop("buffer", None)
+        return launch
+
+    def run(self, step: GroupStep) -> StepResult:
+        assert step.form is not None
+        vs, scalars = step.form
+        sizes = tuple(v.numel() for v in vs)
+        n = sum(sizes)
+        launch = self._launch(step, sizes)
+        accumulate = (step.accumulators, 1.0 / n, float(step.weight)) if step.fuse else None
+        has_previous = step.with_previous > 0
+        if step.update is not None:
+            keep, weight = step.update
+            table = scalar_table(scalars, torch.float32, step.device)
+            if has_previous:
+                both = torch.cat([table, torch.stack(step.previous_scales).to(torch.float32)], dim=1)  # type: ignore[arg-type]
+                terms = launch.terms(vs, step.grads, None, both, RECOMPUTED, 1.0 / keep, weight, accumulate)
+            else:
+                terms = launch.terms(vs, step.grads, None, table, CURRENT, accumulate=accumulate)
+            result = StepResult(None, n, n if has_previous else 0, scales=table.to(step.dtype))
+        else:
+            buffer, views = self._buffer(step, launch, has_previous)
+            terms = launch.terms(vs, step.grads, buffer, launch.scalar_table(scalars), STORED if has_previous else FIRST, accumulate=accumulate)
+            result = StepResult(None, n, n if has_previous else 0, etas=views)
+        if step.fuse:
+            result.finite = launch.finite_flag
+        else:
+            result.terms = terms.to(step.dtype).clone()
+        return result
+
+    @staticmethod
+    def _buffer(step: GroupStep, launch: Any, has_previous: bool) -> tuple[Tensor, list[Tensor]]:
+        """The group's flat η buffer and its views: the kept one when the parameters' η_{t−1} are its views (no
+        copy), else a new one with the η_{t−1} copied in."""
+        shapes = [p.shape for p in step.params]
+        kept = step.cache.get("buffer")
+        if kept is not None:
+            buffer, views = kept
+            if [v.shape for v in views] == shapes and (not has_previous or _same_objects(step.previous, views)):
+                return buffer, views
+        buffer = torch.empty(launch.eta_numel, dtype=torch.float32, device=step.device)
+        views = launch.eta_views(buffer, shapes)
+        if has_previous:
+            for into, old in zip(views, step.previous):
+                into.copy_(old)
+        step.cache["buffer"] = (buffer, views)
+        return buffer, views

@@ -1,0 +1,124 @@
+"""A tracker's checkpoint: accumulators and verdict state per group, η_{t−1} per parameter.
+
+Per-parameter entries are keyed by the parameter's name when the tracker was given ``parameter_names`` (the
+callback passes ``module.named_parameters()``), else by its position in the group, and carry the parameter's shape:
+an entry whose parameter is missing, or has another shape, is dropped on load (that parameter adds no c at its
+first step), with one warning. Version 1 checkpoints (positional, from earlier releases) load too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import sharding
+from .row import ACCUMULATOR_KEYS, accumulator_dtype
+from .trend import TrendDetector
+
+__all__ = ["load_tracker_state", "tracker_state"]
+
+VERSION = 2
+
+
+def _cpu(x: Any) -> Any:
+    return sharding.local_view(x).detach().cpu().clone() if isinstance(x, Tensor) else x
+
+
+def _keys(tracker: Any, group: dict[str, Any]) -> list[tuple[str, Tensor]]:
+    names = tracker.parameter_names
+    return [(names.get(p, str(pi)), p) for pi, p in enumerate(group["params"])]
+
+
+def tracker_state(tracker: Any) -> dict[str, Any]:
+    """The tracker's state as plain CPU values."""
+    groups = []
+    for state in tracker._groups:
+        parameters = {}
+        for key, p in _keys(tracker, state.group or {"params": []}):
+            if p not in tracker._seen:
+                continue
+            entry: dict[str, Any] = {"seen": tracker._seen[p], "shape": list(sharding.local_view(p).shape)}
+            if p in tracker._previous and not state.sharded:  # a sharded η_{t−1} differs per rank: not saved
+                entry["eta"] = _cpu(tracker._previous[p])
+            if p in tracker._scales:
+                entry["scales"] = _cpu(tracker._scales[p])
+            parameters[key] = entry
+        groups.append({
+            "accumulators": None if state.accumulators is None else state.accumulators.detach().cpu().clone(),
+            "count": state.count,
+            "detectors": {kind: d.state_dict() for kind, d in state.detectors.items()},
+            "disabled": state.disabled,
+            "parameters": parameters,
+        })
+    return {"version": VERSION, "observations": tracker.observations, "switched": dict(tracker.switched), "groups": groups}
+
+
+def _version1_parameters(saved: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for pi, seen in saved.get("last_seen", {}).items():
+        entry: dict[str, Any] = {"seen": int(seen)}
+        if pi in saved.get("previous", {}):
+            entry["eta"] = saved["previous"][pi]
+        if pi in saved.get("previous_scales", {}):
+            entry["scales"] = saved["previous_scales"][pi]
+        out[str(pi)] = entry
+    return out
+
+
+def load_tracker_state(tracker: Any, state_dict: dict[str, Any]) -> None:
+    """Restore :func:`tracker_state`'s output into ``tracker`` (its optimizer's groups, by position)."""
+    from .tracker import GroupState
+
+    tracker.observations = int(state_dict.get("observations", 0))
+    tracker.switched = {str(k): int(v) for k, v in state_dict.get("switched", {}).items()}
+    tracker._previous.clear()
+    tracker._scales.clear()
+    tracker._seen.clear()
+    groups = tracker.optimizer.param_groups
+    tracker._groups = []
+    for gi, saved in enumerate(state_dict.get("groups", [])):
+        group = groups[gi] if gi < len(groups) else None
+        params = group["params"] if group is not None else []
+        device = sharding.local_view(params[0]).device if params else torch.device("cpu")
+        state = GroupState(group=group)
+        acc = saved.get("accumulators")
+        if acc is not None:
+            acc = acc.to(device=device, dtype=accumulator_dtype(device)).clone()
+            if acc.numel() < len(ACCUMULATOR_KEYS):
+                acc = torch.cat([acc, acc.new_zeros(len(ACCUMULATOR_KEYS) - acc.numel())])
+            state.accumulators = acc
+        state.count = int(saved.get("count", 0))
+        state.disabled = str(saved.get("disabled", "") or "")
+        for kind, det_state in saved.get("detectors", {}).items():
+            det = TrendDetector(tracker.trend_options, device=device, dtype=accumulator_dtype(device))
+            det.load_state_dict(det_state)
+            state.detectors[kind] = det
+        entries = saved["parameters"] if "parameters" in saved else _version1_parameters(saved)
+        if group is not None:
+            _restore_parameters(tracker, group, entries)
+        tracker._groups.append(state)
+
+
+def _restore_parameters(tracker: Any, group: dict[str, Any], entries: dict[str, dict[str, Any]]) -> None:
+    by_key = dict(_keys(tracker, group))
+    dropped = 0
+    for key, entry in entries.items():
+        p = by_key.get(str(key))
+        local = sharding.local_view(p) if p is not None else None
+        eta = entry.get("eta")
+        shape = entry.get("shape", list(eta.shape) if isinstance(eta, Tensor) and eta.numel() > 1 else None)
+        if local is None or (shape is not None and list(local.shape) != list(shape)):
+            dropped += 1
+            continue
+        tracker._seen[p] = int(entry["seen"])
+        if eta is not None:
+            tracker._previous[p] = eta.to(local.device).clone() if isinstance(eta, Tensor) else eta
+        if entry.get("scales") is not None:
+            tracker._scales[p] = entry["scales"].to(local.device).clone()
+    if dropped:
+        tracker._warn_once(
+            "checkpoint-dropped",
+            f"{dropped} parameter(s) of the checkpoint are not in the optimizer or changed shape; they start over",
+        )

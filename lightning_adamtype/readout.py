@@ -1,0 +1,90 @@
+"""Reading a tracker's device state on the host: one transfer for every group (:func:`read_groups`)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from .row import ACCUMULATOR_KEYS
+
+__all__ = ["read_groups", "tensors_in", "with_ratios"]
+
+
+def with_ratios(values: dict[str, float]) -> dict[str, float]:
+    """Add variance_ratio = b/a, bias_ratio = c/a and bias_ratio_mean = c_mean/a_mean (NaN while a = 0)."""
+
+    def ratio(num: float, den: float) -> float:
+        return num / den if den > 0 else math.nan
+
+    values["variance_ratio"] = ratio(values["b"], values["a"])
+    values["bias_ratio"] = ratio(values["c"], values["a"])
+    values["bias_ratio_mean"] = ratio(values["c_mean"], values["a_mean"])
+    return values
+
+
+def _verdicts(state: Any, like: Tensor) -> list[Tensor]:
+    out = []
+    for kind in ("variance", "bias"):
+        d = state.detectors.get(kind)
+        if d is None:
+            out.append(torch.full((2,), math.nan, dtype=like.dtype, device=like.device))
+        else:
+            out.append(torch.stack([d.slope.to(like), d.violation.to(like)]))
+    return out
+
+
+def read_groups(names: Sequence[str], states: Sequence[Any]) -> dict[str, dict[str, float]]:
+    """``{name: row}`` for every group that was observed or disabled, in one host transfer per device."""
+    live = [(n, s) for n, s in zip(names, states) if s.accumulators is not None or s.disabled]
+    rows = []
+    for _, s in live:
+        acc = s.accumulators
+        if acc is None:
+            rows.append(torch.full((len(ACCUMULATOR_KEYS) + 4,), math.nan, dtype=torch.float64))
+        else:
+            rows.append(torch.cat([acc.detach(), *_verdicts(s, acc)]).to("cpu", torch.float64))
+    if not rows:
+        return {}
+    host = torch.stack(rows).tolist()
+    out = {}
+    k = len(ACCUMULATOR_KEYS)
+    for (name, s), values in zip(live, host):
+        row = with_ratios(dict(zip(ACCUMULATOR_KEYS, values[:k])))
+        v_slope, v_viol, b_slope, b_viol = values[k:]
+        row.update(
+            variance_slope=v_slope,
+            bias_slope=b_slope,
+            variance_violation=v_viol == 1.0,
+            bias_violation=b_viol == 1.0,
+            measured=0.0 if s.disabled else 1.0,
+        )
+        out[name] = row
+    return out
+
+
+def tensors_in(obj: Any) -> list[Tensor]:
+    """Every tensor reachable through dict values, lists, tuples and this package's objects (each once)."""
+    found: dict[int, Tensor] = {}
+    seen: set[int] = set()
+
+    def walk(x: Any) -> None:
+        if id(x) in seen or x is None:
+            return
+        seen.add(id(x))
+        if isinstance(x, Tensor):
+            found[id(x)] = x
+        elif isinstance(x, dict):
+            for value in x.values():
+                walk(value)
+        elif isinstance(x, (list, tuple)):
+            for value in x:
+                walk(value)
+        elif type(x).__module__.startswith("lightning_adamtype") and hasattr(x, "__dict__"):
+            for value in vars(x).values():
+                walk(value)
+
+    walk(obj)
+    return list(found.values())

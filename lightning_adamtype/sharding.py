@@ -1,0 +1,65 @@
+"""Sharded parameters (FSDP2's ``fully_shard``, Lightning's ``ModelParallelStrategy``): DTensor shards.
+
+Each rank measures its local shards; :func:`combine` then reduces one step's terms across the ranks of the sharded
+mesh dimension with two small all-reduces on the device (no host read): min_eta is the minimum, b, c, c2, eta_sum
+and the coordinate counts n, n' are sums. Every rank then holds the terms of the unsharded group.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["combine", "is_dtensor", "local_view", "shard_group"]
+
+
+@functools.lru_cache(maxsize=1)
+def _dtensor_class() -> type | None:
+    if not torch.distributed.is_available():
+        return None
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - very old torch
+        return None
+    return DTensor
+
+
+def is_dtensor(t: Any) -> bool:
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor``."""
+    cls = _dtensor_class()
+    return cls is not None and isinstance(t, cls)
+
+
+def local_view(t: Any) -> Any:
+    """This rank's local tensor of a DTensor; anything else unchanged."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def shard_group(param: Any) -> tuple[bool, Any]:
+    """(measurable, process group): the process group of the one sharded mesh dimension of a DTensor parameter
+    (None when it is only replicated); measurable is False when it is sharded over more than one dimension."""
+    sharded = [i for i, placement in enumerate(param.placements) if placement.is_shard()]
+    if len(sharded) > 1:
+        return False, None
+    return True, (param.device_mesh.get_group(mesh_dim=sharded[0]) if sharded else None)
+
+
+def combine(terms: Tensor | None, n: int, n_previous: int, group: Any, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """(terms, n, n') summed (min for min_eta) over the ranks of ``group``; ``terms`` None: this rank holds no
+    coordinate of the group and adds neutral terms."""
+    counts = torch.tensor([float(n), float(n_previous)], dtype=dtype).to(device)
+    if terms is None:
+        low = torch.full((1,), math.inf, dtype=dtype, device=device)
+        sums = torch.cat([torch.zeros(4, dtype=dtype, device=device), counts])
+    else:
+        low = terms[0:1].to(dtype).clone()
+        sums = torch.cat([terms[1:5].to(dtype), counts])
+    if group is not None:
+        torch.distributed.all_reduce(sums, op=torch.distributed.ReduceOp.SUM, group=group)
+        torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN, group=group)
+    b, c, c2, eta_sum, total, total_previous = sums.unbind()
+    return torch.stack([low[0], b, c, c2, eta_sum]), total, total_previous
