@@ -1,6 +1,6 @@
 """Build and load the native CPU kernel's shared library safely: compile once per machine, trust only our own files.
 
-The C source (:data:`SOURCE`: the kernel of :mod:`lightning_adamtype.native_kernels` plus
+The C source (:data:`SOURCE`: the kernel of the former ``native_kernels._SOURCE``, unchanged, plus
 ``int adamtype_abi_version(void)``) is compiled at run time with the system's C compiler (``$CC``, else ``cc``,
 ``gcc`` or ``clang``) and loaded with :mod:`ctypes`. Loading a shared library runs its code, so the loader follows
 one rule:
@@ -194,11 +194,12 @@ _ABI_SOURCE = """
 int adamtype_abi_version(void) { return %d; }
 """
 
-#: the C source compiled: the kernel of :mod:`lightning_adamtype.native_kernels`, unchanged, and the ABI version
+#: the C source compiled: the kernel (the former ``native_kernels._SOURCE``, unchanged) and the ABI version
 SOURCE = _KERNEL_SOURCE + _ABI_SOURCE % ABI_VERSION
 
 _FLAGS = ["-O3", "-fPIC", "-shared", "-fno-math-errno", "-ffp-contract=off"]
-#: the optional flags, tried in this order until one set compiles (as in :mod:`lightning_adamtype.native_kernels`)
+#: the optional flags, tried in this order until one set compiles (a timeout ends the search): a compiler without
+#: OpenMP builds the single-threaded loop, one without ``-march=native`` the generic vector code
 _OPTIONAL_FLAGS = (["-march=native", "-fopenmp"], ["-march=native"], ["-fopenmp"], [])
 
 
