@@ -303,21 +303,24 @@ class ConditionTracker:
         )
 
     def _align_groups(self) -> None:
-        """One :class:`GroupState` per param group, following each group's dict (a deleted group's state goes, an
-        added group gets a new one); per-parameter state of parameters no longer in the optimizer is released."""
+        """One :class:`GroupState` per param group, following each group (its "params" list, which
+        ``optimizer.load_state_dict`` keeps, or its dict): a deleted group's state goes, an added group gets a new
+        one; per-parameter state of parameters no longer in the optimizer is released."""
         groups = self.optimizer.param_groups
         if len(groups) == len(self._groups) and all(s.group is g for s, g in zip(self._groups, groups)):
             return
-        by_id = {id(s.group): s for s in self._groups if s.group is not None}
-        aligned = []
+        by_params = {id(s.group["params"]): s for s in self._groups if s.group is not None}
+        by_dict = {id(s.group): s for s in self._groups if s.group is not None}
+        aligned, taken = [], set()
         for gi, group in enumerate(groups):
-            state = by_id.pop(id(group), None)
-            if state is None:  # a new group, or the states of a checkpoint loaded before the first step
+            state = by_params.get(id(group["params"])) or by_dict.get(id(group))
+            if state is None or id(state) in taken:  # a new group, or states loaded before the first step
                 loose = self._groups[gi] if gi < len(self._groups) and self._groups[gi].group is None else None
                 state = loose or GroupState()
-                state.group = group
+            state.group = group
+            taken.add(id(state))
             aligned.append(state)
-        if any(s.accumulators is not None for s in by_id.values()):
+        if any(s.accumulators is not None and id(s) not in taken for s in self._groups):
             self._warn_once("group-removed", "a param group was removed from the optimizer; its numbers are dropped")
         self._groups = aligned
         live = {id(p) for group in groups for p in group["params"]}
