@@ -67,17 +67,25 @@ OPTIMIZERS = {
 
 
 def modes_for(device: str) -> dict[str, dict]:
-    """The tracker configurations measured side by side (ConditionTracker / AdamTypeMonitor keyword arguments): the
-    default (kernel="auto": the native C kernel on the CPU when a C compiler works, the Triton path on a GPU), the
-    same with no stored η_{t−1}, the multi-tensor and compiled paths, and observe_every=8."""
-    group_kernel = "Triton" if torch.device(device).type == "cuda" else "native"
+    """The tracker configurations measured side by side (ConditionTracker / AdamTypeMonitor keyword arguments):
+    ``kernel="auto"`` (the default: the native C kernel on CPU groups, the Triton kernels on CUDA groups, each where
+    it can run, else the foreach backend) and ``kernel="foreach"`` (the multi-tensor reference), each with η_{t−1}
+    stored (the default) and recomputed from the optimizer state, and the default with ``observe_every=8``.
+    (``kernel="native"`` / ``"triton"`` name the backend "auto" already takes on that device; the tables say which
+    backend each mode ran.)"""
+    one_pass = "Triton" if torch.device(device).type == "cuda" else "native"
     return {
-        f"default ({group_kernel})": {},
-        f"recomputed ({group_kernel})": dict(previous_stepsize="recomputed"),
+        f"default ({one_pass})": {},
+        f"recomputed ({one_pass})": dict(previous_stepsize="recomputed"),
         "foreach": dict(kernel="foreach"),
-        "compiled": dict(kernel="compiled"),
+        "foreach, recomputed": dict(kernel="foreach", previous_stepsize="recomputed"),
         "observe_every=8": dict(observe_every=8),
     }
+
+
+def ran(tracker: ConditionTracker) -> str:
+    """The backend(s) the tracker's groups ran at their latest observed step ("native", "triton", "foreach")."""
+    return "+".join(sorted(set(tracker.backends().values()))) or "—"
 
 
 def median(xs: list[float]) -> float:
@@ -97,6 +105,7 @@ class StepRow:
     bare_spread: float
     tracked_spread: float
     hook_ratio: float = float("nan")  # median over repetitions of (time inside the hooks / the bare step), same rep
+    backend: str = ""  # the backend the tracked optimizer's group ran
 
     @property
     def cost_ms(self) -> float:
@@ -168,7 +177,7 @@ def bench_step(name: str, numel: int, reps: int, steps: int, warmup: int = 3, mo
         trackers = {mode: ConditionTracker(opt, **modes[mode]) for mode, opt in tracked.items()}
         _time_steps(bare, warmup, device)
         for opt in tracked.values():
-            _time_steps(opt, warmup, device)  # includes the compilation of the compiled kernels
+            _time_steps(opt, warmup, device)  # includes the native kernel's first load / Triton's first compile
         b: list[float] = []
         t: dict[str, list[float]] = {mode: [] for mode in modes}
         inside: dict[str, list[float]] = {mode: [] for mode in modes}
@@ -183,7 +192,7 @@ def bench_step(name: str, numel: int, reps: int, steps: int, warmup: int = 3, mo
         assert trackers[mode].observations == warmup + reps * steps
         rows.append(
             StepRow(name, numel, mode, median(b), median(times), (max(b) - min(b)) / median(b),
-                    (max(times) - min(times)) / median(times), median(inside[mode]))
+                    (max(times) - min(times)) / median(times), median(inside[mode]), ran(trackers[mode]))
         )
     del bare, tracked, trackers
     return rows
@@ -248,10 +257,11 @@ INTERLEAVE_BLOCK = 10
 
 def bench_end_to_end(
     reps: int, steps: int, skip: int = 10, modes=None, device: str = "cpu"
-) -> dict[str, list[tuple[float, float, float]]]:
+) -> tuple[dict[str, list[tuple[float, ...]]], dict[str, str]]:
     """Samples/s without AdamTypeMonitor and with it in each mode, alternated: on the CPU a small CNN (3×32×32,
     batch 64, Adam), on a GPU the CIFAR ResNet-18 of ``examples/cifar10.py`` (batch 128, Adam, batches already on
-    the device); ``{"without": [(over the whole run, from the median iteration, in-situ share), ...], mode: ...}``."""
+    the device). Returns ``{"without": [(samples/s over the whole run, from the median iteration, in-situ share),
+    ...], mode: [(..., interleaved slowdown), ...], "without (control)": [...]}`` and ``{mode: backend that ran}``."""
     try:
         import pytorch_lightning as pl
     except ImportError:  # pragma: no cover
@@ -291,6 +301,7 @@ def bench_end_to_end(
             return torch.optim.Adam(self.parameters(), lr=1e-3)
 
     gate: MonitorGate | None = None
+    backends_ran: dict[str, str] = {}
 
     class Clock(pl.Callback):
         """Wall time of every training iteration after batch ``skip`` (batch end to batch end: data, forward,
@@ -316,7 +327,8 @@ def bench_end_to_end(
     def run(mode: str | None, logdir: str) -> tuple[float, float, float]:
         torch.manual_seed(0)
         clock = Clock()
-        callbacks = [clock] + ([AdamTypeMonitor(**modes[mode])] if mode is not None else [])
+        monitor = AdamTypeMonitor(**modes[mode]) if mode is not None else None
+        callbacks = [clock] + ([monitor] if monitor is not None else [])
         trainer = pl.Trainer(
             max_steps=skip + steps,
             accelerator="gpu" if on_gpu else "cpu",
@@ -331,6 +343,8 @@ def bench_end_to_end(
         loader = data if on_gpu else torch.utils.data.DataLoader(data, batch_size=batch, shuffle=True, num_workers=0)
         with MonitorClock() as inside:
             trainer.fit(CNN(), loader)
+        if monitor is not None:
+            backends_ran[mode] = "+".join(sorted({ran(t) for t in monitor.trackers}))
         stamps = clock.stamps
         iterations = [b - a for a, b in zip(stamps, stamps[1:])]
         total = stamps[-1] - stamps[0]
@@ -371,7 +385,7 @@ def bench_end_to_end(
                     runs[arm].append(run(None, tmp))
                 else:
                     runs[arm].append((*run(arm, tmp), interleaved(arm, tmp)))
-    return runs
+    return runs, backends_ran
 
 
 class _Resident:
@@ -408,16 +422,16 @@ def _quiet():
 # ---------------------------------------------------------------------------------------------- 3. memory
 
 
-def bench_memory(name: str, numel: int, steps: int = 17, device: str = "cpu", **tracker_kwargs) -> tuple[int, int]:
+def bench_memory(name: str, numel: int, steps: int = 17, device: str = "cpu", **tracker_kwargs) -> tuple[int, int, str]:
     """The most (bytes, tensors) the tracker holds between two steps, over ``steps`` steps (17: two full cycles
-    of ``observe_every=8``, which keeps η_{t−1} only between steps t − 1 and t)."""
+    of ``observe_every=8``, which keeps η_{t−1} only between steps t − 1 and t), and the backend that ran."""
     opt = OPTIMIZERS[name](make_params(numel, device=device))
     tracker = ConditionTracker(opt, **tracker_kwargs)
     most = (0, 0)
     for _ in range(steps):
         opt.step()
         most = max(most, (tracker.held_bytes(), len(tracker.held_tensors())))
-    return most
+    return (*most, ran(tracker))
 
 
 def bench_peak(name: str, numel: int, device: str, steps: int = 3, **tracker_kwargs) -> int:
@@ -477,11 +491,12 @@ class HostReadCounter:
 
 def bench_host_reads(
     name: str, numel: int = 10_000, steps: int = 48, device: str = "cpu", **tracker_kwargs
-) -> tuple[int, int, int, int, str]:
+) -> tuple[int, int, int, int, str, str]:
     """(bare optimizer's reads, tracked run's reads, of which on the optimizer's own 0-dim CPU step/lr tensors,
-    other reads, what ``torch.cuda.set_sync_debug_mode("error")`` said of the tracked steps) over steps
-    2..steps+1, none of them a trend-sample step (TrendOptions(warmup=1000))."""
+    other reads, what ``torch.cuda.set_sync_debug_mode("error")`` said of the tracked steps, the backend that ran)
+    over steps 2..steps+1, none of them a trend-sample step (TrendOptions(warmup=1000))."""
     counts = []
+    backend = "—"
     sync_debug = {}
     on_gpu = torch.device(device).type == "cuda"
     for tracked in (False, True):
@@ -502,12 +517,14 @@ def bench_host_reads(
         allowed |= {id(g["lr"]) for g in opt.param_groups if isinstance(g["lr"], torch.Tensor)}
         on_counters = sum(1 for t in rec.calls if id(t) in allowed and t.dim() == 0 and t.device.type == "cpu")
         counts.append((len(rec.calls), on_counters))
+        if tracker is not None:
+            backend = ran(tracker)
         del tracker
     (bare_total, bare_counters), (tr_total, tr_counters) = counts
     extra = tr_total - bare_total
     extra_counters = tr_counters - bare_counters
     said = sync_debug[True] if sync_debug[False] in ("—", "no synchronisation") else f"bare optimizer {sync_debug[False]}"
-    return bare_total, tr_total, extra_counters, extra - extra_counters, said
+    return bare_total, tr_total, extra_counters, extra - extra_counters, said, backend
 
 
 @contextlib.contextmanager
@@ -563,6 +580,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads (default: torch's default); 1 is steadier on a loaded machine")
     ap.add_argument("--only", choices=("step", "e2e", "memory", "syncs"), action="append", help="run only these parts")
+    ap.add_argument("--modes", nargs="+", default=None, metavar="MODE",
+                    help="tracker modes to run, by name or the start of one (e.g. default foreach); default: all of "
+                         "'default (native|Triton)', 'recomputed (...)', 'foreach', 'foreach, recomputed', 'observe_every=8'")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: CUDA is not available on this machine (torch.cuda.is_available() is False)")
@@ -573,6 +593,13 @@ def main(argv: list[str] | None = None) -> int:
     where = "GPU" if on_gpu else "CPU"
     reps = args.reps or (3 if args.quick else 7)
     parts = set(args.only or ("step", "e2e", "memory", "syncs"))
+    modes = modes_for(device)
+    if args.modes:
+        picked = {k for m in args.modes for k in ([m] if m in modes else [k for k in modes if k.startswith(m)])}
+        unknown = [m for m in args.modes if not any(k.startswith(m) for k in modes)]
+        if unknown:
+            ap.error(f"--modes: no mode starts with {', '.join(map(repr, unknown))}; modes: {', '.join(modes)}")
+        modes = {k: v for k, v in modes.items() if k in picked}
     t_start = time.perf_counter()
     load0 = _loadavg()
     command = " ".join(["python", "benchmarks/bench.py", *(argv if argv is not None else sys.argv[1:])])
@@ -598,15 +625,15 @@ def main(argv: list[str] | None = None) -> int:
              + ("; on a GPU it is host time only (launches), so the ratio column is the one that counts there" if on_gpu
                 else "; it leaves out what the hooks cost the optimizer's own next step (caches they evict)") + ".")
         emit()
-        emit("| optimizer | params | tracker mode | device | bare step (ms) | with tracker (ms) | tracker cost (ms) | "
-             "ratio | in the hooks / bare step | spread bare / tracked |")
-        emit("|---|---|---|---|---|---|---|---|---|---|")
+        emit("| optimizer | params | tracker mode | backend | device | bare step (ms) | with tracker (ms) | "
+             "tracker cost (ms) | ratio | in the hooks / bare step | spread bare / tracked |")
+        emit("|---|---|---|---|---|---|---|---|---|---|---|")
         sizes = ((10_000_000, 5 if args.quick else 20), (100_000_000, 3 if args.quick else 10)) if on_gpu else (
             (1_000_000, 4 if args.quick else 10), (10_000_000, 2 if args.quick else 4))
         for numel, steps in sizes:
             for name in OPTIMIZERS:
-                for r in bench_step(name, numel, reps, steps, device=device):
-                    emit(f"| {name} | {fmt_n(numel)} | {r.mode} | {where} | {r.bare_ms:.3f} | {r.tracked_ms:.3f} | "
+                for r in bench_step(name, numel, reps, steps, modes=modes, device=device):
+                    emit(f"| {name} | {fmt_n(numel)} | {r.mode} | {r.backend} | {where} | {r.bare_ms:.3f} | {r.tracked_ms:.3f} | "
                          f"{r.cost_ms:.3f} | **{r.ratio:.2f}×** | {r.hook_ratio:.2f}× | "
                          f"{r.bare_spread:.0%} / {r.tracked_spread:.0%} |")
         emit()
@@ -620,15 +647,16 @@ def main(argv: list[str] | None = None) -> int:
                 "allocated before it, minus the same for a bare step (working buffers of the tracker's kernels)."
                 if on_gpu else ""))
         emit()
-        emit("| optimizer | params | tracker mode | tensors held | bytes held | bytes / param |"
+        emit("| optimizer | params | tracker mode | backend | tensors held | bytes held | bytes / param |"
              + (" transient peak (bytes / param) |" if on_gpu else ""))
-        emit("|---|---|---|---|---|---|" + ("---|" if on_gpu else ""))
+        emit("|---|---|---|---|---|---|---|" + ("---|" if on_gpu else ""))
         for numel in ((10_000_000, 100_000_000) if on_gpu else (1_000_000, 10_000_000)):
             for name in ("Adam (foreach)", "AdamW (foreach)", "Adagrad (foreach)"):
-                for mode, kwargs in modes_for(device).items():
-                    nbytes, ntensors = bench_memory(name, numel, device=device, **kwargs)
+                for mode, kwargs in modes.items():
+                    nbytes, ntensors, backend = bench_memory(name, numel, device=device, **kwargs)
                     peak = f" {bench_peak(name, numel, device, **kwargs) / numel:.3f} |" if on_gpu else ""
-                    emit(f"| {name} | {fmt_n(numel)} | {mode} | {ntensors} | {nbytes:,} | **{nbytes / numel:.6f}** |{peak}")
+                    emit(f"| {name} | {fmt_n(numel)} | {mode} | {backend} | {ntensors} | {nbytes:,} | "
+                         f"**{nbytes / numel:.6f}** |{peak}")
         emit()
 
     if "syncs" in parts:
@@ -642,13 +670,13 @@ def main(argv: list[str] | None = None) -> int:
              + (" The same 48 steps also run under `torch.cuda.set_sync_debug_mode(\"error\")`, which raises at "
                 "any synchronising CUDA call." if on_gpu else ""))
         emit()
-        emit("| optimizer | tracker mode | device | bare opt reads | tracked reads | extra reads of CPU step/lr counters | "
+        emit("| optimizer | tracker mode | backend | device | bare opt reads | tracked reads | extra reads of CPU step/lr counters | "
              "extra reads of anything else (syncs) |" + (" `set_sync_debug_mode(\"error\")` |" if on_gpu else ""))
-        emit("|---|---|---|---|---|---|---|" + ("---|" if on_gpu else ""))
+        emit("|---|---|---|---|---|---|---|---|" + ("---|" if on_gpu else ""))
         for name in OPTIMIZERS:
-            for mode, kwargs in modes_for(device).items():
-                bare, tracked, counters, other, said = bench_host_reads(name, device=device, **kwargs)
-                emit(f"| {name} | {mode} | {where} | {bare} | {tracked} | {counters} | **{other}** |"
+            for mode, kwargs in modes.items():
+                bare, tracked, counters, other, said, backend = bench_host_reads(name, device=device, **kwargs)
+                emit(f"| {name} | {mode} | {backend} | {where} | {bare} | {tracked} | {counters} | **{other}** |"
                      + (f" {said} |" if on_gpu else ""))
         emit()
 
@@ -680,16 +708,13 @@ def main(argv: list[str] | None = None) -> int:
                 "A/B columns only" if on_gpu else "")
              + f". Target: slowdown ≤ {'1' if on_gpu else '2'} %.")
         emit()
-        emit("| model | tracker mode | device | without monitor (samples/s, median iteration) | with AdamTypeMonitor | "
+        emit("| model | tracker mode | backend | device | without monitor (samples/s, median iteration) | with AdamTypeMonitor | "
              "slowdown from the median iteration (paired) | slowdown from total time (paired) | "
              "time inside the monitor / the rest of the iteration (in situ) | "
              f"interleaved in one run (blocks of {INTERLEAVE_BLOCK}) | "
              "runs without / with (median iteration) |")
-        emit("|---|---|---|---|---|---|---|---|---|---|")
-        # on a GPU the compiled mode is left out here (it is measured in part 1; on a ResNet-18 it recompiles past
-        # torch._dynamo's limit and falls back to eager, 4× slower, which would take most of a 10-minute lease)
-        e2e_modes = {k: v for k, v in modes_for(device).items() if not (on_gpu and k == "compiled")}
-        runs = bench_end_to_end(e2e_reps, e2e_steps, device=device, modes=e2e_modes)
+        emit("|---|---|---|---|---|---|---|---|---|---|---|")
+        runs, backends_ran = bench_end_to_end(e2e_reps, e2e_steps, device=device, modes=modes)
         wo_all = runs.pop("without")
         for mode, wi_all in runs.items():
             cells = []
@@ -702,7 +727,8 @@ def main(argv: list[str] | None = None) -> int:
             in_situ = "—" if mode.startswith("without") else f"**{median(shares):.2%}** ({shares[0]:.2%}–{shares[-1]:.2%})"
             blocks = sorted(r[3] for r in wi_all) if not mode.startswith("without") else []
             inter = f"**{median(blocks):+.1%}** ({blocks[0]:+.1%}–{blocks[-1]:+.1%})" if blocks else "—"
-            emit(f"| {'ResNet-18' if on_gpu else 'small CNN'} | {mode} | {where} | {wo:.0f} | {wi:.0f} | {robust} | "
+            emit(f"| {'ResNet-18' if on_gpu else 'small CNN'} | {mode} | {backends_ran.get(mode, '—')} | {where} | "
+                 f"{wo:.0f} | {wi:.0f} | {robust} | "
                  f"{total} | {in_situ} | {inter} | "
                  f"{', '.join(f'{r[1]:.0f}' for r in wo_all)} / {', '.join(f'{r[1]:.0f}' for r in wi_all)} |")
         emit()

@@ -7,68 +7,22 @@ import os
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, TensorDataset
 
 pl = pytest.importorskip("pytorch_lightning")
 from pytorch_lightning.loggers import TensorBoardLogger  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
 from lightning_adamtype import AdamTypeMonitor, ConditionTracker  # noqa: E402
-from tiny_lightning import Tiny  # noqa: E402
+from lightning_runs import TinyModel, make_data, make_trainer  # noqa: E402
 
 KEYS = ("steps", "a", "b", "c", "c2", "variance_ratio", "bias_ratio")
-
-
-def _data(n: int = 64) -> DataLoader:
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, 8, generator=g)
-    y = torch.randn(n, 1, generator=g)
-    return DataLoader(TensorDataset(x, y), batch_size=4)
-
-
-class TinyModel(Tiny):
-    """:class:`tiny_lightning.Tiny` with β1 = 0, the head at its own lr, a per-step lr schedule, optionally one group."""
-
-    def __init__(self, optimizer: str = "adam", two_groups: bool = True):
-        super().__init__(optimizer)
-        self.two_groups = two_groups
-
-    def configure_optimizers(self):
-        groups = (
-            [{"params": self.body.parameters()}, {"params": self.head.parameters(), "lr": 3e-3, "name": "head"}]
-            if self.two_groups
-            else self.parameters()
-        )
-        if self.optimizer == "adam":
-            opt = torch.optim.Adam(groups, lr=1e-2, betas=(0.0, 0.9))
-        elif self.optimizer == "adam-wd":  # coupled weight decay: g = ∇ + λx needs x before the update
-            opt = torch.optim.Adam(groups, lr=1e-2, betas=(0.0, 0.9), weight_decay=0.1)
-        else:
-            opt = torch.optim.SGD(groups, lr=1e-2, momentum=0.9)
-        sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.99)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-
-def _trainer(tmp_path, callbacks, **kw):
-    defaults = dict(
-        default_root_dir=tmp_path,
-        accelerator="cpu",
-        max_epochs=1,
-        limit_train_batches=12,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
-    defaults.update(kw)
-    return pl.Trainer(callbacks=callbacks, **defaults)
 
 
 def test_tensorboard_tags_are_written_and_finite(tmp_path):
     monitor = AdamTypeMonitor(log_every_n_steps=2)
     logger = TensorBoardLogger(tmp_path, name="tb", version=0)
-    trainer = _trainer(tmp_path, [monitor], logger=logger)
-    trainer.fit(TinyModel(), _data())
+    trainer = make_trainer(tmp_path, [monitor], logger=logger)
+    trainer.fit(TinyModel(), make_data())
 
     acc = EventAccumulator(logger.log_dir)
     acc.Reload()
@@ -90,8 +44,8 @@ def test_tensorboard_tags_are_written_and_finite(tmp_path):
 def test_default_interval_is_the_trainers(tmp_path):
     monitor = AdamTypeMonitor()
     logger = TensorBoardLogger(tmp_path, name="tb", version=0)
-    trainer = _trainer(tmp_path, [monitor], logger=logger, log_every_n_steps=5)
-    trainer.fit(TinyModel(), _data())
+    trainer = make_trainer(tmp_path, [monitor], logger=logger, log_every_n_steps=5)
+    trainer.fit(TinyModel(), make_data())
     acc = EventAccumulator(logger.log_dir)
     acc.Reload()
     # every 5 steps, and the final step at the end of training
@@ -103,13 +57,13 @@ def test_matches_a_plain_tracker(tmp_path, optimizer):
     """The callback's numbers are the core tracker's numbers on the same run (Lightning steps with a closure;
     the plain loop without one)."""
     monitor = AdamTypeMonitor()
-    _trainer(tmp_path, [monitor]).fit(TinyModel(optimizer), _data())
+    make_trainer(tmp_path, [monitor]).fit(TinyModel(optimizer), make_data())
 
     model = TinyModel(optimizer)
     opt_conf = model.configure_optimizers()
     opt, sched = opt_conf["optimizer"], opt_conf["lr_scheduler"]["scheduler"]
     tracker = ConditionTracker(opt)
-    for batch_idx, batch in zip(range(12), _data()):
+    for batch_idx, batch in zip(range(12), make_data()):
         opt.zero_grad()
         model.training_step(batch, batch_idx).backward()
         opt.step()
@@ -144,7 +98,7 @@ class TwoOptimizerManual(pl.LightningModule):
 def test_two_optimizers_manual_optimization(tmp_path):
     monitor = AdamTypeMonitor(log_every_n_steps=1)
     logger = TensorBoardLogger(tmp_path, name="tb", version=0)
-    _trainer(tmp_path, [monitor], logger=logger, limit_train_batches=6).fit(TwoOptimizerManual(), _data())
+    make_trainer(tmp_path, [monitor], logger=logger, limit_train_batches=6).fit(TwoOptimizerManual(), make_data())
     result = monitor.compute()
     assert set(result) == {"Adam/pg0", "Adam-1/pg0"}
     assert result["Adam/pg0"]["steps"] == 6 and result["Adam-1/pg0"]["steps"] == 6
@@ -155,7 +109,7 @@ def test_two_optimizers_manual_optimization(tmp_path):
 
 def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
     monitor = AdamTypeMonitor()
-    _trainer(tmp_path, [monitor], accumulate_grad_batches=3).fit(TinyModel(), _data())
+    make_trainer(tmp_path, [monitor], accumulate_grad_batches=3).fit(TinyModel(), make_data())
     assert monitor.compute()["Adam/pg0"]["steps"] == 4  # 12 batches / 3
 
 
@@ -163,19 +117,19 @@ def test_resume_from_checkpoint_continues_exactly(tmp_path):
     """Crash after 2 epochs (8 steps), resume from the checkpoint: the curves end where an uninterrupted run's do."""
     common = dict(limit_train_batches=4, max_epochs=3)
     full = AdamTypeMonitor()
-    _trainer(tmp_path / "full", [full], **common).fit(TinyModel(), _data())
+    make_trainer(tmp_path / "full", [full], **common).fit(TinyModel(), make_data())
 
     ckpt_cb = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_epochs=1, save_top_k=-1)
     first = AdamTypeMonitor()
-    _trainer(tmp_path / "a", [first, ckpt_cb], limit_train_batches=4, max_epochs=2, enable_checkpointing=True).fit(
-        TinyModel(), _data()
+    make_trainer(tmp_path / "a", [first, ckpt_cb], limit_train_batches=4, max_epochs=2, enable_checkpointing=True).fit(
+        TinyModel(), make_data()
     )
     ckpt = [f for f in os.listdir(tmp_path / "ckpt") if "step=8" in f]
     assert ckpt, os.listdir(tmp_path / "ckpt")
     assert first.compute()["Adam/pg0"]["steps"] == 8
 
     resumed = AdamTypeMonitor()
-    _trainer(tmp_path / "b", [resumed], **common).fit(TinyModel(), _data(), ckpt_path=str(tmp_path / "ckpt" / ckpt[0]))
+    make_trainer(tmp_path / "b", [resumed], **common).fit(TinyModel(), make_data(), ckpt_path=str(tmp_path / "ckpt" / ckpt[0]))
     expected, got = full.compute(), resumed.compute()
     assert expected.keys() == got.keys()
     for group in expected:
@@ -194,7 +148,7 @@ def test_unmappable_optimizer_warns_and_trains(tmp_path):
     before = model.head.weight.detach().clone()
     monitor = AdamTypeMonitor()
     with pytest.warns(UserWarning, match="LBFGS.*register_adapter"):
-        _trainer(tmp_path, [monitor], limit_train_batches=3).fit(model, _data())
+        make_trainer(tmp_path, [monitor], limit_train_batches=3).fit(model, make_data())
     assert not torch.equal(before, model.head.weight)
     assert monitor.compute() == {}
 
@@ -216,17 +170,20 @@ def test_accepted_by_every_installed_lightning_trainer():
         assert isinstance(AdamTypeMonitor(), mod.Callback)
 
 
-def test_sharded_strategy_is_refused_at_setup(tmp_path):
-    from lightning_adamtype.callback import _SHARDED_STRATEGIES
-
-    class FakeFSDP:  # only the class name matters to the check; no process group is started
+@pytest.mark.parametrize("strategy", ["FSDPStrategy", "DeepSpeedStrategy"])
+def test_sharded_strategy_is_refused_at_setup(strategy):
+    class FakeTrainer:  # only the strategy's class name matters to the check; no process group is started
         pass
 
-    FakeFSDP.__name__ = "FSDPStrategy"
-    assert FakeFSDP.__name__ in _SHARDED_STRATEGIES
-
-    class FakeTrainer:
-        strategy = FakeFSDP()
-
-    with pytest.raises(RuntimeError, match="FSDPStrategy.*shard"):
+    FakeTrainer.strategy = type(strategy, (), {})()
+    with pytest.raises(RuntimeError, match=f"{strategy}.*shard"):
         AdamTypeMonitor().setup(FakeTrainer(), None, "fit")
+
+
+@pytest.mark.parametrize("strategy", ["ModelParallelStrategy", "DDPStrategy", "SingleDeviceStrategy"])
+def test_strategies_the_trackers_can_read_are_accepted_at_setup(strategy):
+    class FakeTrainer:
+        pass
+
+    FakeTrainer.strategy = type(strategy, (), {})()
+    AdamTypeMonitor().setup(FakeTrainer(), None, "fit")  # no error

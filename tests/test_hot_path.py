@@ -1,8 +1,9 @@
 """Regression guards for the tracker's hot path (no timing: these are deterministic and fast).
 
-(a) On steps that are not trend-sample steps, ``ConditionTracker._post_step`` makes no host read of a tensor
-    (Tensor.item / tolist / __bool__ / __float__ / __int__), except of the optimizer's own 0-dim CPU step
-    counters and CPU tensor lr (reading those never synchronises a device).
+(a) On steps that are not trend-sample steps, ``optimizer.step()`` of a tracked optimizer (the optimizer's own
+    step and the tracker's pre- and post-step hooks) makes no host read of a tensor (Tensor.item / tolist /
+    __bool__ / __float__ / __int__), except of the optimizer's own 0-dim CPU step counters and CPU tensor lr
+    (reading those never synchronises a device). The counter lives in tests/host_reads.py.
 (b) The persistent memory the tracker holds (accumulators, previous η, trend-detector buffers) does not grow
     with the number of steps.
 (c) Neither does the number of tensors it holds.
@@ -16,9 +17,8 @@ import pytest
 import torch
 from torch import nn
 
+from host_reads import NO_SAMPLES, LeakyAdam, ReadCounter, detector_samples
 from lightning_adamtype import ConditionTracker, TrendOptions
-
-READS = ("item", "tolist", "__bool__", "__float__", "__int__")
 
 OPTIMIZERS = [
     ("adam-foreach", torch.optim.Adam, dict(lr=1e-2, foreach=True)),
@@ -31,9 +31,9 @@ OPTIMIZERS = [
     ("sgd-momentum", torch.optim.SGD, dict(lr=1e-2, momentum=0.9, weight_decay=1e-3)),
 ]
 IDS = [o[0] for o in OPTIMIZERS]
-
-#: no trend-detector sample before step 1000, so every step below is a "non-logging" step.
-NO_SAMPLES = TrendOptions(warmup=1000)
+#: on a CPU: "auto" is the native C kernel where it builds (Adam, AdamW, Adagrad; foreach for the others),
+#: "foreach" the torch paths
+KERNELS = ["auto", "foreach"]
 
 
 def _params() -> list[dict]:
@@ -51,117 +51,39 @@ def _set_grads(opt: torch.optim.Optimizer, step: int) -> None:
             p.grad = None if (gi, pi) == (0, 1) and step % 3 == 0 else torch.randn_like(p)
 
 
-class _ReadCounter:
-    """Patches the host-reading Tensor methods; records (method, tensor) while ``depth > 0``."""
-
-    def __init__(self) -> None:
-        self.depth = 0
-        self.calls: list[tuple[str, torch.Tensor]] = []
-
-    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        for name in READS:
-            original = getattr(torch.Tensor, name)
-
-            def wrapper(t, *args, _name=name, _original=original, **kwargs):
-                if self.depth:
-                    self.calls.append((_name, t))
-                return _original(t, *args, **kwargs)
-
-            monkeypatch.setattr(torch.Tensor, name, wrapper)
-
-    def watch(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        """Record only while ``ConditionTracker._post_step`` runs (patched before the tracker is created)."""
-        original = ConditionTracker._post_step
-
-        def post_step(tracker, *args, **kwargs):
-            self.depth += 1
-            try:
-                return original(tracker, *args, **kwargs)
-            finally:
-                self.depth -= 1
-
-        monkeypatch.setattr(ConditionTracker, "_post_step", post_step)
-
-
-def _allowed_ids(opt: torch.optim.Optimizer) -> set[int]:
-    """The optimizer's own 0-dim CPU step counters (and NAdam's mu_product) and CPU tensor learning rates."""
-    allowed = set()
-    for state in opt.state.values():
-        for key in ("step", "mu_product"):
-            t = state.get(key)
-            if isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.dim() == 0:
-                allowed.add(id(t))
-    for group in opt.param_groups:
-        lr = group["lr"]
-        if isinstance(lr, torch.Tensor) and lr.device.type == "cpu" and lr.dim() == 0:
-            allowed.add(id(lr))
-    return allowed
-
-
 def _host_reads_on_non_sample_steps(monkeypatch, cls, kwargs, steps=range(2, 51), **tracker_kwargs):
-    counter = _ReadCounter()
-    counter.watch(monkeypatch)
+    """(bad host reads made inside ``opt.step()`` at steps 2..50, none of them a trend-sample step, the tracker)."""
     opt = cls(_params(), **kwargs)
     tracker = ConditionTracker(opt, trend=NO_SAMPLES, **tracker_kwargs)
     _set_grads(opt, 1)
     opt.step()  # step 1: lazy optimizer state, first observation (not watched: it may set things up)
-    counter.install(monkeypatch)
+    counter = ReadCounter(monkeypatch)
     for step in steps:
         _set_grads(opt, step)
-        opt.step()
-    assert all(d.num_samples == 0 for g in tracker._groups for d in g.detectors.values())  # no sample step
-    allowed = _allowed_ids(opt)
-    bad = [(name, tuple(t.shape), t.dtype, t.device.type) for name, t in counter.calls if id(t) not in allowed]
-    return bad, counter.calls, tracker
+        counter.step(opt)
+    assert detector_samples(tracker) == 0  # no sample step
+    return counter.bad(opt), tracker
 
 
-@pytest.mark.parametrize("kernel", ["auto", "foreach"])  # on a CPU: the native kernel, and the torch paths
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("name,cls,kwargs", OPTIMIZERS, ids=IDS)
-def test_no_host_reads_in_post_step_on_non_sample_steps(monkeypatch, name, cls, kwargs, kernel):
-    bad, _, tracker = _host_reads_on_non_sample_steps(monkeypatch, cls, kwargs, kernel=kernel)
-    assert not bad, f"{len(bad)} host reads inside ConditionTracker._post_step on non-sample steps: {bad[:5]}"
-    assert tracker.observations == 50
+def test_no_host_reads_in_optimizer_step_on_non_sample_steps(monkeypatch, name, cls, kwargs, kernel):
+    bad, tracker = _host_reads_on_non_sample_steps(monkeypatch, cls, kwargs, kernel=kernel)
+    assert not bad, f"{len(bad)} host reads inside optimizer.step() on non-sample steps: {bad[:5]}"
+    assert tracker.observations == 50 and tracker.attached
+    measured = tracker.compute()
+    assert set(measured) == {f"{cls.__name__}/pg0", f"{cls.__name__}/pg1"}
+    assert all(v["measured"] == 1.0 and v["steps"] == 50 for v in measured.values()), measured
 
 
-def test_host_read_guard_catches_a_float_of_the_accumulators(monkeypatch):
-    """The guard is not vacuous: a ``float(acc[0])`` added inside ``_post_step`` makes it fail."""
-    original = ConditionTracker._observe_group
-
-    def leaky(self, *args, **kwargs):
-        out = original(self, *args, **kwargs)
-        acc = self._groups[args[1]].accumulators
-        if acc is not None:
-            float(acc[0])
-        return out
-
-    monkeypatch.setattr(ConditionTracker, "_observe_group", leaky)
-    bad, _, _ = _host_reads_on_non_sample_steps(monkeypatch, torch.optim.Adam, dict(lr=1e-2, foreach=True))
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_host_read_guard_catches_a_float_in_a_hook(monkeypatch, kernel):
+    """The guard is not vacuous: an adapter that reads ``float(exp_avg_sq.sum())`` once per group and step
+    (tests/host_reads.LeakyAdam) makes it fail, with exactly those reads."""
+    bad, tracker = _host_reads_on_non_sample_steps(monkeypatch, LeakyAdam, dict(lr=1e-2, foreach=True), kernel=kernel)
     assert bad and {name for name, *_ in bad} == {"__float__"}
     assert len(bad) == 2 * 49  # two groups, steps 2..50
-
-
-def test_held_tensors_finds_every_kind_of_state():
-    """The walk behind held_tensors() reaches accumulators, η_{t−1}, detector buffers and (s, e) pairs, and the
-    byte count matches the storages: the memory tests below rest on it."""
-    opt = torch.optim.Adam(_params(), lr=1e-2, foreach=True)
-    tracker = ConditionTracker(opt, trend=TrendOptions(warmup=1))
-    for step in range(1, 6):
-        _random_grads(opt)
-        opt.step()
-    held = {id(t) for t in tracker.held_tensors()}
-    for g in tracker._groups:
-        assert id(g.accumulators) in held
-        assert all(id(eta) in held for eta in g.previous.values())
-        for det in g.detectors.values():
-            assert all(id(v) in held for v in vars(det).values() if isinstance(v, torch.Tensor))
-    numel = sum(p.numel() for g in opt.param_groups for p in g["params"])
-    assert 4 * numel < tracker.held_bytes() <= 4 * numel + 3 * 1024  # + ~1.1 KiB per group of constants
-    recomputed = ConditionTracker(torch.optim.Adam(_params(), lr=1e-2), previous_stepsize="recomputed")
-    for _ in range(3):
-        _random_grads(recomputed.optimizer)
-        recomputed.optimizer.step()
-    scales = [sc for g in recomputed._groups for sc in g.previous_scales.values()]
-    assert scales and all(id(sc) in {id(t) for t in recomputed.held_tensors()} for sc in scales)
+    assert all(v["measured"] == 1.0 for v in tracker.compute().values())  # a read, not an error
 
 
 def _random_grads(opt: torch.optim.Optimizer) -> None:
@@ -170,7 +92,73 @@ def _random_grads(opt: torch.optim.Optimizer) -> None:
             p.grad = torch.randn_like(p)
 
 
-@pytest.mark.parametrize("kernel", ["auto", "foreach"])
+def _held_equal(held: list[torch.Tensor], expected: torch.Tensor) -> bool:
+    """Whether some held tensor has ``expected``'s dtype, shape and values (bit for bit; NaN equals NaN)."""
+
+    def same(t: torch.Tensor) -> bool:
+        t = t.detach().cpu()
+        if expected.is_floating_point():
+            return bool(((t == expected) | (t.isnan() & expected.isnan())).all())
+        return torch.equal(t, expected)
+
+    return any(t.dtype == expected.dtype and t.shape == expected.shape and same(t) for t in held)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_held_tensors_finds_every_kind_of_state(kernel):
+    """held_tensors() reaches the accumulators, η_{t−1}, the detector buffers and (recomputed mode) the (s, e)
+    pairs (each found by its value, as the public checkpoint and stepsizes() give it), and held_bytes() counts
+    their storages once each: the memory tests below rest on it."""
+    opt = torch.optim.Adam(_params(), lr=1e-2, foreach=True)
+    tracker = ConditionTracker(opt, trend=TrendOptions(warmup=1), kernel=kernel)
+    for _ in range(5):
+        _random_grads(opt)
+        opt.step()
+    held = tracker.held_tensors()
+    saved = tracker.state_dict()
+    assert len(saved["groups"]) == 2
+    for group in saved["groups"]:
+        assert _held_equal(held, group["accumulators"])
+        assert group["detectors"] and all(d["count"] > 0 for d in group["detectors"].values())
+        for det in group["detectors"].values():
+            buffers = {k: v for k, v in det.items() if isinstance(v, torch.Tensor)}
+            assert {"x", "y", "valid", "slope", "violation"} <= set(buffers)
+            assert bool((buffers["x"] != 0).any())  # the samples' log steps: not a buffer of zeros
+            for key, value in buffers.items():
+                assert _held_equal(held, value), key
+        etas = [entry["eta"] for entry in group["parameters"].values()]
+        assert len(etas) == len(group["parameters"]) > 0
+        for eta in etas:
+            assert eta.dtype == torch.float32 and any(
+                t.numel() >= eta.numel() and eta.reshape(-1).tolist() in _windows(t, eta.numel()) for t in held
+            )
+    # every kept η of a group (stepsizes(): the flat η of the latest step) is among the held tensors
+    flat_held = torch.cat([t.detach().reshape(-1).cpu() for t in held if t.dtype == torch.float32])
+    for name, values in tracker.stepsizes().items():
+        assert values.numel() == sum(p.numel() for p in opt.param_groups[int(name[-1])]["params"])
+        assert set(values.tolist()) <= set(flat_held.tolist()), name
+    storages = {(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) for t in held}
+    assert tracker.held_bytes() == sum(n for _, n in storages)
+    numel = sum(p.numel() for g in opt.param_groups for p in g["params"])
+    assert 4 * numel < tracker.held_bytes() <= 4 * numel + 3 * 1024  # + ~1.1 KiB per group of constants
+
+    recomputed = ConditionTracker(torch.optim.Adam(_params(), lr=1e-2), previous_stepsize="recomputed", kernel=kernel)
+    for _ in range(3):
+        _random_grads(recomputed.optimizer)
+        recomputed.optimizer.step()
+    held = recomputed.held_tensors()
+    scales = [e["scales"] for g in recomputed.state_dict()["groups"] for e in g["parameters"].values()]
+    assert len(scales) == 3 and all("eta" not in e for g in recomputed.state_dict()["groups"] for e in g["parameters"].values())
+    rows = [row.tolist() for t in held if t.dim() in (1, 2) and t.shape[-1] == 2 for row in t.detach().cpu().reshape(-1, 2)]
+    assert all(sc.tolist() in rows for sc in scales), (scales, rows)
+
+
+def _windows(t: torch.Tensor, n: int) -> list[list[float]]:
+    flat = t.detach().reshape(-1).cpu().tolist()
+    return [flat[i : i + n] for i in range(len(flat) - n + 1)]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("name,cls,kwargs", OPTIMIZERS, ids=IDS)
 def test_persistent_memory_and_tensor_count_do_not_grow(name, cls, kwargs, kernel):
     opt = cls(_params(), **kwargs)
@@ -186,7 +174,7 @@ def test_persistent_memory_and_tensor_count_do_not_grow(name, cls, kwargs, kerne
     assert count50 == count5, f"tracker holds {count50} tensors at step 50, {count5} at step 5"
     # and it is bounded: at most one float32 η per coordinate plus O(1) per group
     numel = sum(p.numel() for g in opt.param_groups for p in g["params"])
-    assert bytes50 <= 4 * numel + 3 * 1024  # + ~1.1 KiB per group of constants (the small-group row layout)
+    assert bytes50 <= 4 * numel + 3 * 1024  # + ~1.1 KiB per group of constants (launch tables, detectors)
 
 
 def test_persistent_memory_does_not_grow_through_trend_samples():
@@ -199,7 +187,7 @@ def test_persistent_memory_does_not_grow_through_trend_samples():
         opt.step()
         if step in (20, 200):
             sizes[step] = (tracker.held_bytes(), len(tracker.held_tensors()))
-    assert sum(d.num_samples for g in tracker._groups for d in g.detectors.values()) > 20
+    assert detector_samples(tracker) > 20
     assert sizes[200] == sizes[20]
 
 

@@ -10,15 +10,15 @@ import torch
 pl = pytest.importorskip("pytorch_lightning")
 
 from lightning_adamtype import AdamTypeMonitor, ConditionTracker  # noqa: E402
-from test_callback import TinyModel, _data, _trainer  # noqa: E402
+from lightning_runs import TinyModel, make_data, make_trainer  # noqa: E402
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
 def test_mixed_precision_runs_and_counts_real_steps(tmp_path, precision):
     monitor = AdamTypeMonitor()
-    trainer = _trainer(tmp_path, [monitor], precision=precision)
+    trainer = make_trainer(tmp_path, [monitor], precision=precision)
     try:
-        trainer.fit(TinyModel(), _data())
+        trainer.fit(TinyModel(), make_data())
     except (RuntimeError, ValueError) as err:  # pragma: no cover - depends on the CPU build
         pytest.skip(f"{precision} does not run on this CPU build: {err}")
     result = monitor.compute()["Adam/pg0"]
@@ -35,11 +35,11 @@ def test_mixed_precision_runs_and_counts_real_steps(tmp_path, precision):
 def test_gradients_are_read_unscaled_with_16_mixed(tmp_path):
     """b is computed from the unscaled gradient: it matches a float32 run within AMP noise, not 2**16 times it."""
     fp32 = AdamTypeMonitor()
-    _trainer(tmp_path / "fp32", [fp32]).fit(TinyModel(), _data())
+    make_trainer(tmp_path / "fp32", [fp32]).fit(TinyModel(), make_data())
     amp = AdamTypeMonitor()
-    trainer = _trainer(tmp_path / "amp", [amp], precision="16-mixed")
+    trainer = make_trainer(tmp_path / "amp", [amp], precision="16-mixed")
     try:
-        trainer.fit(TinyModel(), _data())
+        trainer.fit(TinyModel(), make_data())
     except (RuntimeError, ValueError) as err:  # pragma: no cover
         pytest.skip(f"16-mixed does not run on this CPU build: {err}")
     b32, b16 = fp32.compute()["Adam/pg0"]["b"], amp.compute()["Adam/pg0"]["b"]
@@ -64,8 +64,13 @@ def test_bf16_parameters_accumulate_in_float32_or_better():
             etas.append((1e-3 / (1 - 0.9**t)) / (v.sqrt() / math.sqrt(1 - 0.999**t) + 1e-8))
         a_ref += min(float(e.min()) for e in etas)
     result = tracker.compute()["Adam/pg0"]
-    assert tracker._groups[0].accumulators.dtype == torch.float64
-    assert all(eta.dtype == torch.float32 for eta in tracker._groups[0].previous.values())
+    (group,) = tracker.state_dict()["groups"]  # the public checkpoint holds copies of what the tracker keeps
+    assert group["accumulators"].dtype == torch.float64
+    etas = [entry["eta"] for entry in group["parameters"].values()]
+    assert len(etas) == 2 and all(eta.dtype == torch.float32 for eta in etas)
+    held = tracker.held_tensors()
+    assert any(t.dtype == torch.float64 for t in held)
+    assert not any(t.dtype in (torch.bfloat16, torch.float16) for t in held)  # nothing kept in 16 bits
     assert result["a"] == pytest.approx(a_ref, rel=1e-4)
 
 

@@ -27,6 +27,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from lightning_adamtype import AdamTypeMonitor  # noqa: E402
 from lightning_adamtype.tensorboard_layout import custom_scalars_layout, stepsize_histograms  # noqa: E402
+from reference import eta_adam  # noqa: E402
 from tiny_lightning import Tiny  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -92,8 +93,13 @@ def test_stepsize_histograms_match_the_tracker(tmp_path):
     (tracker,) = monitor.trackers
     values = stepsize_histograms(tracker)
     assert set(values) == {"Adam/pg0", "Adam/head"}
-    expected = torch.cat([tracker._groups[0].previous[i].reshape(-1).float() for i in sorted(tracker._groups[0].previous)])
-    torch.testing.assert_close(values["Adam/pg0"], expected)
+    # η of the last step (5), recomputed in float64 from the optimizer's state by the oracle, parameter by parameter
+    opt = tracker.optimizer
+    for name, group in zip(("Adam/pg0", "Adam/head"), opt.param_groups):
+        expected = torch.cat([eta_adam(group, opt.state[p], p).reshape(-1) for p in group["params"]])
+        assert all(float(opt.state[p]["step"]) == 5 for p in group["params"])
+        assert values[name].dtype == torch.float32 and values[name].device.type == "cpu"
+        torch.testing.assert_close(values[name].double(), expected, rtol=1e-5, atol=0)
 
 
 def test_other_loggers_are_skipped(tmp_path):
