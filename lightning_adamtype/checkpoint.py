@@ -37,13 +37,14 @@ def tracker_state(tracker: Any) -> dict[str, Any]:
     for state in tracker._groups:
         parameters = {}
         for key, p in _keys(tracker, state.group or {"params": []}):
-            if p not in tracker._seen:
+            i = id(p)
+            if i not in tracker._seen:
                 continue
-            entry: dict[str, Any] = {"seen": tracker._seen[p], "shape": list(sharding.local_view(p).shape)}
-            if p in tracker._previous and not state.sharded:  # a sharded η_{t−1} differs per rank: not saved
-                entry["eta"] = _cpu(tracker._previous[p])
-            if p in tracker._scales:
-                entry["scales"] = _cpu(tracker._scales[p])
+            entry: dict[str, Any] = {"seen": tracker._seen[i], "shape": list(sharding.local_view(p).shape)}
+            if i in tracker._previous and not state.sharded:  # a sharded η_{t−1} differs per rank: not saved
+                entry["eta"] = _cpu(tracker._previous[i])
+            if i in tracker._scales:
+                entry["scales"] = _cpu(tracker._scales[i])
             parameters[key] = entry
         groups.append({
             "accumulators": None if state.accumulators is None else state.accumulators.detach().cpu().clone(),
@@ -73,6 +74,7 @@ def load_tracker_state(tracker: Any, state_dict: dict[str, Any]) -> None:
 
     tracker.observations = int(state_dict.get("observations", 0))
     tracker.switched = {str(k): int(v) for k, v in state_dict.get("switched", {}).items()}
+    tracker._params.clear()
     tracker._previous.clear()
     tracker._scales.clear()
     tracker._seen.clear()
@@ -112,11 +114,13 @@ def _restore_parameters(tracker: Any, group: dict[str, Any], entries: dict[str, 
         if local is None or (shape is not None and list(local.shape) != list(shape)):
             dropped += 1
             continue
-        tracker._seen[p] = int(entry["seen"])
+        i = id(p)
+        tracker._params[i] = p
+        tracker._seen[i] = int(entry["seen"])
         if eta is not None:
-            tracker._previous[p] = eta.to(local.device).clone() if isinstance(eta, Tensor) else eta
+            tracker._previous[i] = eta.to(local.device).clone() if isinstance(eta, Tensor) else eta
         if entry.get("scales") is not None:
-            tracker._scales[p] = entry["scales"].to(local.device).clone()
+            tracker._scales[i] = entry["scales"].to(local.device).clone()
     if dropped:
         tracker._warn_once(
             "checkpoint-dropped",

@@ -57,6 +57,8 @@ class GroupState:
     cache: dict[str, Any] = field(default_factory=dict)  # the backends' launch plans and η buffer
     backend: str = ""  # the backend of the latest step
     disabled: str = ""  # why this group is no longer measured ('' while it is)
+    states_of: dict[int, dict[str, Any]] = field(default_factory=dict)  # id(parameter) → its optimizer state dict ...
+    states_source: tuple[Any, int] | None = None  # ... cached while optimizer.state is this object with this length
     sharded: bool = False
 
 
@@ -124,10 +126,13 @@ class ConditionTracker:
         #: (group name, step, reason) for every switch, in order; readers may pop them (the callback does).
         self.switch_events: list[tuple[str, int, str]] = []
         self._groups: list[GroupState] = []
-        self._previous: dict[Tensor, Any] = {}  # parameter → η_{t−1} (a tensor of its local shape, or a float)
-        self._scales: dict[Tensor, Tensor] = {}  # parameter → (s', e') of η_{t−1} (recomputed mode)
-        self._seen: dict[Tensor, int] = {}  # parameter → the observation its η was taken at
-        self._snapshots: dict[Tensor, Tensor] = {}  # parameter → x_t (coupled weight decay)
+        # Per-parameter state, keyed by id(parameter) (a tensor's own __hash__ is a Python call, 10× an int's), with
+        # the parameter held in _params so that its id stays its own while an entry exists.
+        self._params: dict[int, Tensor] = {}
+        self._previous: dict[int, Any] = {}  # η_{t−1} (a tensor of the parameter's local shape, or a float)
+        self._scales: dict[int, Tensor] = {}  # (s', e') of η_{t−1} (recomputed mode)
+        self._seen: dict[int, int] = {}  # the observation the parameter's η was taken at
+        self._snapshots: dict[int, Tensor] = {}  # x_t (coupled weight decay)
         self._failed_backends: set[str] = set()
         self._handles: list[RemovableHandle] = []
         self._warned: set[str] = set()
@@ -255,7 +260,7 @@ class ConditionTracker:
             if self.adapter.coupled_weight_decay(group) != 0.0:
                 for p in group["params"]:
                     if p.grad is not None:
-                        self._snapshots[p] = p.detach().clone()
+                        self._snapshots[id(p)] = p.detach().clone()
 
     @torch.no_grad()
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -324,8 +329,8 @@ class ConditionTracker:
             self._warn_once("group-removed", "a param group was removed from the optimizer; its numbers are dropped")
         self._groups = aligned
         live = {id(p) for group in groups for p in group["params"]}
-        for store in (self._previous, self._scales, self._seen):
-            for key in [k for k in store if id(k) not in live]:
+        for store in (self._params, self._previous, self._scales, self._seen):
+            for key in [k for k in store if k not in live]:
                 del store[key]
 
     # ------------------------------------------------------------------ one group
@@ -356,12 +361,19 @@ class ConditionTracker:
         uniform_fn = getattr(adapter, "uniform_stepsize", None)
         needs_state = not callable(uniform_fn)
         opt_state = self.optimizer.state
+        if state.states_source is None or state.states_source[0] is not opt_state or state.states_source[1] != len(opt_state):
+            state.states_of, state.states_source = {}, (opt_state, len(opt_state))  # e.g. optimizer.load_state_dict
+        known = state.states_of
         keys, params, states, grads = [], [], [], []
         for p in group["params"]:
             grad = p.grad
             if grad is None:
                 continue
-            st = opt_state.get(p)
+            st = known.get(id(p))
+            if st is None:
+                st = opt_state.get(p)
+                if st:
+                    known[id(p)] = st
             if needs_state and not st:
                 continue
             if grad.is_sparse or p.is_meta or not p.is_floating_point():
@@ -412,7 +424,7 @@ class ConditionTracker:
         wd = self.adapter.coupled_weight_decay(group)
         if wd == 0.0:
             return grads
-        snaps = [self._snapshots.get(k) for k in keys]
+        snaps = [self._snapshots.get(id(k)) for k in keys]
         if any(x is None for x in snaps):
             self._warn_once(
                 "snapshot",
@@ -460,7 +472,8 @@ class ConditionTracker:
         seen, store = self._seen, (self._scales if recomputed else self._previous)
         previous: list[Any] = []
         for k, p in zip(keys, params):
-            old = store.get(k) if seen.get(k) == last else None
+            i = id(k)
+            old = store.get(i) if seen.get(i) == last else None
             if not recomputed and isinstance(old, Tensor) and old.shape != p.shape:
                 self._warn_once("resized", "a parameter changed shape; its η_{t−1} is dropped and it starts over")
                 old = None
@@ -496,14 +509,15 @@ class ConditionTracker:
 
     def _keep(self, keys: list[Tensor], result: backends.StepResult) -> None:
         """This step's η_t (or (s, e)) becomes each parameter's η_{t−1}."""
-        observation = self.observations
+        ids = list(map(id, keys))
         if result.scales is not None:
-            self._scales.update(zip(keys, result.scales.unbind(0)))
-            for k in keys:
-                self._previous.pop(k, None)
+            self._scales.update(zip(ids, result.scales.unbind(0)))
+            for i in ids:
+                self._previous.pop(i, None)
         elif result.etas is not None:
-            self._previous.update(zip(keys, result.etas))
-        self._seen.update(dict.fromkeys(keys, observation))
+            self._previous.update(zip(ids, result.etas))
+        self._seen.update(dict.fromkeys(ids, self.observations))
+        self._params.update(zip(ids, keys))
 
     # ------------------------------------------------------------------ verdicts and the switch
     def _update_verdicts(self, state: GroupState) -> bool:
@@ -550,8 +564,9 @@ class ConditionTracker:
         if with_state:
             etas = self.adapter.effective_stepsizes(group, [self.optimizer.state[p] for p in with_state])
             for p, eta in zip(with_state, etas):
-                self._previous[p] = eta
-                self._scales.pop(p, None)
+                self._previous[id(p)] = eta
+                self._params[id(p)] = p
+                self._scales.pop(id(p), None)
 
     # ------------------------------------------------------------------ reading
     def group_names(self) -> list[str]:
@@ -572,8 +587,8 @@ class ConditionTracker:
             pieces = []
             params = [p for p in (state.group or {}).get("params", [])]
             for p in params:
-                eta = self._previous.get(p)
-                if eta is None and p in self._scales and self.adapter is not None and self.optimizer.state.get(p):
+                eta = self._previous.get(id(p))
+                if eta is None and id(p) in self._scales and self.adapter is not None and self.optimizer.state.get(p):
                     with torch.no_grad():
                         eta = self.adapter.effective_stepsizes(state.group, [self.optimizer.state[p]])[0]
                 if isinstance(eta, Tensor) and eta.numel() > 1:

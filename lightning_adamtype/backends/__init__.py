@@ -19,7 +19,9 @@ to ``"foreach"`` for a step a faster backend declines.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any, Callable, Protocol, Sequence
 
 import torch
@@ -65,7 +67,7 @@ class GroupStep:
     def with_previous(self) -> int:
         """How many parameters have an η_{t−1}."""
         olds = self.previous_scales if self.update is not None else self.previous
-        return sum(1 for x in olds if x is not None)
+        return sum(map(operator.is_not, olds, repeat(None)))  # (no Tensor.__eq__ with None)
 
 
 @dataclass

@@ -16,6 +16,7 @@ those views copies nothing) and calls the launch.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -98,13 +99,24 @@ class OnePassBackend:
         if with_previous not in (0, len(step.params)):
             return "only some of its parameters have an η_{t−1}"
         vs = step.form[0]
-        if not all(
-            t.dtype == torch.float32 and t.device.type == self.device_type and t.is_contiguous()
-            for ts in (vs, step.grads) for t in ts
-        ):
-            kinds = sorted({f"{t.dtype}{'' if t.is_contiguous() else ' non-contiguous'} on {t.device}" for t in (*vs, *step.grads)})
+        known = step.cache.get("eligible")  # the state tensors found eligible last time: checked once
+        if known is None or len(known) != len(vs) or not all(map(operator.is_, known, vs)):
+            why = self._ineligible([*vs, *step.grads])
+            if why is not None:
+                return why
+            step.cache["eligible"] = list(vs)
+        elif not all(map(self._float32_contiguous, step.grads)):
+            return self._ineligible(step.grads)
+        return None
+
+    def _float32_contiguous(self, t: Tensor) -> bool:
+        return t.dtype is torch.float32 and t.is_contiguous() and t.device.type == self.device_type
+
+    def _ineligible(self, tensors: list[Tensor]) -> str | None:
+        if not all(map(self._float32_contiguous, tensors)):
+            kinds = sorted({f"{t.dtype}{'' if t.is_contiguous() else ' non-contiguous'} on {t.device}" for t in tensors})
             return f"it needs contiguous float32 state and gradients on {self.device_type}; the group has {', '.join(kinds)}"
-        if len({t.device for t in (*vs, *step.grads)}) != 1:
+        if len({t.device for t in tensors}) != 1:
             return "its tensors are on more than one device"
         return None
 
