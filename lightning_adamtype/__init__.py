@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .adapters import OptimizerAdapter, find_adapter, register_adapter, registered_adapters
+from .adapters import OptimizerAdapter, find_adapter, register_adapter, registered_adapters, unregister_adapter
 from .options import TrackerOptions
 from .row import ACCUMULATOR_KEYS
 from .tracker import ConditionTracker
@@ -29,6 +29,7 @@ __all__ = [
     "find_adapter",
     "register_adapter",
     "registered_adapters",
+    "unregister_adapter",
 ]
 __version__ = "0.1.0"
 

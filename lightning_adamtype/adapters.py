@@ -25,6 +25,7 @@ __all__ = [
     "register_adapter",
     "find_adapter",
     "registered_adapters",
+    "unregister_adapter",
     "step_value",
 ]
 
@@ -513,6 +514,12 @@ def register_adapter(optimizer_cls: type, adapter: OptimizerAdapter) -> None:
             "see lightning_adamtype.OptimizerAdapter"
         )
     _REGISTRY[optimizer_cls] = adapter
+
+
+def unregister_adapter(optimizer_cls: type) -> OptimizerAdapter | None:
+    """Remove the adapter registered for exactly ``optimizer_cls`` (its subclasses then fall back to their nearest
+    registered base class); returns the removed adapter, or None when there was none."""
+    return _REGISTRY.pop(optimizer_cls, None)
 
 
 def find_adapter(optimizer: torch.optim.Optimizer) -> OptimizerAdapter | None:

@@ -462,8 +462,11 @@ def test_no_sync_guard_catches_a_host_read_in_the_hooks(read):
     adapter = _LeakyAdapter()
     adapter.read = read
     lightning_adamtype.register_adapter(_LeakyAdam, adapter)
-    opt = _LeakyAdam(_two_group_params(), lr=1e-2, foreach=True)
-    bad, _, _ = host_reads_in_hooks(opt)
+    try:
+        opt = _LeakyAdam(_two_group_params(), lr=1e-2, foreach=True)
+        bad, _, _ = host_reads_in_hooks(opt)
+    finally:
+        lightning_adamtype.unregister_adapter(_LeakyAdam)
     assert bad and all(name == read for name, *_ in bad)
 
 

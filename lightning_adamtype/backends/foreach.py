@@ -6,8 +6,12 @@ For one group step, with η_t from the adapter (fresh tensors in at least float3
     c = Σ_j |η_j − η_{t−1,j}|      c2 = Σ_j (η_j − η_{t−1,j})²     (parameters with an η_{t−1})
 
 Accuracy: torch's float32 norms accumulate in float32, which is 0.3 % off at 40M coordinates. Every sum here is
-taken over pieces of at most :data:`PIECE` coordinates (norms of views, no copy) and the pieces are added in float64:
-1e-7 relative or better at any size. In recomputed mode η_{t−1} is rebuilt from the state,
+taken over pieces of at most :data:`PIECE` coordinates (norms of views, no copy) and the pieces are added in float64.
+On the CPU torch's norm kernel adds a piece's values one after another in a few float32 lanes, which is biased when
+the values have one magnitude (Adam's first steps: |η g| ≈ lr on every coordinate): 2.6e-4 relative for Σ|x| and
+8e-6 for Σx² at 40M even in pieces of 2^16. CPU sums therefore take |x| or x² of pieces of at most
+:data:`CPU_PIECE` coordinates (small tensors concatenated into one piece) and sum them with ``torch.sum`` (a cascade
+summation, about 1e-8 relative there), pieces added in float64: 1e-7 relative or better at any size, for any values. In recomputed mode η_{t−1} is rebuilt from the state,
 v_{t−1} = max((v_t − w·g_t²)/k, 0), η_{t−1} = s' / (sqrt(v_{t−1}) + e').
 """
 
@@ -21,34 +25,71 @@ from torch import Tensor
 from ..adapters import _from_sqrt_form, _min_from_sqrt_form, scalar_table, to_device
 from . import GroupStep, StepResult
 
-__all__ = ["PIECE", "ForeachBackend", "abs_sum", "square_sum"]
+__all__ = ["CPU_PIECE", "PIECE", "ForeachBackend", "abs_sum", "square_sum"]
 
-#: coordinates per piece of a float32 sum (measured at 40M: 1.7e-7 relative for Σ|x|, 2e-9 for Σx²)
+#: coordinates per piece of a float32 norm on accelerators (measured at 40M: 1.7e-7 relative for Σ|x|, 2e-9 for Σx²)
 PIECE = 1 << 16
+#: coordinates per piece of a CPU sum: |x| or x² of a piece is made (4 MB in float32) and summed by ``torch.sum``
+CPU_PIECE = 1 << 20
 
 
-def _pieces(tensors: Sequence[Tensor]) -> list[Tensor]:
+def _pieces(tensors: Sequence[Tensor], piece: int = PIECE) -> list[Tensor]:
     out: list[Tensor] = []
     for t in tensors:
         flat = t.reshape(-1)
-        if flat.numel() > PIECE:
-            out.extend(flat.split(PIECE))
+        if flat.numel() > piece:
+            out.extend(flat.split(piece))
         else:
             out.append(flat)
     return out
 
 
+def _cpu_sum(tensors: Sequence[Tensor], square: bool, dtype: torch.dtype) -> Tensor:
+    """Σ|x| (or Σx²) of CPU tensors: pieces of at most :data:`CPU_PIECE` coordinates (consecutive small tensors
+    concatenated into one), |x| (or x²) of each in at least float32 summed by ``torch.sum``, pieces added in ``dtype``."""
+    sums: list[Tensor] = []
+
+    def flush(batch: list[Tensor]) -> None:
+        work_dtype = torch.float32
+        for t in batch:
+            work_dtype = torch.promote_types(work_dtype, t.dtype)
+        if len(batch) == 1:  # a view of the caller's tensor (or its conversion): a new tensor for |x| or x²
+            x = batch[0].to(work_dtype)
+            work = x.square() if square else x.abs()
+        else:  # a new tensor already
+            work = torch.cat([t.to(work_dtype) for t in batch])
+            work = work.square_() if square else work.abs_()
+        sums.append(work.sum(dtype=work_dtype))
+
+    batch: list[Tensor] = []
+    size = 0
+    for piece in _pieces(tensors, CPU_PIECE):
+        if batch and size + piece.numel() > CPU_PIECE:
+            flush(batch)
+            batch, size = [], 0
+        batch.append(piece)
+        size += piece.numel()
+    if batch:
+        flush(batch)
+    return torch.stack(sums).to(dtype).sum()
+
+
 def abs_sum(tensors: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
-    """Σ_i Σ_j |x_ij|, pieces of :data:`PIECE` coordinates added in ``dtype``."""
+    """Σ_i Σ_j |x_ij|, pieces (:data:`PIECE`; on the CPU :data:`CPU_PIECE`) added in ``dtype``."""
     if not tensors:
         return torch.zeros((), dtype=dtype)
+    if all(t.device.type == "cpu" for t in tensors):
+        return _cpu_sum(tensors, False, dtype)
     return torch.stack(torch._foreach_norm(_pieces(tensors), 1)).to(dtype).sum()
 
 
 def square_sum(tensors: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
-    """Σ_i Σ_j x_ij², pieces of :data:`PIECE` coordinates (their 2-norms squared in ``dtype``) added in ``dtype``."""
+    """Σ_i Σ_j x_ij², pieces (:data:`PIECE`: their 2-norms squared in ``dtype``; on the CPU :data:`CPU_PIECE`)
+    added in ``dtype``."""
     if not tensors:
         return torch.zeros((), dtype=dtype)
+    if all(t.device.type == "cpu" for t in tensors):
+        return _cpu_sum(tensors, True, dtype)
     return torch.stack(torch._foreach_norm(_pieces(tensors), 2)).to(dtype).square().sum()
 
 
