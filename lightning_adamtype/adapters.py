@@ -118,7 +118,7 @@ def _scale_over_denominator(
     """η_i = s_i / d_i for per-parameter scalars s_i (floats or 0-dim tensors), in place on ``denominators``."""
     torch._foreach_reciprocal_(denominators)
     if all(isinstance(s, float) for s in numerators):
-        torch._foreach_mul_(denominators, list(numerators))
+        torch._foreach_mul_(denominators, list(numerators))  # type: ignore[arg-type]
     else:
         device = denominators[0].device
         torch._foreach_mul_(
@@ -133,12 +133,12 @@ def _sqrt_plus_eps(tensors: Sequence[Tensor], eps: float, divisors: Sequence[Sca
     out = torch._foreach_sqrt(_upcast(tensors))
     if divisors is not None:
         if all(isinstance(c, float) for c in divisors):
-            torch._foreach_div_(out, list(divisors))
+            torch._foreach_div_(out, list(divisors))  # type: ignore[arg-type]
         else:
             device = out[0].device
             torch._foreach_div_(out, [c if isinstance(c, Tensor) else to_device(c, None, device) for c in divisors])
     torch._foreach_add_(out, eps)
-    return out
+    return out  # type: ignore[return-value,arg-type]
 
 
 def _from_sqrt_form(vs: Sequence[Tensor], scalars: Sequence[tuple[Scalar, Scalar]]) -> list[Tensor]:
@@ -149,20 +149,20 @@ def _from_sqrt_form(vs: Sequence[Tensor], scalars: Sequence[tuple[Scalar, Scalar
     if all(isinstance(e, float) for e in offsets) and len(set(offsets)) == 1:
         torch._foreach_add_(out, offsets[0])
     elif all(isinstance(e, float) for e in offsets):
-        torch._foreach_add_(out, offsets)
+        torch._foreach_add_(out, offsets)  # type: ignore[arg-type]
     else:
         device = out[0].device
         torch._foreach_add_(out, [e if isinstance(e, Tensor) else to_device(e, None, device) for e in offsets])
     torch._foreach_reciprocal_(out)
     if all(isinstance(s, float) for s in scales) and len(set(scales)) == 1:
         torch._foreach_mul_(out, scales[0])
-        return out
-    return _times(out, scales)
+        return out  # type: ignore[return-value,arg-type]
+    return _times(out, scales)  # type: ignore[return-value,arg-type]
 
 
 def _times(tensors: list[Tensor], scales: Sequence[Scalar]) -> list[Tensor]:
     if all(isinstance(s, float) for s in scales):
-        torch._foreach_mul_(tensors, list(scales))
+        torch._foreach_mul_(tensors, list(scales))  # type: ignore[arg-type]
     else:
         device = tensors[0].device
         torch._foreach_mul_(tensors, [s if isinstance(s, Tensor) else to_device(s, None, device) for s in scales])
@@ -237,7 +237,7 @@ class AdamAdapter:
             t = step_value(s)
             pair = by_step.get(t) if isinstance(t, float) else None
             if pair is None:
-                root = _sqrt(1 - beta2**t)
+                root = _sqrt(1 - beta2**t)  # type: ignore[assignment]
                 pair = (lr * root / (1 - beta1**t), eps * root)
                 if isinstance(t, float):
                     by_step[t] = pair
@@ -386,7 +386,7 @@ class SGDAdapter:
         bufs = [s.get("momentum_buffer") for s in states]
         if any(b is None for b in bufs):
             return grads
-        return torch._foreach_add(grads, bufs, alpha=-momentum)
+        return list(torch._foreach_add(grads, bufs, alpha=-momentum))  # type: ignore[arg-type]
 
     def uniform_stepsize(self, group: dict[str, Any]) -> Scalar:
         """The single η_t shared by every coordinate of the group."""
@@ -479,9 +479,9 @@ class RAdamAdapter:
                     rect = math.sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
                     eta = v.to(_work_dtype(v)).sqrt().add_(group["eps"]).reciprocal_().mul_(plain * rect * math.sqrt(bc2))
                 else:
-                    eta = torch.full_like(v, plain, dtype=_work_dtype(v))
+                    eta = torch.full_like(v, plain, dtype=_work_dtype(v))  # type: ignore[arg-type]
             else:
-                rect = ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)).clamp_min(0).sqrt()
+                rect = ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)).clamp_min(0).sqrt()  # type: ignore[assignment]
                 adaptive = v.to(_work_dtype(v)).sqrt().add_(group["eps"]).reciprocal_().mul_(plain * rect * bc2.sqrt())
                 eta = torch.where(rho_t > 5.0, adaptive, plain.to(adaptive.dtype).expand_as(adaptive))
             out.append(eta)

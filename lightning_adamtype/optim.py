@@ -119,4 +119,4 @@ class AdaFomAdapter:
         return float(group.get("weight_decay", 0.0))
 
 
-register_adapter(AdaFom, AdaFomAdapter())
+register_adapter(AdaFom, AdaFomAdapter())  # type: ignore[arg-type]

@@ -434,7 +434,7 @@ class ConditionTracker:
             snaps = [k.detach() if x is None else x for k, x in zip(keys, snaps)]
         snaps = [sharding.local_view(x) for x in snaps]
         sign = -1.0 if group.get("maximize", False) else 1.0
-        return torch._foreach_add(grads, snaps, alpha=sign * wd)
+        return list(torch._foreach_add(grads, snaps, alpha=sign * wd))  # type: ignore[arg-type]
 
     def _group_step(self, state, group, keys, params, states, grads, found_inf, record, shards) -> backends.GroupStep:
         assert self.adapter is not None and state.accumulators is not None
@@ -590,7 +590,7 @@ class ConditionTracker:
                 eta = self._previous.get(id(p))
                 if eta is None and id(p) in self._scales and self.adapter is not None and self.optimizer.state.get(p):
                     with torch.no_grad():
-                        eta = self.adapter.effective_stepsizes(state.group, [self.optimizer.state[p]])[0]
+                        eta = self.adapter.effective_stepsizes(state.group or {}, [self.optimizer.state[p]])[0]
                 if isinstance(eta, Tensor) and eta.numel() > 1:
                     pieces.append(sharding.local_view(eta).detach().reshape(-1).to("cpu", torch.float32))
                 elif eta is not None:

@@ -4,8 +4,8 @@ For a group of n float32 tensors with η_i = s_i / (sqrt(v_i) + e_i), one call o
 source and its trusted build: :mod:`.native_build`) reads every v and g once (and the stored η_{t−1} once, writing
 η_t over it) in pieces of :data:`PIECE` coordinates shared among OpenMP threads, and folds them into the group's
 five terms (:mod:`lightning_adamtype.row`) and, when asked, adds the step's row to the float64 accumulators:
-η in float32 with the optimizer's roundings, sums in float32 within a block of 64 coordinates, blocks folded in
-float64 (2e-7 relative or better at any size, with or without a vectorising compiler).
+η in float32 with the optimizer's roundings, sums in float32 within a block of 64 coordinates (256 when
+vectorised with OpenMP), blocks folded in float64 (2e-7 relative or better at any size).
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ class GroupLaunch(FlatEtaLayout):
         """The float32 [n, 2] (s, e) table :meth:`terms` takes; host floats are written into a table the launch
         keeps (overwritten by the next call), other scalars go through :func:`adapters.scalar_table`."""
         if len(scalars) == len(self.sizes) and all(type(s) is float and type(e) is float for s, e in scalars):
-            self._host_table_type.from_address(self._host_table.data_ptr())[:] = [x for pair in scalars for x in pair]
+            self._host_table_type.from_address(self._host_table.data_ptr())[:] = [x for pair in scalars for x in pair]  # type: ignore[attr-defined]
             return self._host_table
         return scalar_table(scalars, torch.float32, self.device)
 
@@ -91,8 +91,8 @@ class GroupLaunch(FlatEtaLayout):
         function = native_build.library().adamtype_group_terms
         self.check_launch(vs, gs, eta, table, mode)
         v_ptrs, g_ptrs = self._tables
-        v_ptrs[:] = addresses(vs)
-        g_ptrs[:] = addresses(gs)
+        v_ptrs[:] = list(addresses(vs))
+        g_ptrs[:] = list(addresses(gs))
         if accumulate is not None:
             accumulators, inverse_total, observe_weight = accumulate
             if accumulators.dtype != torch.float64 or not accumulators.is_contiguous() or accumulators.device.type != "cpu":

@@ -1,9 +1,9 @@
 """Build and load the native CPU kernel's shared library safely: compile once per machine, trust only our own files.
 
 The C source (:data:`SOURCE`: the kernel of the former ``native_kernels._SOURCE``, its float32 sums now taken
-over blocks of 64 coordinates, plus ``int adamtype_abi_version(void)``) is compiled at run time with the system's C compiler (``$CC``, else ``cc``,
-``gcc`` or ``clang``) and loaded with :mod:`ctypes`. Loading a shared library runs its code, so the loader follows
-one rule:
+over blocks of 64 or 256 coordinates, plus ``int adamtype_abi_version(void)``) is compiled at run time with the
+system's C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``) and loaded with :mod:`ctypes`. Loading a shared
+library runs its code, so the loader follows one rule:
 
     **a cached or compiled artefact is used only when the current user owns it and nobody else can write it.**
 
@@ -77,10 +77,16 @@ static int omp_get_thread_num(void) { return 0; }
 
 enum { FIRST = 0, STORED = 1, CURRENT = 2, RECOMPUTED = 3 };
 
-/* Coordinates summed in float32 before they are folded into float64: a sum of many values of one magnitude (Adam's
-   first steps give |ηg| ≈ lr everywhere) added one after another in float32 drifts (6e-5 relative at 40M coordinates
-   in pieces of 16384 where the loop is not vectorised, 9e-7 where it is); in blocks of 64 it stays below 2e-7. */
+/* Coordinates summed in float32 before they are folded into float64. Many values of one magnitude (Adam's first
+   steps give |ηg| ≈ lr everywhere) added one after another in float32 drift: summed over whole pieces of 16384,
+   Σ(ηg)² was 6e-5 relative off at 40M coordinates where the loop is not vectorised (no OpenMP) and 9e-7 where it is.
+   With at most 64 additions per float32 accumulator (a block of 64, or of 256 over ≥ 4 SIMD lanes) it stays below
+   2e-7 (1.3e-7 measured on that case, either way). */
+#ifdef _OPENMP
+enum { BLOCK = 256 };
+#else
 enum { BLOCK = 64 };
+#endif
 
 /* One block [0, len) (len <= BLOCK) of one tensor: its sums (in float32) folded into row[5] = min η, Σ(ηg)², Σ|Δη|,
    Σ(Δη)², Ση (in float64). */
@@ -208,13 +214,13 @@ _ABI_SOURCE = """
 int adamtype_abi_version(void) { return %d; }
 """
 
-#: the C source compiled: the kernel (the former ``native_kernels._SOURCE``, summing blocks of 64) and the ABI version
+#: the C source compiled: the kernel (the former ``native_kernels._SOURCE``, summing in blocks) and the ABI version
 SOURCE = _KERNEL_SOURCE + _ABI_SOURCE % ABI_VERSION
 
 _FLAGS = ["-O3", "-fPIC", "-shared", "-fno-math-errno", "-ffp-contract=off"]
 #: the optional flags, tried in this order until one set compiles (a timeout ends the search): a compiler without
 #: OpenMP builds the single-threaded loop, one without ``-march=native`` the generic vector code
-_OPTIONAL_FLAGS = (["-march=native", "-fopenmp"], ["-march=native"], ["-fopenmp"], [])
+_OPTIONAL_FLAGS: tuple[list[str], ...] = (["-march=native", "-fopenmp"], ["-march=native"], ["-fopenmp"], [])
 
 
 class NativeUnavailable(RuntimeError):

@@ -210,7 +210,8 @@ class GroupLaunch(FlatEtaLayout):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        tensor_of_block, start_of_block = [], []
+        tensor_of_block: list[int] = []
+        start_of_block: list[int] = []
         for i, n in enumerate(self.sizes):
             blocks = -(-n // BLOCK)
             tensor_of_block += [i] * blocks
