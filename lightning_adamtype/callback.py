@@ -152,17 +152,37 @@ class AdamTypeMonitor(*_callback_bases()):  # type: ignore[misc]
             raw = getattr(opt, "optimizer", opt)  # a LightningOptimizer wraps the torch one
             self.trackers.append(ConditionTracker(raw, name=prefix, parameter_names=names, **self.options.as_kwargs()))
         if self._pending_state is not None:
-            saved = self._pending_state.get("trackers", {})
-            for tracker in self.trackers:
-                if tracker.name in saved:
-                    tracker.load_state_dict(saved[tracker.name])
-            self._last_logged_bucket = int(self._pending_state.get("last_logged_bucket", 0))
-            self._last_logged_step = int(self._pending_state.get("last_logged_step", -1))
+            self._restore(self._pending_state, optimizers)
             self._pending_state = None
         if self.tensorboard_layout and trainer.is_global_zero and trainer.loggers:
             from .tensorboard_layout import write_layout
 
             write_layout(trainer.loggers, [name for tracker in self.trackers for name in tracker.group_names()])
+
+    def _restore(self, pending: dict[str, Any], optimizers: list[Any]) -> None:
+        """Load the checkpointed tracker states; a state that cannot be read starts that tracker over, with one
+        warning (a monitor never stops a run)."""
+        saved = pending.get("trackers", {}) if isinstance(pending, dict) else {}
+        for i, tracker in enumerate(self.trackers):
+            if tracker.name not in saved:
+                continue
+            try:
+                tracker.load_state_dict(saved[tracker.name])
+            except Exception as error:
+                raw = getattr(optimizers[i], "optimizer", optimizers[i])
+                self.trackers[i] = ConditionTracker(raw, name=tracker.name, parameter_names=tracker.parameter_names, **self.options.as_kwargs())
+                tracker.remove()
+                warnings.warn(
+                    f"lightning_adamtype: the checkpointed state of {tracker.name} could not be read "
+                    f"({type(error).__name__}: {error}); its measurement starts over from this step",
+                    UserWarning,
+                    stacklevel=2,
+                )
+        try:
+            self._last_logged_bucket = int(pending.get("last_logged_bucket", 0))
+            self._last_logged_step = int(pending.get("last_logged_step", -1))
+        except (TypeError, ValueError, AttributeError):
+            self._last_logged_bucket, self._last_logged_step = 0, -1
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         """Log the final values (if the last step was not logged already) and detach from the optimizers."""
@@ -262,7 +282,8 @@ class AdamTypeMonitor(*_callback_bases()):  # type: ignore[misc]
     def __getstate__(self) -> dict[str, Any]:
         """A copy (``copy.deepcopy``, pickling) is detached: it holds no tracker, only this one's state, which it
         applies at its next ``fit`` (as a checkpoint would)."""
-        state = dict(self.__dict__)
+        # (Lightning binds ``log``/``log_dict`` to the LightningModule at each fit: a copy carries no module)
+        state = {k: v for k, v in self.__dict__.items() if k not in ("log", "log_dict")}
         state["_pending_state"] = self.state_dict()
         state["trackers"] = []
         state["_copied"] = True

@@ -57,8 +57,6 @@ class GroupState:
     cache: dict[str, Any] = field(default_factory=dict)  # the backends' launch plans and η buffer
     backend: str = ""  # the backend of the latest step
     disabled: str = ""  # why this group is no longer measured ('' while it is)
-    states_of: dict[int, dict[str, Any]] = field(default_factory=dict)  # id(parameter) → its optimizer state dict ...
-    states_source: tuple[Any, int] | None = None  # ... cached while optimizer.state is this object with this length
     sharded: bool = False
 
 
@@ -360,20 +358,13 @@ class ConditionTracker:
         group, adapter = state.group, self.adapter
         uniform_fn = getattr(adapter, "uniform_stepsize", None)
         needs_state = not callable(uniform_fn)
-        opt_state = self.optimizer.state
-        if state.states_source is None or state.states_source[0] is not opt_state or state.states_source[1] != len(opt_state):
-            state.states_of, state.states_source = {}, (opt_state, len(opt_state))  # e.g. optimizer.load_state_dict
-        known = state.states_of
+        opt_state = self.optimizer.state  # read every step: a state may be deleted, replaced or cleared
         keys, params, states, grads = [], [], [], []
         for p in group["params"]:
             grad = p.grad
             if grad is None:
                 continue
-            st = known.get(id(p))
-            if st is None:
-                st = opt_state.get(p)
-                if st:
-                    known[id(p)] = st
+            st = opt_state.get(p)
             if needs_state and not st:
                 continue
             if grad.is_sparse or p.is_meta or not p.is_floating_point():
