@@ -11,6 +11,7 @@ measurement fails is reported once and no longer measured; training goes on bitw
 
 from __future__ import annotations
 
+import operator
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +29,10 @@ from .switch import agreed_violation, reason as switch_reason, switch_to_amsgrad
 from .trend import TrendDetector, TrendOptions
 
 __all__ = ["ACCUMULATOR_KEYS", "ConditionTracker", "group_names"]
+
+_shape = operator.attrgetter("shape")
+_is_sparse = operator.attrgetter("is_sparse")
+_is_meta = operator.attrgetter("is_meta")
 
 REPORT = (
     "training goes on untouched. Please report it (the message, the optimizer class and its param-group settings) "
@@ -57,6 +62,7 @@ class GroupState:
     cache: dict[str, Any] = field(default_factory=dict)  # the backends' launch plans and η buffer
     backend: str = ""  # the backend of the latest step
     disabled: str = ""  # why this group is no longer measured ('' while it is)
+    kept: tuple | None = None  # (observation, recomputed, parameters, shapes, what they kept): the fast path
     sharded: bool = False
 
 
@@ -339,7 +345,7 @@ class ConditionTracker:
             return False
         step, keys, shards = gathered
         result = self._compute(state, step)
-        self._keep(keys, result)
+        self._keep(state, keys, step.params, result)
         if not record:
             return False
         if result.terms is None:  # the backend added the row itself
@@ -367,14 +373,12 @@ class ConditionTracker:
             st = opt_state.get(p)
             if needs_state and not st:
                 continue
-            if grad.is_sparse or p.is_meta or not p.is_floating_point():
-                kind = "sparse gradients" if grad.is_sparse else "meta-device" if p.is_meta else f"{p.dtype}"
-                self._warn_once(f"unmeasurable-{kind}", f"parameters with {kind} are not measured; they are left out")
-                continue
             keys.append(p)
-            params.append(p)
             states.append(st or {})
             grads.append(grad)
+        if any(map(_is_sparse, grads)) or any(map(_is_meta, keys)) or not all(map(Tensor.is_floating_point, keys)):
+            keys, states, grads = self._measurable(keys, states, grads)
+        params = list(keys)
         shards = None
         if keys and sharding.is_dtensor(keys[0]):
             measurable, process_group = sharding.shard_group(keys[0])
@@ -389,8 +393,8 @@ class ConditionTracker:
             keys, params, states, grads = (list(x) for x in zip(*local)) if local else ([], [], [], [])
             device = keys[0].to_local().device if keys else group["params"][0].to_local().device
         else:
-            keep = [i for i, p in enumerate(params) if p.numel() > 0]
-            if len(keep) != len(params):
+            if 0 in map(Tensor.numel, params):
+                keep = [i for i, p in enumerate(params) if p.numel() > 0]
                 keys, params, states, grads = ([x[i] for i in keep] for x in (keys, params, states, grads))
             if not keys:
                 return None
@@ -405,6 +409,18 @@ class ConditionTracker:
             return None
         grads = self._consumed(group, keys, states, grads)
         return self._group_step(state, group, keys, params, states, grads, found_inf, record, shards), keys, shards
+
+    def _measurable(self, keys: list[Tensor], states: list[dict], grads: list[Tensor]) -> tuple[list, list, list]:
+        """Leave out (one warning per kind) parameters with sparse gradients, on the meta device or not real."""
+        kept: tuple[list, list, list] = ([], [], [])
+        for p, st, grad in zip(keys, states, grads):
+            if grad.is_sparse or p.is_meta or not p.is_floating_point():
+                kind = "sparse gradients" if grad.is_sparse else "meta-device" if p.is_meta else f"{p.dtype}"
+                self._warn_once(f"unmeasurable-{kind}", f"parameters with {kind} are not measured; they are left out")
+                continue
+            for into, x in zip(kept, (p, st, grad)):
+                into.append(x)
+        return kept
 
     def _consumed(self, group: dict[str, Any], keys: list[Tensor], states: list[dict], grads: list[Tensor]) -> list[Tensor]:
         """g_t: the gradient the optimizer consumed (+ coupled weight decay λ·x_t with maximize's sign)."""
@@ -445,7 +461,7 @@ class ConditionTracker:
                     "centered, β2 = 0 or no linear second-moment update) cannot rebuild η_{t−1} from its state; "
                     "η_{t−1} is stored for it (4 bytes per coordinate)",
                 )
-        previous, scales = self._previous_of(keys, params, update is not None)
+        previous, scales = self._previous_of(state, keys, params, update is not None)
         min_fn = getattr(adapter, "min_effective_stepsize", None)
         return backends.GroupStep(
             group=group, params=params, states=states, grads=grads, form=form, uniform=uniform,
@@ -456,10 +472,21 @@ class ConditionTracker:
             fuse=record and shards is None and found_inf is None, cache=state.cache,
         )
 
-    def _previous_of(self, keys: list[Tensor], params: list[Tensor], recomputed: bool) -> tuple[list[Any], list[Any]]:
+    def _previous_of(self, state: GroupState, keys: list[Tensor], params: list[Tensor], recomputed: bool) -> tuple[list[Any], list[Any]]:
         """η_{t−1} (or its (s', e') in recomputed mode) of each parameter, None where it was not taken at the
-        previous observation or the parameter's shape changed since."""
+        previous observation or the parameter's shape changed since. When the group's parameters, their shapes
+        and the mode are those of the previous observation, that is what it kept (no per-parameter look-up)."""
         last = self.observations - 1
+        shapes = list(map(_shape, params))
+        kept = state.kept
+        if kept is not None and kept[0] == last and kept[1] == recomputed and len(kept[2]) == len(keys) and all(
+            map(operator.is_, kept[2], keys)
+        ) and kept[3] == shapes:
+            olds = kept[4]
+            return ([None] * len(keys), olds) if recomputed else (olds, [None] * len(keys))
+        return self._look_up_previous(keys, params, recomputed, last)
+
+    def _look_up_previous(self, keys: list[Tensor], params: list[Tensor], recomputed: bool, last: int) -> tuple[list[Any], list[Any]]:
         seen, store = self._seen, (self._scales if recomputed else self._previous)
         previous: list[Any] = []
         for k, p in zip(keys, params):
@@ -498,15 +525,18 @@ class ConditionTracker:
             return result
         raise RuntimeError("no backend took the step")  # pragma: no cover - foreach takes every step
 
-    def _keep(self, keys: list[Tensor], result: backends.StepResult) -> None:
+    def _keep(self, state: GroupState, keys: list[Tensor], params: list[Tensor], result: backends.StepResult) -> None:
         """This step's η_t (or (s, e)) becomes each parameter's η_{t−1}."""
         ids = list(map(id, keys))
         if result.scales is not None:
-            self._scales.update(zip(ids, result.scales.unbind(0)))
+            rows = result.scales.unbind(0)
+            self._scales.update(zip(ids, rows))
             for i in ids:
                 self._previous.pop(i, None)
+            state.kept = (self.observations, True, keys, list(map(_shape, params)), list(rows))
         elif result.etas is not None:
             self._previous.update(zip(ids, result.etas))
+            state.kept = (self.observations, False, keys, list(map(_shape, params)), list(result.etas))
         self._seen.update(dict.fromkeys(ids, self.observations))
         self._params.update(zip(ids, keys))
 
@@ -542,6 +572,7 @@ class ConditionTracker:
         if was_amsgrad:
             return
         if self.previous_stepsize == "recomputed":
+            state.kept = None
             self._seed_stored_stepsizes(state.group)
         step = self.observations + 1
         self.switched[name] = step

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 
 import torch
 from torch import Tensor
@@ -69,8 +70,9 @@ class GroupLaunch(FlatEtaLayout):
     def scalar_table(self, scalars: Sequence[tuple[Scalar, Scalar]]) -> Tensor:
         """The float32 [n, 2] (s, e) table :meth:`terms` takes; host floats are written into a table the launch
         keeps (overwritten by the next call), other scalars go through :func:`adapters.scalar_table`."""
-        if len(scalars) == len(self.sizes) and all(type(s) is float and type(e) is float for s, e in scalars):
-            self._host_table_type.from_address(self._host_table.data_ptr())[:] = [x for pair in scalars for x in pair]  # type: ignore[attr-defined]
+        flat = list(chain.from_iterable(scalars))
+        if len(flat) == 2 * len(self.sizes) and set(map(type, flat)) == {float}:
+            self._host_table_type.from_address(self._host_table.data_ptr())[:] = flat  # type: ignore[attr-defined]
             return self._host_table
         return scalar_table(scalars, torch.float32, self.device)
 

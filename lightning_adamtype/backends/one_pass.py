@@ -74,7 +74,11 @@ class FlatEtaLayout:
 
 
 def _same_objects(a: Sequence[Any], b: Sequence[Any]) -> bool:
-    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
+    return len(a) == len(b) and all(map(operator.is_, a, b))
+
+
+_dtype = operator.attrgetter("dtype")
+_shape = operator.attrgetter("shape")
 
 
 class OnePassBackend:
@@ -105,8 +109,8 @@ class OnePassBackend:
             if why is not None:
                 return why
             step.cache["eligible"] = list(vs)
-        elif not all(map(self._float32_contiguous, step.grads)):
-            return self._ineligible(step.grads)
+        elif set(map(_dtype, step.grads)) != {torch.float32} or not all(map(Tensor.is_contiguous, step.grads)):
+            return self._ineligible(step.grads)  # (a gradient's device is its parameter's: torch enforces it)
         return None
 
     def _float32_contiguous(self, t: Tensor) -> bool:
@@ -130,7 +134,7 @@ class OnePassBackend:
     def run(self, step: GroupStep) -> StepResult:
         assert step.form is not None
         vs, scalars = step.form
-        sizes = tuple(v.numel() for v in vs)
+        sizes = tuple(map(Tensor.numel, vs))
         n = sum(sizes)
         launch = self._launch(step, sizes)
         accumulate = (step.accumulators, 1.0 / n, float(step.weight)) if step.fuse else None
@@ -158,11 +162,11 @@ class OnePassBackend:
     def _buffer(step: GroupStep, launch: Any, has_previous: bool) -> tuple[Tensor, list[Tensor]]:
         """The group's flat η buffer and its views: the kept one when the parameters' η_{t−1} are its views (no
         copy), else a new one with the η_{t−1} copied in."""
-        shapes = [p.shape for p in step.params]
+        shapes = list(map(_shape, step.params))
         kept = step.cache.get("buffer")
         if kept is not None:
             buffer, views = kept
-            if [v.shape for v in views] == shapes and (not has_previous or _same_objects(step.previous, views)):
+            if list(map(_shape, views)) == shapes and (not has_previous or _same_objects(step.previous, views)):
                 return buffer, views
         buffer = torch.empty(launch.eta_numel, dtype=torch.float32, device=step.device)
         views = launch.eta_views(buffer, shapes)
