@@ -40,7 +40,7 @@ def tracker_state(tracker: Any) -> dict[str, Any]:
             i = id(p)
             if i not in tracker._seen:
                 continue
-            entry: dict[str, Any] = {"seen": tracker._seen[i], "shape": list(sharding.local_view(p).shape)}
+            entry: dict[str, Any] = {"seen": tracker._seen[i], "shape": list(p.shape)}  # (a DTensor's: global)
             if i in tracker._previous and not state.sharded:  # a sharded η_{t−1} differs per rank: not saved
                 entry["eta"] = _cpu(tracker._previous[i])
             if i in tracker._scales:
@@ -111,7 +111,7 @@ def _restore_parameters(tracker: Any, group: dict[str, Any], entries: dict[str, 
         local = sharding.local_view(p) if p is not None else None
         eta = entry.get("eta")
         shape = entry.get("shape", list(eta.shape) if isinstance(eta, Tensor) and eta.numel() > 1 else None)
-        if local is None or (shape is not None and list(local.shape) != list(shape)):
+        if local is None or p is None or (shape is not None and list(p.shape) != list(shape)):
             dropped += 1
             continue
         i = id(p)

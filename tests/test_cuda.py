@@ -2,25 +2,29 @@
 training left bitwise untouched, and the callback in a GPU ``Trainer``.
 
 Skipped without CUDA (CI has none). The checks are plain functions of ``device`` so that they can also be run on
-the CPU by hand (``python -c "import test_cuda as t; t.check_matches_reference('cpu', ...)"``) when editing them;
-the bitwise-untouched check is :func:`test_kernels.assert_training_untouched`.
+the CPU by hand (``cd tests && python -c "import test_cuda as t; t.check_matches_reference('cpu', ...)"``) when
+editing them; the bitwise-untouched check is :func:`twins.assert_training_untouched`.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
-from lightning_adamtype import ConditionTracker
+from host_reads import NO_SAMPLES, leaky_adam
+from lightning_adamtype import ConditionTracker, backends
+from lightning_adamtype.row import ACCUMULATOR_KEYS
 from reference import Reference
-from test_hot_path import NO_SAMPLES
-from test_kernels import assert_training_untouched
-from test_reference import STEPS, assert_matches, make_run, train
+from runs import STEPS, assert_matches, make_run, train
+from twins import assert_training_untouched
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 A, AW = torch.optim.Adam, torch.optim.AdamW
 
+#: every one has a square-root form η = s / (sqrt(v) + e), so "auto" runs it on the one-pass backend
 OPTIMIZERS = [
     ("adam-foreach", A, dict(lr=1e-2, foreach=True)),
     ("adam-fused-wd", A, dict(lr=1e-2, fused=True, weight_decay=0.1)),
@@ -32,31 +36,30 @@ OPTIMIZERS = [
 ]
 IDS = [o[0] for o in OPTIMIZERS]
 
-#: tracker options × whether small groups take the concatenated path (FLAT_MAX_NUMEL) or the per-tensor kernels;
-#: "auto" (the default) is the Triton path on CUDA
+#: tracker options; "auto" (the default) is the Triton backend on CUDA (where Triton is installed)
 MODES = {
-    "auto": ({}, 1 << 18),
-    "auto-recomputed": ({"previous_stepsize": "recomputed"}, 1 << 18),
-    "foreach-flat": ({"kernel": "foreach"}, 1 << 18),
-    "foreach-per-tensor": ({"kernel": "foreach"}, 0),
-    "foreach-recomputed-flat": ({"kernel": "foreach", "previous_stepsize": "recomputed"}, 1 << 18),
-    "compiled-flat": ({"kernel": "compiled"}, 1 << 18),
-    "compiled-per-tensor": ({"kernel": "compiled"}, 0),
-    "compiled-recomputed-per-tensor": ({"kernel": "compiled", "previous_stepsize": "recomputed"}, 0),
+    "auto": {},
+    "auto-recomputed": {"previous_stepsize": "recomputed"},
+    "foreach": {"kernel": "foreach"},
+    "foreach-recomputed": {"kernel": "foreach", "previous_stepsize": "recomputed"},
 }
 #: observe_every estimates the sums from every k-th step pair, so it has no exact float64 oracle: it is checked for
-#: syncs here and against the foreach path in test_group_kernels.py (which runs compiled on a GPU)
+#: syncs here and against the foreach backend in test_group_kernels.py
 SYNC_MODES = {
     **MODES,
-    "auto-observe-every-3": ({"observe_every": 3}, 1 << 18),
-    "foreach-observe-every-3": ({"kernel": "foreach", "observe_every": 3}, 0),
+    "auto-observe-every-3": {"observe_every": 3},
+    "foreach-observe-every-3": {"kernel": "foreach", "observe_every": 3},
 }
 
 
-def _flat_max(monkeypatch, value: int) -> None:
-    import lightning_adamtype.tracker as tracker_module
-
-    monkeypatch.setattr(tracker_module, "FLAT_MAX_NUMEL", value)
+def expected_backend(device: str, tracker_kwargs: dict) -> str:
+    """The backend a square-root-form group whose parameters all have an η_{t−1} runs on under these options."""
+    kernel = tracker_kwargs.get("kernel", "auto")
+    if kernel == "auto":
+        kernel = {"cuda": "triton", "cpu": "native"}.get(torch.device(device).type, "foreach")
+    if kernel != "foreach" and backends.backend(kernel).unavailable(torch.device(device)) is not None:
+        return "foreach"
+    return kernel
 
 
 def check_matches_reference(device: str, cls, kwargs, tracker_kwargs: dict) -> dict:
@@ -67,13 +70,21 @@ def check_matches_reference(device: str, cls, kwargs, tracker_kwargs: dict) -> d
     ref = Reference(opt)
     train(model, opt, sched, data, range(4, STEPS + 1), ref)
     got = assert_matches(tracker, ref)
-    assert all(g.accumulators.device.type == torch.device(device).type for g in tracker._groups)
+    assert all(v["measured"] == 1.0 for v in got.values())
+    # the accumulators (and every other float64 buffer: detectors, launch outputs) live on the parameters' device
+    held64 = [t for t in tracker.held_tensors() if t.dtype == torch.float64]
+    assert sum(t.shape == (len(ACCUMULATOR_KEYS),) for t in held64) >= len(opt.param_groups)
+    assert all(t.device.type == torch.device(device).type for t in held64)
+    # the latest step (every parameter had a gradient at this step and the one before) ran on the expected backend
+    assert set(tracker.backends().values()) == {expected_backend(device, tracker_kwargs)}, tracker.backends()
     return got
 
 
 def check_no_sync(device: str, cls, kwargs, tracker_kwargs: dict, steps: int = 24) -> ConditionTracker:
     """Steps 2..steps+1 (none a trend-sample or log step) under ``torch.cuda.set_sync_debug_mode("error")``: any
-    host–device synchronisation inside ``opt.step()`` (optimizer and tracker hooks) raises."""
+    host–device synchronisation inside ``opt.step()`` (optimizer and tracker hooks) raises. The tracker's hooks
+    turn an error of the tracker into a warning (training goes on), so the check also fails on any warning of the
+    tracker and on a group no longer measured."""
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(n, device=device)) for n in (300, 40, 7)]
     opt = cls(params, **kwargs)
@@ -87,57 +98,47 @@ def check_no_sync(device: str, cls, kwargs, tracker_kwargs: dict, steps: int = 2
         previous = torch.cuda.get_sync_debug_mode()
         torch.cuda.set_sync_debug_mode("error")
     try:
-        for step_grads in grads[1:]:
-            for p, g in zip(params, step_grads):
-                p.grad = g
-            opt.step()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for step_grads in grads[1:]:
+                for p, g in zip(params, step_grads):
+                    p.grad = g
+                opt.step()
     finally:
         if device == "cuda":
             torch.cuda.set_sync_debug_mode(previous)
-    assert tracker.observations == steps + 1
+    messages = [str(w.message) for w in caught if "lightning_adamtype" in str(w.message)]
+    assert not messages, "the tracker warned during the watched steps:\n" + "\n".join(messages)
+    assert tracker.attached and tracker.observations == steps + 1
+    measured = tracker.compute()
+    assert measured and all(v["measured"] == 1.0 for v in measured.values()), measured
+    assert set(tracker.backends().values()) == {expected_backend(device, tracker_kwargs)}, tracker.backends()
     return tracker
 
 
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("name,cls,kwargs", OPTIMIZERS, ids=IDS)
-def test_every_path_matches_the_float64_reference_on_cuda(monkeypatch, name, cls, kwargs, mode):
-    tracker_kwargs, flat_max = MODES[mode]
-    _flat_max(monkeypatch, flat_max)
-    check_matches_reference("cuda", cls, kwargs, tracker_kwargs)
+def test_every_path_matches_the_float64_reference_on_cuda(name, cls, kwargs, mode):
+    check_matches_reference("cuda", cls, kwargs, MODES[mode])
 
 
 @pytest.mark.parametrize("mode", list(SYNC_MODES))
 @pytest.mark.parametrize("name,cls,kwargs", OPTIMIZERS, ids=IDS)
-def test_non_logging_steps_never_synchronise_on_cuda(monkeypatch, name, cls, kwargs, mode):
-    tracker_kwargs, flat_max = SYNC_MODES[mode]
-    _flat_max(monkeypatch, flat_max)
-    check_no_sync("cuda", cls, kwargs, tracker_kwargs)
+def test_non_logging_steps_never_synchronise_on_cuda(name, cls, kwargs, mode):
+    check_no_sync("cuda", cls, kwargs, SYNC_MODES[mode])
 
 
-def test_the_sync_check_is_not_vacuous_on_cuda():
-    """A tracker that reads an accumulator on the host in its post-step hook fails ``check_no_sync``."""
-
-    class Leaky(ConditionTracker):
-        def _post_step(self, optimizer, args, kwargs):
-            super()._post_step(optimizer, args, kwargs)
-            float(self._groups[0].accumulators[1])
-
-    import test_cuda
-
-    original = test_cuda.ConditionTracker
-    test_cuda.ConditionTracker = Leaky
-    try:
-        with pytest.raises(RuntimeError, match="synchroniz"):
-            check_no_sync("cuda", A, dict(lr=1e-2, foreach=True), {})
-    finally:
-        test_cuda.ConditionTracker = original
+@pytest.mark.parametrize("mode", ["auto", "foreach"])
+def test_the_sync_check_is_not_vacuous_on_cuda(mode):
+    """An adapter that reads a sum of the optimizer state on the host once per group and step
+    (tests/host_reads.leaky_adam) synchronises: ``check_no_sync`` fails, naming the synchronisation."""
+    with leaky_adam() as cls, pytest.raises(AssertionError, match="synchroniz"):
+        check_no_sync("cuda", cls, dict(lr=1e-2, foreach=True), MODES[mode])
 
 
 @pytest.mark.parametrize("mode", list(MODES))
-def test_the_tracker_never_changes_the_training_on_cuda(monkeypatch, mode):
-    tracker_kwargs, flat_max = MODES[mode]
-    _flat_max(monkeypatch, flat_max)
-    assert_training_untouched((5000, 70, 3), tracker_kwargs, device="cuda", fused=True)
+def test_the_tracker_never_changes_the_training_on_cuda(mode):
+    assert_training_untouched((5000, 70, 3), MODES[mode], device="cuda", fused=True)
 
 
 def test_monitor_in_a_gpu_trainer_logs_what_a_cpu_run_logs(tmp_path):

@@ -6,6 +6,11 @@ Two CPU processes (gloo, ``torch.multiprocessing.spawn``). Both ranks see the sa
 gradient average equals the single-process gradient and the sharded run is the unsharded run, split by rows (an
 odd row count leaves rank 1 one row short, and a 1-row parameter leaves it an empty shard). The reference is a
 plain single-process run, checked with the same tolerances as the float64 oracle comparisons.
+
+Also on two gloo ranks: resuming a sharded tracker from rank 0's ``state_dict()``, and
+:func:`lightning_adamtype.sharding.combine` itself (an empty shard's neutral terms); on one process, a combined step
+that a GradScaler skipped (:func:`lightning_adamtype.row.add_step`). The Lightning ``ModelParallelStrategy`` run is
+tests/lightning_fsdp2_script.py.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import json
 import math
 import os
 import socket
+import warnings
 
 import pytest
 import torch
@@ -22,7 +28,8 @@ import torch.distributed as dist
 from torch import nn
 
 from lightning_adamtype import ConditionTracker
-from lightning_adamtype.tracker import ACCUMULATOR_KEYS, _GroupState
+from lightning_adamtype.row import ACCUMULATOR_KEYS, add_step
+from lightning_adamtype.sharding import combine
 
 pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(),
@@ -61,13 +68,15 @@ def _train(model: nn.Module, opt: torch.optim.Optimizer) -> None:
         sched.step()
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str, case: str, option: str) -> None:
+def _worker(rank: int, world: int, port: int, out_dir: str, job: str, *args) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     try:
-        _train_sharded(rank, out_dir, case, option)
+        result = JOBS[job](rank, *args)
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(result, f)
         dist.barrier()  # both ranks have written their results
     except BaseException:
         dist.destroy_process_group()
@@ -77,7 +86,14 @@ def _worker(rank: int, world: int, port: int, out_dir: str, case: str, option: s
     os._exit(0)
 
 
-def _train_sharded(rank: int, out_dir: str, case: str, option: str) -> None:
+def _spawn(tmp_path, job: str, *args) -> list[dict]:
+    """Run ``JOBS[job](rank, *args)`` on two gloo ranks; their results (JSON), by rank."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    torch.multiprocessing.spawn(_worker, args=(2, _free_port(), str(tmp_path), job, *args), nprocs=2, join=True)
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def _sharded_model() -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
     model = _model()
@@ -85,13 +101,70 @@ def _train_sharded(rank: int, out_dir: str, case: str, option: str) -> None:
         if isinstance(layer, nn.Linear):
             fully_shard(layer)
     fully_shard(model)
+    return model
+
+
+def _train_sharded(rank: int, case: str, option: str) -> dict:
+    model = _sharded_model()
     cls, kwargs = CASES[case]
     opt = cls(model.parameters(), **kwargs)
     tracker = ConditionTracker(opt, **TRACKER_OPTIONS[option])
     _train(model, opt)
     local_rows = [p.to_local().shape[0] if p.dim() else 1 for p in model.parameters()]
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump({"compute": tracker.compute(), "local_rows": local_rows}, f)
+    return {"compute": tracker.compute(), "local_rows": local_rows, "attached": tracker.attached}
+
+
+def _train_resumed(rank: int) -> dict:
+    """Adam on the sharded model, for each previous_stepsize option: an uninterrupted run, and one whose tracker is
+    replaced at step 6 by a new one that loads rank 0's ``state_dict()`` (what Lightning saves of a callback and
+    gives every rank back on resume); their compute() and the warnings of the load."""
+
+    def run(option: str, split: int | None) -> tuple[dict, list[str]]:
+        model = _sharded_model()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.9)
+        tracker = ConditionTracker(opt, **TRACKER_OPTIONS[option])
+        warned: list[str] = []
+        for t, (x, y) in enumerate(_batches()):
+            if t == split:
+                saved = [tracker.state_dict() if rank == 0 else None]
+                dist.broadcast_object_list(saved, src=0)
+                tracker.remove()
+                tracker = ConditionTracker(opt, **TRACKER_OPTIONS[option])
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    tracker.load_state_dict(saved[0])
+                warned = [str(w.message) for w in caught]
+            opt.zero_grad(set_to_none=True)
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+            sched.step()
+        return tracker.compute()["Adam/pg0"], warned
+
+    out = {}
+    for option in ("stored", "recomputed"):
+        full, _ = run(option, None)
+        resumed, warned = run(option, 6)
+        out[option] = {"full": full, "resumed": resumed, "warnings": warned}
+    return out
+
+
+def _combine_terms(rank: int) -> dict:
+    """sharding.combine across the two ranks: rank 0 holds coordinates, rank 1 none (neutral terms)."""
+    terms = torch.tensor([0.5, 2.0, 3.0, 0.25, 6.0], dtype=torch.float64)
+    group = dist.group.WORLD
+    out = {}
+    both = combine(terms if rank == 0 else terms * 2 + 1, 4 + rank, 3 + rank, group, torch.device("cpu"), torch.float64)
+    out["both"] = [both[0].tolist(), float(both[1]), float(both[2])]
+    one = combine(terms if rank == 0 else None, 4 if rank == 0 else 0, 3 if rank == 0 else 0, group, torch.device("cpu"), torch.float64)
+    out["empty_rank_1"] = [one[0].tolist(), float(one[1]), float(one[2])]
+    acc = torch.zeros(len(ACCUMULATOR_KEYS), dtype=torch.float64)
+    finite = add_step(acc, *one, weight=2.0)
+    out["row"], out["finite"] = acc.tolist(), bool(finite)
+    return out
+
+
+JOBS = {"train": _train_sharded, "resume": _train_resumed, "combine": _combine_terms}
 
 
 def _free_port() -> int:
@@ -103,8 +176,8 @@ def _free_port() -> int:
 @pytest.mark.parametrize("option", list(TRACKER_OPTIONS))
 @pytest.mark.parametrize("case", list(CASES))
 def test_fsdp2_sharded_run_matches_the_unsharded_run(tmp_path, case, option):
-    torch.multiprocessing.spawn(_worker, args=(2, _free_port(), str(tmp_path), case, option), nprocs=2, join=True)
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = _spawn(tmp_path, "train", case, option)
+    assert all(r["attached"] for r in ranks)
     # really sharded, unevenly, with an empty shard
     assert ranks[0]["local_rows"] != ranks[1]["local_rows"] and 0 in ranks[1]["local_rows"], ranks
 
@@ -120,7 +193,7 @@ def test_fsdp2_sharded_run_matches_the_unsharded_run(tmp_path, case, option):
         for key in KEYS:
             rel = 1e-4 if key in ("a", "b", "a_mean") else 1e-3
             assert values[key] == pytest.approx(expected[key], rel=rel, abs=1e-12), (r, key, values[key], expected[key])
-        assert values["c"] > 0 and math.isfinite(values["bias_ratio"])
+        assert values["c"] > 0 and math.isfinite(values["bias_ratio"]) and values["measured"] == 1.0
     assert ranks[0]["compute"] == ranks[1]["compute"]  # one combined number, the same on every rank
 
 
@@ -158,47 +231,59 @@ def test_model_parallel_strategy_is_monitored_and_matches_one_process(tmp_path):
             assert got == pytest.approx(expected[key], rel=rel, abs=1e-12), (group, key, got, expected[key])
 
 
-def test_resume_of_a_sharded_group_restarts_the_oscillation_chain():
+def test_resume_of_a_sharded_group_restarts_the_oscillation_chain(tmp_path):
     """A sharded group's checkpoint carries no η_{t−1} (it differs per rank; Lightning saves rank 0's callback
-    state): the resumed tracker adds no c at its first step, then counts as before; with
-    previous_stepsize="recomputed" nothing is lost. (Emulated on one process by marking the group sharded.)"""
-    import copy
+    state and gives it to every rank on resume): the resumed tracker adds no c at its first step, then counts as
+    before; with previous_stepsize="recomputed" nothing is lost. Two gloo ranks (uneven shards), the tracker
+    replaced after 6 of 12 steps by one that loads rank 0's state_dict()."""
+    ranks = _spawn(tmp_path, "resume")
+    for rank in ranks:
+        full, resumed = rank["stored"]["full"], rank["stored"]["resumed"]
+        assert resumed["steps"] == full["steps"] == STEPS and resumed["measured"] == 1.0
+        for key in ("a", "b", "a_mean"):
+            assert resumed[key] == pytest.approx(full[key], rel=1e-12), key
+        assert 0 < resumed["c"] < full["c"]  # one step's oscillation is missing
+    assert ranks[0]["stored"]["resumed"] == ranks[1]["stored"]["resumed"]
+    warned = {r: rank["recomputed"]["warnings"] for r, rank in enumerate(ranks)}  # per rank, for the message
+    for r, rank in enumerate(ranks):
+        full, resumed = rank["recomputed"]["full"], rank["recomputed"]["resumed"]
+        for key in ("steps", "c", "c2", "a", "b"):
+            assert resumed[key] == pytest.approx(full[key], rel=1e-12), (r, key, resumed[key], full[key], warned)
+    assert ranks[0]["recomputed"]["resumed"] == ranks[1]["recomputed"]["resumed"]
 
-    def run(option, split=None):
-        torch.manual_seed(0)
-        x = nn.Parameter(torch.randn(20))
-        opt = torch.optim.Adam([x], lr=1e-2)
-        tracker = ConditionTracker(opt, **TRACKER_OPTIONS[option])
-        gen = torch.Generator().manual_seed(1)
-        for t in range(STEPS):
-            if t == split:
-                tracker._groups[0].sharded = True
-                saved = tracker.state_dict()
-                tracker.remove()
-                tracker = ConditionTracker(opt, **TRACKER_OPTIONS[option])
-                tracker.load_state_dict(copy.deepcopy(saved))
-            x.grad = torch.randn(20, generator=gen)
-            opt.step()
-        return tracker.compute()["Adam/pg0"]
 
-    full, resumed = run("stored"), run("stored", split=6)
-    assert resumed["steps"] == full["steps"] and resumed["a"] == pytest.approx(full["a"], rel=1e-12)
-    assert 0 < resumed["c"] < full["c"]  # one step's oscillation is missing
-    assert run("recomputed", split=6)["c"] == pytest.approx(run("recomputed")["c"], rel=1e-12)
+def test_combine_reduces_over_the_ranks_and_an_empty_shard_adds_neutral_terms(tmp_path):
+    """sharding.combine on two gloo ranks: min_eta is the minimum, b, c, c2, Ση and the counts are sums; a rank
+    with no coordinate (terms None) adds inf to the minimum and 0 to the sums, so both ranks get the other rank's
+    terms; row.add_step then adds the combined step (weighted) as for an unsharded group."""
+    r0, r1 = _spawn(tmp_path, "combine")
+    assert r0 == r1
+    terms = [0.5, 2.0, 3.0, 0.25, 6.0]
+    other = [2 * t + 1 for t in terms]
+    assert r0["both"] == [[min(terms[0], other[0])] + [a + b for a, b in zip(terms[1:], other[1:])], 4.0 + 5.0, 3.0 + 4.0]
+    assert r0["empty_rank_1"] == [terms, 4.0, 3.0]
+    # k · [1, min_eta, b, c, c2, eta_sum / n, c / n', 0] with k = 2
+    assert r0["row"] == [2.0, 1.0, 4.0, 6.0, 0.5, 2 * 6.0 / 4, 2 * 3.0 / 3, 0.0] and r0["finite"]
 
 
 def test_sharded_reduction_masks_a_step_a_grad_scaler_skipped():
     """A fused step that a GradScaler skipped (device ``found_inf`` > 0) adds nothing and is not counted as
-    non-finite, as on the unsharded path (one process: the reduction itself is the identity here)."""
-    opt = torch.optim.Adam([nn.Parameter(torch.zeros(3))], lr=1e-2)
-    tracker = ConditionTracker(opt)
-    tracker._groups.append(_GroupState())
-    state = tracker._groups[0]
-    state.accumulators = torch.zeros(len(ACCUMULATOR_KEYS), dtype=torch.float64)
-    terms = torch.tensor([1.0, 0.5, 2.0, 0.25, 0.125, 0.5, 0.1], dtype=torch.float64)
+    non-finite, as on the unsharded path (one process: the reduction over no process group is the identity)."""
+    acc = torch.zeros(len(ACCUMULATOR_KEYS), dtype=torch.float64)
+    terms = torch.tensor([1.0, 2.0, 0.25, 0.125, 1.5], dtype=torch.float64)
+    combined = combine(terms, 3, 3, None, torch.device("cpu"), torch.float64)
+    assert combined[0].tolist() == terms.tolist() and float(combined[1]) == float(combined[2]) == 3.0
     for skipped, expected_steps in ((1.0, 0.0), (0.0, 1.0)):
-        combined = tracker._combine_shards(terms, 3, 3, None, torch.device("cpu"))
-        tracker._accumulate(state, combined, torch.tensor([skipped]))
-        values = dict(zip(("steps", "a", "b", "c"), state.accumulators.tolist()))
+        finite = add_step(acc, *combined, weight=1.0, skipped=torch.tensor([skipped]))
+        assert bool(finite)  # a skipped step is not a non-finite one (the trend detector must not read NaN)
+        values = dict(zip(ACCUMULATOR_KEYS, acc.tolist()))
         assert values["steps"] == expected_steps and values["b"] == 2.0 * expected_steps
-        assert state.accumulators[-1].item() == 0.0  # never counted as a non-finite step
+        assert values["nonfinite_steps"] == 0.0  # never counted as a non-finite step
+    # a skipped step with non-finite terms adds nothing either
+    finite = add_step(acc, torch.full((5,), math.nan, dtype=torch.float64), 3, 3, skipped=torch.tensor([1.0]))
+    assert bool(finite) and dict(zip(ACCUMULATOR_KEYS, acc.tolist()))["steps"] == 1.0
+    # and an unskipped non-finite step is counted under nonfinite_steps only
+    finite = add_step(acc, torch.full((5,), math.inf, dtype=torch.float64), 3, 3, skipped=torch.tensor([0.0]))
+    assert not bool(finite)
+    values = dict(zip(ACCUMULATOR_KEYS, acc.tolist()))
+    assert values["steps"] == 1.0 and values["nonfinite_steps"] == 1.0 and values["b"] == 2.0

@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from host_reads import NO_SAMPLES, LeakyAdam, ReadCounter, detector_samples
+from host_reads import NO_SAMPLES, ReadCounter, detector_samples, leaky_adam
 from lightning_adamtype import ConditionTracker, TrendOptions
 
 OPTIMIZERS = [
@@ -79,8 +79,9 @@ def test_no_host_reads_in_optimizer_step_on_non_sample_steps(monkeypatch, name, 
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_host_read_guard_catches_a_float_in_a_hook(monkeypatch, kernel):
     """The guard is not vacuous: an adapter that reads ``float(exp_avg_sq.sum())`` once per group and step
-    (tests/host_reads.LeakyAdam) makes it fail, with exactly those reads."""
-    bad, tracker = _host_reads_on_non_sample_steps(monkeypatch, LeakyAdam, dict(lr=1e-2, foreach=True), kernel=kernel)
+    (tests/host_reads.leaky_adam) makes it fail, with exactly those reads."""
+    with leaky_adam() as cls:
+        bad, tracker = _host_reads_on_non_sample_steps(monkeypatch, cls, dict(lr=1e-2, foreach=True), kernel=kernel)
     assert bad and {name for name, *_ in bad} == {"__float__"}
     assert len(bad) == 2 * 49  # two groups, steps 2..50
     assert all(v["measured"] == 1.0 for v in tracker.compute().values())  # a read, not an error

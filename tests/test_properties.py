@@ -213,11 +213,11 @@ class EtaRecorder:
         self.max: dict[int, float] = {}
         self.kappa_max: dict[int, float] = {}
         self.b_slack: dict[int, float] = {}
-        self._before: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.snapshot: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def before_step(self) -> None:
         """Keep x_t and ∇ (float64) of every parameter with a gradient."""
-        self._before = {
+        self.snapshot = {
             id(p): (f64(p), f64(p.grad)) for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None
         }
 
@@ -226,7 +226,7 @@ class EtaRecorder:
         gi = next(i for i, g in enumerate(self.optimizer.param_groups) if g is group)
         wd = self.wd_fn(group)
         if wd != 0.0:
-            x, grad = self._before[id(p)]
+            x, grad = self.snapshot[id(p)]
             g = (-grad if group.get("maximize", False) else grad) + wd * x
             delta = 2.0 * UNIT_ROUNDOFF[p.dtype] * (grad.abs() + wd * x.abs())
             slack = (eta * eta * (2.0 * g.abs() * delta + delta * delta)).sum().item()
