@@ -20,7 +20,6 @@ from torch import nn
 import lightning_adamtype
 from lightning_adamtype import ConditionTracker
 from lightning_adamtype.adapters import AdamAdapter
-from lightning_adamtype.optim import AdaFom
 
 try:  # tests/ as a package or as plain sibling modules
     from .reference import Reference, f64, radam_rectified
@@ -28,7 +27,7 @@ except ImportError:
     from reference import Reference, f64, radam_rectified
 
 from runs import (  # noqa: E402
-    CONFIG_IDS, CONFIGS, NONE_STEPS, RTOL, STEPS, A, AW, Net, assert_matches, assert_same, make_run, train,
+    CONFIG_IDS, CONFIGS, STEPS, A, AW, assert_matches, assert_same, make_run, train,
 )
 
 # ---------------------------------------------------------------------------------------------- the main comparison

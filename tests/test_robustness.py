@@ -97,7 +97,8 @@ def test_nonfinite_step_is_left_out_counted_and_warned_once():
     clean, dirty = _model(torch.float32), _model(torch.float32)
     opt_c = torch.optim.SGD(clean.parameters(), lr=0.1)
     opt_d = torch.optim.SGD(dirty.parameters(), lr=0.1)
-    tr_c, tr_d = ConditionTracker(opt_c), ConditionTracker(opt_d)
+    ConditionTracker(opt_c)  # the clean twin is tracked too (its hooks keep it)
+    tr_d = ConditionTracker(opt_d)
     for step in range(6):
         _grads(clean, step)
         opt_c.step()
