@@ -14,6 +14,7 @@ mapped like ``Adam``. Third parties add theirs with :func:`register_adapter`.
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Callable, Protocol, Sequence
 
@@ -523,11 +524,29 @@ def unregister_adapter(optimizer_cls: type) -> OptimizerAdapter | None:
 
 
 def find_adapter(optimizer: torch.optim.Optimizer) -> OptimizerAdapter | None:
-    """The adapter registered for the optimizer's class or its nearest registered base class, else None."""
-    for cls in type(optimizer).__mro__:
+    """The adapter registered for the optimizer's class or for its nearest registered base class when no class in
+    between overrides ``step`` (a subclass that changes the update is not its parent's algorithm), else None."""
+    return adapter_lookup(optimizer)[0]
+
+
+def adapter_lookup(optimizer: torch.optim.Optimizer) -> tuple[OptimizerAdapter | None, str]:
+    """(:func:`find_adapter`'s answer, why there is none: '' when there is one)."""
+    mro = type(optimizer).__mro__
+    for depth, cls in enumerate(mro):
         if cls in _REGISTRY:
-            return _REGISTRY[cls]
-    return None
+            # (torch wraps a class's step in place for its profiler hooks: compare the functions underneath)
+            base_step = inspect.unwrap(getattr(cls, "step"))
+            overriding = [
+                c.__qualname__ for c in mro[:depth] if "step" in vars(c) and inspect.unwrap(vars(c)["step"]) is not base_step
+            ]
+            if overriding:
+                return None, (
+                    f"it subclasses {cls.__qualname__} but {overriding[0]} overrides step(), so its update may not be "
+                    f"{cls.__qualname__}'s; if it is, say so with register_adapter({type(optimizer).__qualname__}, "
+                    f"lightning_adamtype.find_adapter({cls.__qualname__}(...)))"
+                )
+            return _REGISTRY[cls], ""
+    return None, "no adapter is registered for it or a base class"
 
 
 def registered_adapters() -> dict[type, OptimizerAdapter]:

@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
 from . import backends, sharding
-from .adapters import OptimizerAdapter, find_adapter
+from .adapters import adapter_lookup
 from .checkpoint import load_tracker_state, tracker_state
 from .options import TrackerOptions
 from .row import ACCUMULATOR_KEYS, add_step, new_accumulators
@@ -123,7 +123,7 @@ class ConditionTracker:
         self.optimizer = optimizer
         self.name = name or type(optimizer).__name__
         self.parameter_names = dict(parameter_names or {})
-        self.adapter: OptimizerAdapter | None = find_adapter(optimizer)
+        self.adapter, why_not = adapter_lookup(optimizer)
         self.observations = 0  # optimizer steps seen (host counter)
         #: group name → the optimizer step (this tracker's count) from which the group ran AMSGrad (-1: could not).
         self.switched: dict[str, int] = {}
@@ -143,7 +143,7 @@ class ConditionTracker:
         if self.adapter is None:
             warnings.warn(
                 f"lightning_adamtype: no adapter for optimizer class {type(optimizer).__qualname__!r} "
-                f"({type(optimizer).__module__}); it is not monitored and trains untouched. Map it onto the paper's "
+                f"({type(optimizer).__module__}): {why_not}; it is not monitored and trains untouched. Map it onto the paper's "
                 "template with lightning_adamtype.register_adapter(YourOptimizer, adapter) "
                 "(see lightning_adamtype.OptimizerAdapter).",
                 UserWarning,

@@ -503,3 +503,33 @@ def test_closure_step_with_coupled_weight_decay(cls, kwargs, how):
         ref.after_step()
         sched.step()
     assert_matches(tracker, ref)
+
+
+class _TrustRatioAdam(torch.optim.Adam):
+    """A subclass that changes the update (a Lamb-style trust ratio): it is not Adam's algorithm."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = super().step(closure)
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.mul_(0.999)
+        return loss
+
+
+class _PlainAdam(torch.optim.Adam):
+    """A subclass that keeps Adam's update (only a new name)."""
+
+
+def test_a_subclass_that_overrides_step_is_not_measured_as_its_parent():
+    """Measured as Adam, a trust-ratio subclass would give a wrong `a` with no warning: it gets one warning naming the
+    class and register_adapter instead, and trains untouched; a subclass that keeps step() inherits Adam's adapter."""
+    p = nn.Parameter(torch.randn(3))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tracker = ConditionTracker(_TrustRatioAdam([p], lr=1e-2))
+    assert not tracker.attached
+    assert len(caught) == 1 and "_TrustRatioAdam overrides step()" in str(caught[0].message)
+    assert "register_adapter" in str(caught[0].message)
+    plain = ConditionTracker(_PlainAdam([nn.Parameter(torch.randn(3))], lr=1e-2))
+    assert plain.attached and plain.adapter is lightning_adamtype.find_adapter(torch.optim.Adam([p]))
