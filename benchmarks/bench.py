@@ -13,9 +13,10 @@ Measures, in ONE run, with alternating repetitions (bare, tracked, bare, tracked
 
 Usage::
 
-    python benchmarks/bench.py --out benchmarks/results.md                    # CPU, ~6 min on 2 cores
-    python benchmarks/bench.py --device cuda --out benchmarks/results-gpu.md  # GPU, ~5 min on an H100
-    python benchmarks/bench.py --quick                                        # smoke run, ~30 s
+    python benchmarks/bench.py --out benchmarks/results.md                    # CPU, all sections
+    python benchmarks/bench.py --device cuda --out benchmarks/results-gpu.md  # GPU
+    python benchmarks/bench.py --quick                                        # smoke run
+    python benchmarks/bench.py --only step --modes default foreach            # parts, modes (run times: README)
 """
 
 from __future__ import annotations
@@ -422,15 +423,33 @@ def _quiet():
 # ---------------------------------------------------------------------------------------------- 3. memory
 
 
-def bench_memory(name: str, numel: int, steps: int = 17, device: str = "cpu", **tracker_kwargs) -> tuple[int, int, str]:
-    """The most (bytes, tensors) the tracker holds between two steps, over ``steps`` steps (17: two full cycles
-    of ``observe_every=8``, which keeps η_{t−1} only between steps t − 1 and t), and the backend that ran."""
+def _storages(tensors) -> dict[tuple[int, int], int]:
+    """{(address, bytes): bytes} of the storages behind ``tensors`` (a storage shared by several views counts once)."""
+    out = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        out[(storage.data_ptr(), storage.nbytes())] = storage.nbytes()
+    return out
+
+
+def bench_memory(name: str, numel: int, steps: int = 17, device: str = "cpu", **tracker_kwargs) -> tuple[int, int, int, str]:
+    """The most (bytes of its own, bytes it references that the optimizer owns, tensors) the tracker holds between
+    two steps, over ``steps`` steps (17: two full cycles of ``observe_every=8``, which keeps η_{t−1} only between
+    steps t − 1 and t), and the backend that ran. "The optimizer's": storages of the parameters, their gradients and
+    the optimizer's state, which a tracker referencing them does not add (``tracker.held_bytes()`` counts them)."""
     opt = OPTIMIZERS[name](make_params(numel, device=device))
     tracker = ConditionTracker(opt, **tracker_kwargs)
-    most = (0, 0)
+    most = (0, 0, 0)
     for _ in range(steps):
         opt.step()
-        most = max(most, (tracker.held_bytes(), len(tracker.held_tensors())))
+        theirs = _storages(
+            [p for g in opt.param_groups for p in g["params"]]
+            + [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+            + [v for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
+        )
+        held = _storages(tracker.held_tensors())
+        own = sum(n for k, n in held.items() if k not in theirs)
+        most = max(most, (own, sum(held.values()) - own, len(tracker.held_tensors())))
     return (*most, ran(tracker))
 
 
@@ -642,21 +661,23 @@ def main(argv: list[str] | None = None) -> int:
         emit(f"### 3. Extra memory held by the tracker ({where})")
         emit()
         emit("Sum of storage bytes of every tensor the tracker keeps between steps (previous η, accumulators, "
-             "trend-detector buffers), the most over 17 steps. Target: ≤ 4 bytes/param."
+             "trend-detector buffers, launch tables), the most over 17 steps, leaving out the storages it only "
+             "references that the optimizer owns (parameters, gradients, optimizer state: their own column). "
+             "Target: ≤ 4 bytes/param."
              + (" Transient: by how much one tracked step raises the CUDA allocator's peak above the memory "
                 "allocated before it, minus the same for a bare step (working buffers of the tracker's kernels)."
                 if on_gpu else ""))
         emit()
-        emit("| optimizer | params | tracker mode | backend | tensors held | bytes held | bytes / param |"
-             + (" transient peak (bytes / param) |" if on_gpu else ""))
-        emit("|---|---|---|---|---|---|---|" + ("---|" if on_gpu else ""))
+        emit("| optimizer | params | tracker mode | backend | tensors held | bytes held | bytes / param | "
+             "referenced, the optimizer's (bytes / param) |" + (" transient peak (bytes / param) |" if on_gpu else ""))
+        emit("|---|---|---|---|---|---|---|---|" + ("---|" if on_gpu else ""))
         for numel in ((10_000_000, 100_000_000) if on_gpu else (1_000_000, 10_000_000)):
             for name in ("Adam (foreach)", "AdamW (foreach)", "Adagrad (foreach)"):
                 for mode, kwargs in modes.items():
-                    nbytes, ntensors, backend = bench_memory(name, numel, device=device, **kwargs)
+                    nbytes, theirs, ntensors, backend = bench_memory(name, numel, device=device, **kwargs)
                     peak = f" {bench_peak(name, numel, device, **kwargs) / numel:.3f} |" if on_gpu else ""
                     emit(f"| {name} | {fmt_n(numel)} | {mode} | {backend} | {ntensors} | {nbytes:,} | "
-                         f"**{nbytes / numel:.6f}** |{peak}")
+                         f"**{nbytes / numel:.6f}** | {theirs / numel:.6f} |{peak}")
         emit()
 
     if "syncs" in parts:

@@ -1,7 +1,8 @@
-"""A/B the tracker's per-step cost: the installed ``lightning_adamtype`` against a modified copy of the package.
+"""A/B the tracker's per-step cost: the installed ``lightning_adamtype`` against another copy of the package (a
+modified one, or another commit's), in one process.
 
-    mkdir -p /tmp/variant && git archive 59c6f8f lightning_adamtype | tar -x -C /tmp/variant
-    patch -d /tmp/variant -p1 < benchmarks/proposals.patch    # the patch is against commit 59c6f8f
+    mkdir -p /tmp/variant && git archive HEAD lightning_adamtype | tar -x -C /tmp/variant   # or another commit
+    # ... edit /tmp/variant/lightning_adamtype, or patch it ...
     python benchmarks/compare.py /tmp/variant/lightning_adamtype
 
 Three optimizers on identical parameters (bare, tracked by the installed package, tracked by the variant) are

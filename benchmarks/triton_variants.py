@@ -1,5 +1,7 @@
-"""Achieved bandwidth of the Triton group kernel (:mod:`lightning_adamtype.triton_kernels`) per mode and launch
-shape, against a plain device-to-device copy (the ceiling). CUDA only.
+"""Achieved bandwidth of the Triton group kernel (:mod:`lightning_adamtype.backends.triton`) per mode
+(:mod:`lightning_adamtype.backends.one_pass`: FIRST, STORED, CURRENT, RECOMPUTED) and launch shape (BLOCK, SUB,
+warps, stages: the module's constants, set here per variant), against a plain device-to-device copy (the ceiling).
+The kernel alone (``GroupLaunch.terms``, both launches), one group of ``--tensors`` tensors. CUDA only.
 
     python benchmarks/triton_variants.py --numel 100000000
 """
@@ -10,20 +12,28 @@ import argparse
 import sys
 
 import torch
-import triton.testing
 
-from lightning_adamtype import triton_kernels as tk
+from lightning_adamtype.backends import triton as tk
+from lightning_adamtype.backends.one_pass import CURRENT, FIRST, RECOMPUTED, STORED
 
-MODES = {"FIRST": (tk.FIRST, 12), "STORED": (tk.STORED, 16), "CURRENT": (tk.CURRENT, 8), "RECOMPUTED": (tk.RECOMPUTED, 8)}
+#: mode → (launch mode, bytes moved per coordinate: v and g read, η_{t−1} read, η_t written)
+MODES = {"FIRST": (FIRST, 12), "STORED": (STORED, 16), "CURRENT": (CURRENT, 8), "RECOMPUTED": (RECOMPUTED, 8)}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--numel", type=int, default=100_000_000)
     ap.add_argument("--tensors", type=int, default=10)
-    ap.add_argument("--variants", nargs="*", default=["16384,1024,4,3", "16384,1024,4,1", "16384,2048,8,1", "4096,4096,8,1", "16384,4096,8,1"],
-                    help="BLOCK,SUB,NUM_WARPS,NUM_STAGES")
+    current = f"{tk.BLOCK},{tk.SUB},{tk.NUM_WARPS},{tk.NUM_STAGES}"
+    ap.add_argument("--variants", nargs="*",
+                    default=[current, "16384,1024,4,3", "16384,1024,4,1", "16384,2048,8,1", "4096,4096,8,1", "16384,4096,8,1"],
+                    help=f"BLOCK,SUB,NUM_WARPS,NUM_STAGES (default: the module's {current} first, then the variants "
+                         "measured in the fourth session)")
     args = ap.parse_args(argv)
+    if not torch.cuda.is_available() or tk.triton is None:
+        ap.error("needs a CUDA device and Triton")
+    import triton.testing
+
     device = torch.device("cuda")
     n = args.numel // args.tensors
     vs = [torch.rand(n, device=device) * 1e-3 for _ in range(args.tensors)]
@@ -40,9 +50,9 @@ def main(argv: list[str] | None = None) -> int:
         eta = torch.rand(launch.eta_numel, device=device) * 1e-2
         cells = []
         for mode, bytes_per in MODES.values():
-            t = table if mode == tk.RECOMPUTED else table[:, :2].contiguous()
+            t = table if mode == RECOMPUTED else table[:, :2].contiguous()
             ms = triton.testing.do_bench(
-                lambda: launch.terms(vs, gs, eta if mode in (tk.FIRST, tk.STORED) else None, t, mode, 1 / 0.999, 1e-3),
+                lambda: launch.terms(vs, gs, eta if mode in (FIRST, STORED) else None, t, mode, 1 / 0.999, 1e-3),
                 return_mode="median",
             )
             cells.append(f"{ms:.3f} ({bytes_per * args.numel / ms / 1e9:.2f})")  # bytes per ms / 1e9 = TB/s

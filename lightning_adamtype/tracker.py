@@ -647,7 +647,9 @@ class ConditionTracker:
         from .readout import tensors_in
 
         return tensors_in([self._previous, self._scales, self._snapshots, [
-            (s.accumulators, s.cache, s.detectors, s.last_finite) for s in self._groups
+            # (the one-pass backends' "eligible" entry is the optimizer's own state tensors, not the tracker's)
+            (s.accumulators, {k: v for k, v in s.cache.items() if k != "eligible"}, s.detectors, s.last_finite)
+            for s in self._groups
         ]])
 
     def held_bytes(self) -> int:
