@@ -5,14 +5,15 @@ For one group step, with η_t from the adapter (fresh tensors in at least float3
     min_eta = min_j η_j      b = Σ_j (η_j g_j)²      eta_sum = Σ_j η_j
     c = Σ_j |η_j − η_{t−1,j}|      c2 = Σ_j (η_j − η_{t−1,j})²     (parameters with an η_{t−1})
 
-Accuracy: torch's float32 norms accumulate in float32, which is 0.3 % off at 40M coordinates. Every sum here is
-taken over pieces of at most :data:`PIECE` coordinates (norms of views, no copy) and the pieces are added in float64.
-On the CPU torch's norm kernel adds a piece's values one after another in a few float32 lanes, which is biased when
-the values have one magnitude (Adam's first steps: |η g| ≈ lr on every coordinate): 2.6e-4 relative for Σ|x| and
-8e-6 for Σx² at 40M even in pieces of 2^16. CPU sums therefore take |x| or x² of pieces of at most
-:data:`CPU_PIECE` coordinates (small tensors concatenated into one piece) and sum them with ``torch.sum`` (a cascade
-summation, about 1e-8 relative there), pieces added in float64: 1e-7 relative or better at any size, for any values. In recomputed mode η_{t−1} is rebuilt from the state,
-v_{t−1} = max((v_t − w·g_t²)/k, 0), η_{t−1} = s' / (sqrt(v_{t−1}) + e').
+Accuracy: torch's float32 norms accumulate in float32, which is 0.3 % off at 40M coordinates. On accelerators every
+sum here is taken over pieces of at most :data:`PIECE` coordinates (norms of views, no copy), the pieces added in
+float64. On the CPU torch's norm kernel adds a piece's values one after another in a few float32 lanes, which drifts
+when the values have one magnitude (Adam's first steps: |η g| ≈ lr on every coordinate): 2.6e-4 relative for Σ|x|
+and 8e-6 for Σx² at 40M even in pieces of 2^16. CPU sums therefore write |x| or x² of pieces of at most
+:data:`CPU_PIECE` coordinates (small tensors gathered into one piece) into one work buffer and sum it with
+``torch.sum`` (a cascade summation), the pieces added in float64: 1e-7 relative or better at any size, for any
+values. In recomputed mode η_{t−1} is rebuilt from the state, v_{t−1} = max((v_t − w·g_t²)/k, 0),
+η_{t−1} = s' / (sqrt(v_{t−1}) + e').
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ __all__ = ["CPU_PIECE", "PIECE", "ForeachBackend", "abs_sum", "square_sum"]
 
 #: coordinates per piece of a float32 norm on accelerators (measured at 40M: 1.7e-7 relative for Σ|x|, 2e-9 for Σx²)
 PIECE = 1 << 16
-#: coordinates per piece of a CPU sum: |x| or x² of a piece is made (4 MB in float32) and summed by ``torch.sum``
-CPU_PIECE = 1 << 20
+#: coordinates per piece of a CPU sum: |x| or x² of a piece is written into one work buffer (16 MB in float32) and
+#: summed by ``torch.sum`` (few, large operations: a small one costs an OpenMP fork and join on a busy machine)
+CPU_PIECE = 1 << 22
 
 
 def _pieces(tensors: Sequence[Tensor], piece: int = PIECE) -> list[Tensor]:
@@ -44,33 +46,43 @@ def _pieces(tensors: Sequence[Tensor], piece: int = PIECE) -> list[Tensor]:
     return out
 
 
+@torch.no_grad()  # (a measurement; the work buffer is written with out=)
 def _cpu_sum(tensors: Sequence[Tensor], square: bool, dtype: torch.dtype) -> Tensor:
     """Σ|x| (or Σx²) of CPU tensors: pieces of at most :data:`CPU_PIECE` coordinates (consecutive small tensors
-    concatenated into one), |x| (or x²) of each in at least float32 summed by ``torch.sum``, pieces added in ``dtype``."""
+    gathered into one), |x| (or x²) of each, in at least float32, written into one work buffer and summed by
+    ``torch.sum``; the pieces' sums added in ``dtype``."""
+    work_dtype = torch.float32
+    for t in tensors:
+        work_dtype = torch.promote_types(work_dtype, t.dtype)
+    pieces = _pieces(tensors, CPU_PIECE)
+    buffer = torch.empty(min(CPU_PIECE, sum(p.numel() for p in pieces)), dtype=work_dtype)
     sums: list[Tensor] = []
 
-    def flush(batch: list[Tensor]) -> None:
-        work_dtype = torch.float32
-        for t in batch:
-            work_dtype = torch.promote_types(work_dtype, t.dtype)
-        if len(batch) == 1:  # a view of the caller's tensor (or its conversion): a new tensor for |x| or x²
-            x = batch[0].to(work_dtype)
-            work = x.square() if square else x.abs()
-        else:  # a new tensor already
-            work = torch.cat([t.to(work_dtype) for t in batch])
-            work = work.square_() if square else work.abs_()
-        sums.append(work.sum(dtype=work_dtype))
+    def flush(batch: list[Tensor], size: int) -> None:
+        out = buffer[:size]
+        if len(batch) == 1 and batch[0].dtype == work_dtype:
+            torch.mul(batch[0], batch[0], out=out) if square else torch.abs(batch[0], out=out)
+        else:
+            if all(t.dtype == work_dtype for t in batch):
+                torch.cat(batch, out=out)
+            else:
+                offset = 0
+                for t in batch:
+                    out[offset : offset + t.numel()].copy_(t)
+                    offset += t.numel()
+            out.mul_(out) if square else out.abs_()
+        sums.append(out.sum(dtype=work_dtype))
 
     batch: list[Tensor] = []
     size = 0
-    for piece in _pieces(tensors, CPU_PIECE):
+    for piece in pieces:
         if batch and size + piece.numel() > CPU_PIECE:
-            flush(batch)
+            flush(batch, size)
             batch, size = [], 0
         batch.append(piece)
         size += piece.numel()
     if batch:
-        flush(batch)
+        flush(batch, size)
     return torch.stack(sums).to(dtype).sum()
 
 

@@ -17,6 +17,7 @@ those views copies nothing) and calls the launch.
 from __future__ import annotations
 
 import operator
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -103,12 +104,14 @@ class OnePassBackend:
         if with_previous not in (0, len(step.params)):
             return "only some of its parameters have an η_{t−1}"
         vs = step.form[0]
-        known = step.cache.get("eligible")  # the state tensors found eligible last time: checked once
-        if known is None or len(known) != len(vs) or not all(map(operator.is_, known, vs)):
+        # the state tensors found eligible last time (checked once), held weakly: the optimizer's state is not the
+        # tracker's to keep alive (nor to count in held_bytes), and a dead one never matches a new tensor
+        known = step.cache.get("eligible")
+        if known is None or len(known) != len(vs) or not all(map(operator.is_, [r() for r in known], vs)):
             why = self._ineligible([*vs, *step.grads])
             if why is not None:
                 return why
-            step.cache["eligible"] = list(vs)
+            step.cache["eligible"] = list(map(weakref.ref, vs))
         elif set(map(_dtype, step.grads)) != {torch.float32} or not all(map(Tensor.is_contiguous, step.grads)):
             return self._ineligible(step.grads)  # (a gradient's device is its parameter's: torch enforces it)
         return None
