@@ -22,6 +22,7 @@ from torch.utils.hooks import RemovableHandle
 
 from . import backends, sharding
 from .adapters import adapter_lookup
+from .backends.one_pass import PARTIAL
 from .checkpoint import load_tracker_state, tracker_state
 from .options import TrackerOptions
 from .row import ACCUMULATOR_KEYS, add_step, new_accumulators
@@ -508,7 +509,7 @@ class ConditionTracker:
             backend = backends.backend(name)
             why = backend.unavailable(step.device) or backend.decline(step)
             if why is not None:
-                if name == self.kernel:
+                if name == self.kernel and why != PARTIAL:
                     self._warn_once(f"{name}-declined-{why}", f"kernel={name!r} does not run for a group: {why}; the foreach backend runs it")
                 continue
             if name == "foreach":

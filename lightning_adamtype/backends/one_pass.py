@@ -29,6 +29,10 @@ from . import GroupStep, StepResult
 
 __all__ = ["CURRENT", "FIRST", "RECOMPUTED", "STORED", "FlatEtaLayout", "OnePassBackend", "addresses"]
 
+#: the decline of a step whose parameters do not all have an η_{t−1} (a parameter without a gradient at the previous
+#: step): normal and transient, so the tracker does not warn about it
+PARTIAL = "only some of its parameters have an η_{t−1}"
+
 #: the launch modes (the C source in :mod:`.native_build` repeats them)
 FIRST, STORED, CURRENT, RECOMPUTED = 0, 1, 2, 3
 
@@ -102,7 +106,7 @@ class OnePassBackend:
             return "a fused step that a GradScaler may skip is applied on the device by the foreach backend"
         with_previous = step.with_previous
         if with_previous not in (0, len(step.params)):
-            return "only some of its parameters have an η_{t−1}"
+            return PARTIAL
         vs = step.form[0]
         # the state tensors found eligible last time (checked once), held weakly: the optimizer's state is not the
         # tracker's to keep alive (nor to count in held_bytes), and a dead one never matches a new tensor
