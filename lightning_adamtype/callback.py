@@ -86,7 +86,7 @@ class AdamTypeMonitor(*_callback_bases()):  # type: ignore[misc]
         kernel, previous_stepsize: how each tracker computes (see :class:`ConditionTracker`): ``kernel="auto"``
             (default) takes two Triton launches per group on a CUDA device, one call of a C loop per group on the
             CPU (compiled on first use when a C compiler works), and multi-tensor operations otherwise;
-            ``kernel="foreach"`` / ``"compiled"`` force the torch paths; ``previous_stepsize="recomputed"`` keeps
+            ``kernel="foreach"`` forces the reference multi-tensor backend; ``previous_stepsize="recomputed"`` keeps
             no per-coordinate η_{t−1} (Adam/AdamW/Adagrad/RMSprop).
         observe_every: observe only the step pairs (t − 1, t) with t divisible by k and weigh them by k (see
             :class:`ConditionTracker`); 1 (default) observes every step.
