@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from . import sharding
+from .group_state import GroupState
 from .row import ACCUMULATOR_KEYS, accumulator_dtype
 from .trend import TrendDetector
 
@@ -70,8 +71,6 @@ def _version1_parameters(saved: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def load_tracker_state(tracker: Any, state_dict: dict[str, Any]) -> None:
     """Restore :func:`tracker_state`'s output into ``tracker`` (its optimizer's groups, by position)."""
-    from .tracker import GroupState
-
     tracker.observations = int(state_dict.get("observations", 0))
     tracker.switched = {str(k): int(v) for k, v in state_dict.get("switched", {}).items()}
     tracker._params.clear()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import operator
 import warnings
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -24,6 +23,7 @@ from . import backends, sharding
 from .adapters import adapter_lookup
 from .backends.one_pass import PARTIAL
 from .checkpoint import load_tracker_state, tracker_state
+from .group_state import GroupState
 from .options import TrackerOptions
 from .row import ACCUMULATOR_KEYS, add_step, new_accumulators
 from .switch import agreed_violation, reason as switch_reason, switch_to_amsgrad
@@ -49,22 +49,6 @@ def group_names(optimizer: torch.optim.Optimizer, prefix: str | None = None) -> 
         name = group.get("name")
         names.append(f"{prefix}/{name}" if isinstance(name, str) and name else f"{prefix}/pg{i}")
     return names
-
-
-@dataclass
-class GroupState:
-    """What the tracker keeps for one parameter group (the group's dict is its identity)."""
-
-    group: dict[str, Any] | None = None
-    accumulators: Tensor | None = None
-    count: int = 0  # observations of this group (host clock of the trend detectors)
-    last_finite: Tensor | None = None  # device bool: was the latest step finite (else the detectors see NaN)
-    detectors: dict[str, TrendDetector] = field(default_factory=dict)
-    cache: dict[str, Any] = field(default_factory=dict)  # the backends' launch plans and η buffer
-    backend: str = ""  # the backend of the latest step
-    disabled: str = ""  # why this group is no longer measured ('' while it is)
-    kept: tuple | None = None  # (observation, recomputed, parameters, shapes, what they kept): the fast path
-    sharded: bool = False
 
 
 class ConditionTracker:

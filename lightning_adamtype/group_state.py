@@ -1,0 +1,28 @@
+"""What a tracker keeps for one parameter group (:class:`GroupState`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+from .trend import TrendDetector
+
+__all__ = ["GroupState"]
+
+
+@dataclass
+class GroupState:
+    """What the tracker keeps for one parameter group (the group's dict is its identity)."""
+
+    group: dict[str, Any] | None = None
+    accumulators: Tensor | None = None
+    count: int = 0  # observations of this group (host clock of the trend detectors)
+    last_finite: Tensor | None = None  # device bool: was the latest step finite (else the detectors see NaN)
+    detectors: dict[str, TrendDetector] = field(default_factory=dict)
+    cache: dict[str, Any] = field(default_factory=dict)  # the backends' launch plans and η buffer
+    backend: str = ""  # the backend of the latest step
+    disabled: str = ""  # why this group is no longer measured ('' while it is)
+    kept: tuple | None = None  # (observation, recomputed, parameters, shapes, what they kept): the fast path
+    sharded: bool = False
