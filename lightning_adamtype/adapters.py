@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import operator
 from typing import Any, Callable, Protocol, Sequence
 
 import torch
@@ -95,6 +96,23 @@ def step_value(state: dict[str, Any]) -> Scalar:
             return max(float(step), 1.0)
         return (step.to(torch.float32) if not step.is_floating_point() else step).clamp_min(1.0)
     return max(float(step), 1.0)
+
+
+_step_of = operator.itemgetter("step")
+_is_cpu = operator.attrgetter("is_cpu")
+
+
+def host_steps(states: Sequence[dict[str, Any]]) -> list[float] | None:
+    """The step counts t (clamped to ≥ 1, as :func:`step_value`) of states whose counters are numbers or CPU tensors,
+    read in C-level passes; None when some counter lives on an accelerator (reading it would synchronise)."""
+    steps = list(map(_step_of, states))
+    kinds = set(map(type, steps))
+    if kinds <= {float, int} or (kinds == {Tensor} and all(map(_is_cpu, steps))):
+        values = list(map(float, steps))
+        if values and min(values) < 1.0:
+            values = [max(v, 1.0) for v in values]
+        return values
+    return None
 
 
 def _lr(group: dict[str, Any]) -> Scalar:
@@ -232,6 +250,13 @@ class AdamAdapter:
         if steps is not None:  # fused / capturable: all parameters at once, on the device
             root = (1 - torch.pow(beta2, steps)).sqrt()
             return [s[key] for s in states], ScalarTable(torch.stack([lr * root / (1 - torch.pow(beta1, steps)), eps * root], 1))
+        values = host_steps(states)
+        if values is not None and isinstance(lr, float):  # the common case: one computation per distinct t
+            pairs: dict[float, tuple[Scalar, Scalar]] = {}
+            for step in set(values):
+                host_root = math.sqrt(1 - beta2**step)
+                pairs[step] = (lr * host_root / (1 - beta1**step), eps * host_root)
+            return list(map(operator.itemgetter(key), states)), list(map(pairs.__getitem__, values))
         scalars = []
         by_step: dict[float, tuple[Scalar, Scalar]] = {}  # host step counts: one computation per distinct t
         for s in states:
