@@ -24,5 +24,6 @@ class GroupState:
     cache: dict[str, Any] = field(default_factory=dict)  # the backends' launch plans and η buffer
     backend: str = ""  # the backend of the latest step
     disabled: str = ""  # why this group is no longer measured ('' while it is)
+    shapes: list = field(default_factory=list)  # the shapes of the parameters of the step being observed
     kept: tuple | None = None  # (observation, recomputed, parameters, shapes, what they kept): the fast path
     sharded: bool = False

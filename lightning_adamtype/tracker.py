@@ -462,7 +462,7 @@ class ConditionTracker:
         previous observation or the parameter's shape changed since. When the group's parameters, their shapes
         and the mode are those of the previous observation, that is what it kept (no per-parameter look-up)."""
         last = self.observations - 1
-        shapes = list(map(_shape, params))
+        shapes = state.shapes = list(map(_shape, params))
         kept = state.kept
         if kept is not None and kept[0] == last and kept[1] == recomputed and len(kept[2]) == len(keys) and all(
             map(operator.is_, kept[2], keys)
@@ -518,10 +518,10 @@ class ConditionTracker:
             self._scales.update(zip(ids, rows))
             for i in ids:
                 self._previous.pop(i, None)
-            state.kept = (self.observations, True, keys, list(map(_shape, params)), list(rows))
+            state.kept = (self.observations, True, keys, state.shapes, list(rows))
         elif result.etas is not None:
             self._previous.update(zip(ids, result.etas))
-            state.kept = (self.observations, False, keys, list(map(_shape, params)), list(result.etas))
+            state.kept = (self.observations, False, keys, state.shapes, list(result.etas))
         self._seen.update(dict.fromkeys(ids, self.observations))
         self._params.update(zip(ids, keys))
 

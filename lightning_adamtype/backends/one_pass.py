@@ -111,7 +111,7 @@ class OnePassBackend:
         # the state tensors found eligible last time (checked once), held weakly: the optimizer's state is not the
         # tracker's to keep alive (nor to count in held_bytes), and a dead one never matches a new tensor
         known = step.cache.get("eligible")
-        if known is None or len(known) != len(vs) or not all(map(operator.is_, [r() for r in known], vs)):
+        if known is None or len(known) != len(vs) or not all(map(operator.is_, map(weakref.ref.__call__, known), vs)):
             why = self._ineligible([*vs, *step.grads])
             if why is not None:
                 return why
@@ -169,12 +169,18 @@ class OnePassBackend:
     def _buffer(step: GroupStep, launch: Any, has_previous: bool) -> tuple[Tensor, list[Tensor]]:
         """The group's flat η buffer and its views: the kept one when the parameters' η_{t−1} are its views (no
         copy), else a new one with the η_{t−1} copied in."""
-        shapes = list(map(_shape, step.params))
         kept = step.cache.get("buffer")
+        shapes = None
         if kept is not None:
             buffer, views = kept
-            if list(map(_shape, views)) == shapes and (not has_previous or _same_objects(step.previous, views)):
-                return buffer, views
+            if has_previous:  # η_{t−1} has its parameter's shape (the tracker checks): the views are the layout
+                if _same_objects(step.previous, views):
+                    return buffer, views
+            else:
+                shapes = list(map(_shape, step.params))
+                if list(map(_shape, views)) == shapes:
+                    return buffer, views
+        shapes = shapes or list(map(_shape, step.params))
         buffer = torch.empty(launch.eta_numel, dtype=torch.float32, device=step.device)
         views = launch.eta_views(buffer, shapes)
         if has_previous:
