@@ -10,9 +10,10 @@ installed, so both ``pytorch_lightning.Trainer`` and ``lightning.pytorch.Trainer
 
 from __future__ import annotations
 
+import functools
 import importlib
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -28,6 +29,32 @@ TAG_PREFIX = "adamtype"
 #: views), DeepSpeed's partitioned state. ModelParallelStrategy (FSDP2: DTensor shards) is supported: the trackers
 #: combine the shards across ranks.
 _SHARDED_STRATEGIES = frozenset({"FSDPStrategy", "DeepSpeedStrategy"})
+
+
+def _fail_safe(default: Any = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A Lightning hook that never raises: an error gives one warning (per monitor) and ``default`` is returned;
+    training goes on without what the hook would have logged."""
+
+    def wrap(hook: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(hook)
+        def guarded(self: Any, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return hook(self, *args, **kwargs)
+            except Exception as error:
+                if not getattr(self, "_hook_failed", False):
+                    self._hook_failed = True
+                    warnings.warn(
+                        f"lightning_adamtype: AdamTypeMonitor.{hook.__name__} failed ({type(error).__name__}: {error}); "
+                        "training goes on, without what this hook logs. Please report it (the message and the "
+                        "optimizers' settings) to the lightning_adamtype issue tracker",
+                        UserWarning,
+                        stacklevel=2,
+                    )
+                return default() if callable(default) else default
+
+        return guarded
+
+    return wrap
 
 
 def _callback_bases() -> tuple[type, ...]:
@@ -142,6 +169,7 @@ class AdamTypeMonitor(*_callback_bases()):  # type: ignore[misc]
                 "or a single device, or remove AdamTypeMonitor from the callbacks."
             )
 
+    @_fail_safe()
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         """Attach a tracker to each optimizer (after the checkpoint, if any, has restored their state)."""
         self._detach()
@@ -184,12 +212,14 @@ class AdamTypeMonitor(*_callback_bases()):  # type: ignore[misc]
         except (TypeError, ValueError, AttributeError):
             self._last_logged_bucket, self._last_logged_step = 0, -1
 
+    @_fail_safe()
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         """Log the final values (if the last step was not logged already) and detach from the optimizers."""
         if trainer.global_step != self._last_logged_step:
             self._log(trainer)
         self._detach()
 
+    @_fail_safe()
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self._detach()
 
@@ -202,6 +232,7 @@ class AdamTypeMonitor(*_callback_bases()):  # type: ignore[misc]
     def _interval(self, trainer: Any) -> int:
         return self.log_every_n_steps or max(int(getattr(trainer, "log_every_n_steps", 50) or 50), 1)
 
+    @_fail_safe()
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         """Log when ``global_step`` crossed a multiple of the interval (one host transfer per log)."""
         self._report_switches(trainer)
@@ -269,6 +300,7 @@ class AdamTypeMonitor(*_callback_bases()):  # type: ignore[misc]
         return out
 
     # ------------------------------------------------------------------ checkpointing
+    @_fail_safe(default=dict)
     def state_dict(self) -> dict[str, Any]:
         if not self.trackers and self._pending_state is not None:
             return dict(self._pending_state)

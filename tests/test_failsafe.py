@@ -908,3 +908,29 @@ def test_tracker_cannot_be_copied_or_pickled():
     with pytest.raises(TypeError, match="cannot be pickled.*state_dict"):
         pickle.dumps(tracker)
     assert tracker.attached  # the failed copy left the tracker alone
+
+
+def test_a_callback_hook_that_fails_stays_inside(monkeypatch):
+    """An error while reading the numbers inside a Lightning hook (here compute(), patched to raise, read by the
+    logging in on_train_batch_end) gives one warning; fit completes and trains as without the monitor; a checkpoint
+    of the monitor is then an empty state, not an exception."""
+    with recorded() as plain_caught:
+        plain = LitNet()
+        _fit(plain, [])
+
+    def broken(self):
+        raise RuntimeError("cannot read")
+
+    monkeypatch.setattr(ConditionTracker, "compute", broken)
+    monkeypatch.setattr(ConditionTracker, "state_dict", broken)
+    with recorded() as caught:
+        tracked = LitNet()
+        monitor = AdamTypeMonitor(log_every_n_steps=1, progress_bar=True)
+        trainer = _fit(tracked, [monitor])
+        state = monitor.state_dict()
+    assert trainer.global_step == 5 and state == {}
+    assert package_warnings(plain_caught) == []
+    ours = package_warnings(caught)
+    assert len(ours) == 1 and "on_train_batch_end" in ours[0] and "cannot read" in ours[0], ours
+    for (na, pa), (nb, pb) in zip(_params(tracked), _params(plain)):
+        assert torch.equal(pa, pb), na
