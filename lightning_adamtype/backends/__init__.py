@@ -8,7 +8,7 @@ to a backend. A backend either **declines** the step (:meth:`Backend.decline` re
 (s, e) table) to keep as the next step's η_{t−1}.
 
 - ``"foreach"`` (:mod:`.foreach`): the reference, multi-tensor ``torch._foreach_*`` operations, for every
-  optimizer, dtype and device; sums accumulated in float64 over pieces of 2^16 coordinates.
+  optimizer, dtype and device; sums taken in pieces and added in float64 (see its docstring).
 - ``"native"`` (:mod:`.native`): one C call per group on the CPU for optimizers whose η = s / (sqrt(v) + e), float32.
 - ``"triton"`` (:mod:`.triton`): two Triton launches per group on a CUDA device, same optimizers.
 
