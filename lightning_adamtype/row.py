@@ -51,6 +51,19 @@ def row_of(terms: Tensor, n: Tensor | float, n_previous: Tensor | float) -> Tens
     return torch.cat([one, terms[0:4], terms[4:5] / n, c_mean.reshape(1), torch.zeros_like(one)])
 
 
+_NONFINITE: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+
+
+def _nonfinite_row(dtype: torch.dtype, device: torch.device) -> Tensor:
+    """[0, …, 0, 1]: what a non-finite step adds (made once per dtype and device, not at every step)."""
+    key = (dtype, device)
+    if key not in _NONFINITE:
+        row = torch.zeros(len(ACCUMULATOR_KEYS), dtype=dtype, device=device)
+        row[-1] = 1.0  # a fill kernel on accelerators, no host sync
+        _NONFINITE[key] = row
+    return _NONFINITE[key]
+
+
 def add_step(
     accumulators: Tensor,
     terms: Tensor,
@@ -65,9 +78,7 @@ def add_step(
     ``skipped``: a device bool/number flag (a GradScaler's ``found_inf``) whose step adds nothing at all."""
     row = row_of(terms.to(accumulators.dtype), n, n_previous)
     finite = torch.isfinite(row).all()
-    nonfinite_row = torch.zeros_like(row)
-    nonfinite_row[-1] = 1.0  # a CPU-side element write on a fresh tensor: a fill kernel on accelerators, no sync
-    row = torch.where(finite, row * weight, nonfinite_row)
+    row = torch.where(finite, row * weight, _nonfinite_row(row.dtype, row.device))
     if skipped is not None:
         skip = skipped.to(accumulators.device).reshape(()) > 0
         row = row.masked_fill(skip, 0.0)
