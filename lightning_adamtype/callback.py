@@ -117,6 +117,10 @@ class AdamTypeMonitor(*_callback_bases()):  # type: ignore[misc]
             no per-coordinate η_{t−1} (Adam/AdamW/Adagrad/RMSprop).
         observe_every: observe only the step pairs (t − 1, t) with t divisible by k and weigh them by k (see
             :class:`ConditionTracker`); 1 (default) observes every step.
+        coordinates: ``"active"`` (default) or ``"all"``: which coordinates a, b, c, c2 sum over (see
+            :class:`ConditionTracker`).
+        start_step: ignore the optimizer steps before this one, as if the monitor were attached there (a resumed
+            or fine-tuned run); 1 (default) observes from the first step.
 
     Example::
 
@@ -135,8 +139,12 @@ class AdamTypeMonitor(*_callback_bases()):  # type: ignore[misc]
         kernel: str = "auto",
         previous_stepsize: str = "stored",
         observe_every: int = 1,
+        coordinates: str = "active",
+        start_step: int = 1,
     ) -> None:
-        self.options = TrackerOptions(switch_to_amsgrad, trend, kernel, previous_stepsize, observe_every).validated(
+        self.options = TrackerOptions(
+            switch_to_amsgrad, trend, kernel, previous_stepsize, observe_every, coordinates, start_step
+        ).validated(
             "AdamTypeMonitor"
         )
         for option, value in (

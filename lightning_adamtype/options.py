@@ -9,7 +9,7 @@ from typing import Any
 
 from .trend import TrendOptions
 
-__all__ = ["KERNELS", "PREVIOUS_STEPSIZES", "TrackerOptions"]
+__all__ = ["COORDINATES", "KERNELS", "PREVIOUS_STEPSIZES", "TrackerOptions"]
 
 #: ``kernel=`` values and what each selects (the backends live in :mod:`lightning_adamtype.backends`)
 KERNELS = {
@@ -23,6 +23,13 @@ KERNELS = {
 PREVIOUS_STEPSIZES = {
     "stored": "default, 4 bytes per coordinate",
     "recomputed": "no per-coordinate memory; Adam/AdamW/Adagrad/RMSprop",
+}
+#: ``coordinates=`` values: which coordinates a, b, c, c2 sum over
+COORDINATES = {
+    "active": "default: coordinates from their first non-zero gradient on (v > 0), the step at which a coordinate "
+    "becomes active left out of c and c2 (the paper's assumption |g_1,j| > 0)",
+    "all": "every coordinate that stepped, as the paper's formulas are written (eps and never-trained coordinates "
+    "included)",
 }
 
 
@@ -43,6 +50,8 @@ class TrackerOptions:
     kernel: str = "auto"
     previous_stepsize: str = "stored"
     observe_every: int = 1
+    coordinates: str = "active"
+    start_step: int = 1
 
     def validated(self, owner: str) -> "TrackerOptions":
         """``self`` with ``trend`` filled in; ValueError naming the bad option and the fix otherwise."""
@@ -57,6 +66,13 @@ class TrackerOptions:
             raise ValueError(
                 f"{owner}(observe_every={k!r}): expected a positive int (1, the default, observes every step; "
                 "k > 1 observes the step pair (t − 1, t) for every t divisible by k and weighs it by k)"
+            )
+        _choice(owner, "coordinates", self.coordinates, COORDINATES)
+        s = self.start_step
+        if isinstance(s, bool) or not isinstance(s, int) or s < 1:
+            raise ValueError(
+                f"{owner}(start_step={s!r}): expected a positive int (1, the default, observes from the first "
+                "optimizer step; N > 1 ignores the first N − 1 steps, as if the tracker were attached at step N)"
             )
         return dataclasses.replace(self, trend=self.trend or TrendOptions())
 

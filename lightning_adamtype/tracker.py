@@ -76,6 +76,12 @@ class ConditionTracker:
             it from the state, v_{t−1} = (v_t − w·g_t²)/k (Adam/AdamW without AMSGrad, Adagrad, RMSprop not
             centered; others store it, with one warning).
         observe_every: k ≥ 1: observe only the step pairs (t − 1, t) with t divisible by k, each weighted by k.
+        coordinates: ``"active"`` (default): a, b, c, c2 sum over the coordinates the theory covers, those that
+            have had a non-zero gradient (v > 0), and c, c2 leave out the step at which a coordinate becomes
+            active; ``"all"``: every coordinate, the paper's formulas as written (see :data:`~lightning_adamtype.
+            options.COORDINATES`).
+        start_step: ignore the optimizer steps before this one (as if the tracker were attached there; 1 = from
+            the first step).
         parameter_names: ``{parameter: name}`` (e.g. from ``module.named_parameters()``): checkpoints then key
             η_{t−1} by name, so a resumed run with reordered parameters keeps it; else by position in the group.
 
@@ -95,9 +101,13 @@ class ConditionTracker:
         kernel: str = "auto",
         previous_stepsize: str = "stored",
         observe_every: int = 1,
+        coordinates: str = "active",
+        start_step: int = 1,
         parameter_names: dict[Tensor, str] | None = None,
     ) -> None:
-        self.options = TrackerOptions(switch_to_amsgrad, trend, kernel, previous_stepsize, observe_every).validated(
+        self.options = TrackerOptions(
+            switch_to_amsgrad, trend, kernel, previous_stepsize, observe_every, coordinates, start_step
+        ).validated(
             "ConditionTracker"
         )
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -201,6 +211,9 @@ class ConditionTracker:
     # ------------------------------------------------------------------ hooks
     def _phase(self, observation: int) -> str:
         """"record", "prepare" (take η_{t−1} only) or "skip" for an optimizer step, with ``observe_every``."""
+        observation -= self.options.start_step - 1  # steps before start_step are not observed at all
+        if observation < 1:
+            return "skip"
         k = self.observe_every
         if k == 1 or observation % k == 0:
             return "record"
