@@ -81,6 +81,10 @@ class OptimizerAdapter(Protocol):
     def coupled_weight_decay(self, group: dict[str, Any]) -> float:
         """The weight decay λ that the optimizer adds to the gradient (g = ∇ + λ·p), 0.0 if none or decoupled."""
 
+    # Optional: ``activity(group, states) -> list[Tensor]``: per parameter, a tensor whose entries are > 0 exactly
+    # where the coordinate has had a non-zero gradient (its second moment, say). Adapters with ``sqrt_form`` need
+    # none (v > 0 is used); without either, every coordinate counts as active.
+
 
 def step_value(state: dict[str, Any]) -> Scalar:
     """The optimizer step count t of one parameter's state, as a Python float when it lives on the CPU.
@@ -379,6 +383,10 @@ class RMSpropAdapter:
             return None
         return alpha, 1.0 - alpha
 
+    def activity(self, group: dict[str, Any], states: Sequence[dict[str, Any]]) -> list[Tensor]:
+        """``square_avg`` (> 0 exactly where a coordinate has had a non-zero gradient; also when centered)."""
+        return [s["square_avg"] for s in states]
+
     def coupled_weight_decay(self, group: dict[str, Any]) -> float:
         return float(group.get("weight_decay", 0.0))
 
@@ -439,6 +447,11 @@ class AdamaxAdapter:
         denominators = [t.clone() for t in _upcast([s["exp_inf"] for s in states])]
         return _scale_over_denominator([lr / (1 - beta1**t) for t in steps], denominators)
 
+    def activity(self, group: dict[str, Any], states: Sequence[dict[str, Any]]) -> list[Tensor]:
+        """u − eps (u = ``exp_inf`` = max(β2·u, |g| + eps) is eps exactly until a first non-zero gradient)."""
+        eps = float(group["eps"])
+        return [s["exp_inf"] - eps for s in states]
+
     def coupled_weight_decay(self, group: dict[str, Any]) -> float:
         return float(group.get("weight_decay", 0.0))
 
@@ -469,6 +482,10 @@ class NAdamAdapter:
             numerators.append(lr * ((1 - mu) / (1 - prod) + mu_next / (1 - prod * mu_next)))
         denominators = _sqrt_plus_eps([s["exp_avg_sq"] for s in states], group["eps"], [_sqrt(1 - beta2**t) for t in steps])
         return _scale_over_denominator(numerators, denominators)
+
+    def activity(self, group: dict[str, Any], states: Sequence[dict[str, Any]]) -> list[Tensor]:
+        """v = ``exp_avg_sq``: > 0 exactly where a coordinate has had a non-zero gradient."""
+        return [s["exp_avg_sq"] for s in states]
 
     def coupled_weight_decay(self, group: dict[str, Any]) -> float:
         if group.get("decoupled_weight_decay", False):
@@ -512,6 +529,10 @@ class RAdamAdapter:
                 eta = torch.where(rho_t > 5.0, adaptive, plain.to(adaptive.dtype).expand_as(adaptive))
             out.append(eta)
         return out
+
+    def activity(self, group: dict[str, Any], states: Sequence[dict[str, Any]]) -> list[Tensor]:
+        """v = ``exp_avg_sq``: > 0 exactly where a coordinate has had a non-zero gradient."""
+        return [s["exp_avg_sq"] for s in states]
 
     def coupled_weight_decay(self, group: dict[str, Any]) -> float:
         if group.get("decoupled_weight_decay", False):

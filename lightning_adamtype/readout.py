@@ -14,7 +14,8 @@ __all__ = ["read_groups", "tensors_in", "with_ratios"]
 
 
 def with_ratios(values: dict[str, float]) -> dict[str, float]:
-    """Add variance_ratio = b/a, bias_ratio = c/a and bias_ratio_mean = c_mean/a_mean (NaN while a = 0)."""
+    """Add variance_ratio = b/a, bias_ratio = c/a, bias_ratio_mean = c_mean/a_mean (NaN while a = 0) and
+    inactive_share = inactive / coordinates (of the latest step)."""
 
     def ratio(num: float, den: float) -> float:
         return num / den if den > 0 else math.nan
@@ -22,6 +23,8 @@ def with_ratios(values: dict[str, float]) -> dict[str, float]:
     values["variance_ratio"] = ratio(values["b"], values["a"])
     values["bias_ratio"] = ratio(values["c"], values["a"])
     values["bias_ratio_mean"] = ratio(values["c_mean"], values["a_mean"])
+    if "inactive" in values:
+        values["inactive_share"] = ratio(values["inactive"], values["coordinates"])
     return values
 
 

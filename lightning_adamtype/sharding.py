@@ -1,8 +1,8 @@
 """Sharded parameters (FSDP2's ``fully_shard``, Lightning's ``ModelParallelStrategy``): DTensor shards.
 
 Each rank measures its local shards; :func:`combine` then reduces one step's terms across the ranks of the sharded
-mesh dimension with two small all-reduces on the device (no host read): min_eta is the minimum, b, c, c2, eta_sum
-and the coordinate counts n, n' are sums. Every rank then holds the terms of the unsharded group.
+mesh dimension with two small all-reduces on the device (no host read): min_eta is the minimum, every other term (counts
+included) and the coordinate count n are sums. Every rank then holds the terms of the unsharded group.
 """
 
 from __future__ import annotations
@@ -48,18 +48,18 @@ def shard_group(param: Any) -> tuple[bool, Any]:
     return True, (param.device_mesh.get_group(mesh_dim=sharded[0]) if sharded else None)
 
 
-def combine(terms: Tensor | None, n: int, n_previous: int, group: Any, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    """(terms, n, n') summed (min for min_eta) over the ranks of ``group``; ``terms`` None: this rank holds no
-    coordinate of the group and adds neutral terms."""
-    counts = torch.tensor([float(n), float(n_previous)], dtype=dtype).to(device)
+def combine(terms: Tensor | None, n: int, group: Any, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(terms, n) summed (min for min_eta) over the ranks of ``group`` (:data:`lightning_adamtype.row.TERM_KEYS`:
+    every term but min_eta is a sum, counts included); ``terms`` None: this rank holds no coordinate of the group
+    and adds neutral terms."""
+    count = torch.tensor([float(n)], dtype=dtype).to(device)
     if terms is None:
         low = torch.full((1,), math.inf, dtype=dtype, device=device)
-        sums = torch.cat([torch.zeros(4, dtype=dtype, device=device), counts])
+        sums = torch.cat([torch.zeros(8, dtype=dtype, device=device), count])
     else:
         low = terms[0:1].to(dtype).clone()
-        sums = torch.cat([terms[1:5].to(dtype), counts])
+        sums = torch.cat([terms[1:].to(dtype), count])
     if group is not None:
         torch.distributed.all_reduce(sums, op=torch.distributed.ReduceOp.SUM, group=group)
         torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN, group=group)
-    b, c, c2, eta_sum, total, total_previous = sums.unbind()
-    return torch.stack([low[0], b, c, c2, eta_sum]), total, total_previous
+    return torch.cat([low, sums[:-1]]), sums[-1]

@@ -349,10 +349,12 @@ class ConditionTracker:
         if result.terms is None:  # the backend added the row itself
             state.last_finite = result.finite
         else:
-            terms, n, n_previous = result.terms, result.n, result.n_previous
+            terms, n = result.terms, result.n
             if shards is not None:
-                terms, n, n_previous = sharding.combine(terms, n, n_previous, shards[1], step.device, step.dtype)
-            state.last_finite = add_step(step.accumulators, terms, n, n_previous, step.weight, step.found_inf)
+                terms, n = sharding.combine(terms, n, shards[1], step.device, step.dtype)
+            state.last_finite = add_step(step.accumulators, terms, n, step.weight, step.found_inf)
+        if result.per_tensor is not None and shards is None:
+            state.tensors.add(keys, result.per_tensor, step.weight, state.last_finite)
         state.count += 1
         return True
 
@@ -401,8 +403,8 @@ class ConditionTracker:
             state.accumulators = new_accumulators(device)
         if not keys:  # a sharded group of which this rank holds nothing: it still joins the reduction
             if record and shards is not None:
-                terms, n, n_prev = sharding.combine(None, 0, 0, shards[1], device, state.accumulators.dtype)
-                state.last_finite = add_step(state.accumulators, terms, n, n_prev, float(self.observe_every))
+                terms, n = sharding.combine(None, 0, shards[1], device, state.accumulators.dtype)
+                state.last_finite = add_step(state.accumulators, terms, n, float(self.observe_every))
                 state.count += 1
             return None
         grads = self._consumed(group, keys, states, grads)
@@ -461,13 +463,16 @@ class ConditionTracker:
                 )
         previous, scales = self._previous_of(state, keys, params, update is not None)
         min_fn = getattr(adapter, "min_effective_stepsize", None)
+        activity_fn = getattr(adapter, "activity", None)
+        activity = form[0] if form is not None else activity_fn(group, states) if uniform is None and callable(activity_fn) else None
         return backends.GroupStep(
             group=group, params=params, states=states, grads=grads, form=form, uniform=uniform,
             effective_stepsizes=lambda: adapter.effective_stepsizes(group, states),
             min_stepsize=(lambda dtype: min_fn(group, states, dtype)) if callable(min_fn) else None,
             update=update, previous=previous, previous_scales=scales, found_inf=found_inf,
             accumulators=state.accumulators, weight=float(self.observe_every),
-            fuse=record and shards is None and found_inf is None, cache=state.cache,
+            fuse=record and shards is None and found_inf is None, cache=state.cache, activity=activity,
+            coordinates=self.options.coordinates,
         )
 
     def _previous_of(self, state: GroupState, keys: list[Tensor], params: list[Tensor], recomputed: bool) -> tuple[list[Any], list[Any]]:
@@ -582,7 +587,11 @@ class ConditionTracker:
         assert self.adapter is not None
         with_state = [p for p in group["params"] if self.optimizer.state.get(p)]
         if with_state:
-            etas = self.adapter.effective_stepsizes(group, [self.optimizer.state[p] for p in with_state])
+            states = [self.optimizer.state[p] for p in with_state]
+            etas = self.adapter.effective_stepsizes(group, states)
+            activity_fn = getattr(self.adapter, "activity", None)
+            if callable(activity_fn):  # kept as −η where inactive (lightning_adamtype.row)
+                etas = [torch.where(a > 0, e, -e) for a, e in zip(activity_fn(group, states), etas)]
             for p, eta in zip(with_state, etas):
                 self._previous[id(p)] = eta
                 self._params[id(p)] = p
@@ -611,10 +620,10 @@ class ConditionTracker:
                 if eta is None and id(p) in self._scales and self.adapter is not None and self.optimizer.state.get(p):
                     with torch.no_grad():
                         eta = self.adapter.effective_stepsizes(state.group or {}, [self.optimizer.state[p]])[0]
-                if isinstance(eta, Tensor) and eta.numel() > 1:
-                    pieces.append(sharding.local_view(eta).detach().reshape(-1).to("cpu", torch.float32))
+                if isinstance(eta, Tensor) and eta.numel() > 1:  # (kept as −η where inactive)
+                    pieces.append(sharding.local_view(eta).detach().reshape(-1).abs().to("cpu", torch.float32))
                 elif eta is not None:
-                    pieces.append(torch.full((sharding.local_view(p).numel(),), float(eta), dtype=torch.float32))
+                    pieces.append(torch.full((sharding.local_view(p).numel(),), abs(float(eta)), dtype=torch.float32))
             if pieces:
                 out[name] = torch.cat(pieces)
         return out

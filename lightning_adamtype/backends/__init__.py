@@ -54,6 +54,11 @@ class GroupStep:
     weight: float
     fuse: bool
     cache: dict[str, Any] = field(default_factory=dict)  # the group's, for the backend's launch plans
+    #: per parameter, a tensor > 0 exactly where the coordinate is active (has had a non-zero gradient; the
+    #: square-root form's v), or None: every coordinate is active
+    activity: list[Tensor] | None = None
+    #: "active" (sums over active coordinates and pairs active at t − 1) or "all" (:mod:`lightning_adamtype.row`)
+    coordinates: str = "active"
 
     @property
     def device(self) -> torch.device:
@@ -72,16 +77,19 @@ class GroupStep:
 
 @dataclass
 class StepResult:
-    """What a backend returns: ``terms`` (float64 [5], or None when it added the row itself, then ``finite`` is
-    its device flag), the counts n and n', and what to keep for the next step: ``etas`` (η_t per parameter) or,
-    in recomputed mode, ``scales`` (an [n, 2] (s, e) table)."""
+    """What a backend returns: ``terms`` (float64 [9], :data:`lightning_adamtype.row.TERM_KEYS`, or None when it
+    added the row itself, then ``finite`` is its device flag), n (the coordinates that stepped, a host int), what
+    to keep for the next step: ``etas`` (η_t per parameter, −η_t where inactive; a float for one-η optimizers) or,
+    in recomputed mode, ``scales`` (an [n, 2] (s, e) table), and ``per_tensor``: float64 [parameters, 4] with
+    each parameter's share of the step, (b_i, c_i, activations_i, inactive_i) over the same coordinates as the
+    terms (None when the backend does not give it)."""
 
     terms: Tensor | None
     n: Any
-    n_previous: Any
     etas: list[Any] | None = None
     scales: Tensor | None = None
     finite: Tensor | None = None
+    per_tensor: Tensor | None = None
 
 
 class Backend(Protocol):

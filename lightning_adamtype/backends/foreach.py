@@ -5,6 +5,9 @@ For one group step, with η_t from the adapter (fresh tensors in at least float3
     min_eta = min_j η_j      b = Σ_j (η_j g_j)²      eta_sum = Σ_j η_j
     c = Σ_j |η_j − η_{t−1,j}|      c2 = Σ_j (η_j − η_{t−1,j})²     (parameters with an η_{t−1})
 
+over the coordinates :mod:`lightning_adamtype.row` counts (``coordinates="active"``: active ones, pairs active at
+t − 1), with the counts, activations, inactive coordinates and each parameter's (b_i, c_i) (float32 norms).
+
 Accuracy: torch's float32 norms accumulate in float32, which is 0.3 % off at 40M coordinates. On accelerators every
 sum here is taken over pieces of at most :data:`PIECE` coordinates (norms of views, no copy), the pieces added in
 float64. On the CPU torch's norm kernel adds a piece's values one after another in a few float32 lanes, which drifts
@@ -26,7 +29,7 @@ from torch import Tensor
 from ..adapters import _from_sqrt_form, _min_from_sqrt_form, scalar_table, to_device
 from . import GroupStep, StepResult
 
-__all__ = ["CPU_PIECE", "PIECE", "ForeachBackend", "abs_sum", "square_sum"]
+__all__ = ["CPU_PIECE", "PIECE", "RECOMPUTED_ZERO", "ForeachBackend", "abs_sum", "square_sum"]
 
 #: coordinates per piece of a float32 norm on accelerators (measured at 40M: 1.7e-7 relative for Σ|x|, 2e-9 for Σx²)
 PIECE = 1 << 16
@@ -109,6 +112,21 @@ def _minimum(etas: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
     return torch.stack(torch._foreach_max(torch._foreach_neg(list(etas)))).max().neg().to(dtype)
 
 
+#: recomputed mode: a coordinate counts as inactive at t − 1 when its rebuilt v_{t−1} ≤ this × v_t (v_t − w·g_t² of a
+#: coordinate whose first gradient came at t is 0 up to a few roundings of v_t)
+RECOMPUTED_ZERO = 1e-6
+
+
+def _per_tensor_sum(tensors: Sequence[Tensor], p: int, dtype: torch.dtype) -> Tensor:
+    """Σ_j |x_ij| (p = 1) or Σ_j x_ij² (p = 2) of each tensor i (float32 norms: shares, not totals)."""
+    norms = torch.stack(torch._foreach_norm(list(tensors), p)).to(dtype)
+    return norms if p == 1 else norms.square()
+
+
+def _counts(masks: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
+    return torch.stack([m.sum(dtype=dtype) for m in masks])
+
+
 class ForeachBackend:
     """Multi-tensor operations; takes every step (the fallback of the one-pass backends)."""
 
@@ -123,35 +141,64 @@ class ForeachBackend:
     def run(self, step: GroupStep) -> StepResult:
         if step.uniform is not None:
             return self._uniform(step)
-        dtype = step.dtype
+        dtype, device = step.dtype, step.device
         if step.form is not None:
             etas = _from_sqrt_form(*step.form)
-            eta_min = _min_from_sqrt_form(*step.form, dtype)
+            eta_min = _min_from_sqrt_form(*step.form, dtype)  # (the largest v is active when any is: min over active)
         else:
             etas = list(step.effective_stepsizes())
-            found = step.min_stepsize(dtype) if step.min_stepsize is not None else None
-            eta_min = found if found is not None else _minimum(etas, dtype)
+            eta_min = step.min_stepsize(dtype) if step.min_stepsize is not None else None
         grads = [g if g.dtype == e.dtype else g.to(e.dtype) for g, e in zip(step.grads, etas)]
-        b = square_sum(torch._foreach_mul(etas, grads), dtype)
-        eta_sum = abs_sum(etas, dtype)
+        active = [a > 0 for a in step.activity] if step.activity is not None else None
+        counted = active if active is not None and step.coordinates == "active" else None
+        if counted is not None and step.form is None:
+            inf = torch.tensor(float("inf"), dtype=etas[0].dtype, device=device)
+            eta_min = _minimum([torch.where(m, e, inf) for m, e in zip(counted, etas)], dtype)
+        elif eta_min is None:
+            eta_min = _minimum(etas, dtype)
+        counted_etas = etas if counted is None else torch._foreach_mul(etas, counted)
+        products = torch._foreach_mul(counted_etas, grads)
+        b, eta_sum = square_sum(products, dtype), abs_sum(counted_etas, dtype)
+        sizes = [e.numel() for e in etas]
+        n = sum(sizes)
+        per_active = _counts(active, dtype).to(device) if active is not None else torch.tensor(sizes, dtype=dtype, device=device)
+        n_counted = per_active.sum() if counted is not None else torch.tensor(float(n), dtype=dtype, device=device)
         olds, scales = self._previous(step, etas, grads)
         index = [i for i, old in enumerate(olds) if old is not None]
-        zero = torch.zeros((), dtype=dtype, device=step.device)
-        c = c2 = zero
-        n_previous = 0
+        zero = torch.zeros((), dtype=dtype, device=device)
+        per_c = torch.zeros(len(etas), dtype=dtype, device=device)
+        per_activations = torch.zeros(len(etas), dtype=dtype, device=device)
+        c = c2 = n_pairs = activations = zero
         if index:
-            diffs = torch._foreach_sub([etas[i] for i in index], [olds[i] for i in index])
+            previous_active = [olds[i] > 0 for i in index]
+            diffs = torch._foreach_sub([etas[i] for i in index], torch._foreach_abs([olds[i] for i in index]))
+            if counted is not None:
+                pairs = [w & counted[i] for w, i in zip(previous_active, index)]
+                diffs = torch._foreach_mul(diffs, pairs)
+                n_pairs = _counts(pairs, dtype).sum()
+            else:
+                n_pairs = torch.tensor(float(sum(sizes[i] for i in index)), dtype=dtype, device=device)
             c, c2 = abs_sum(diffs, dtype), square_sum(diffs, dtype)
-            n_previous = sum(etas[i].numel() for i in index)
-        terms = torch.stack([eta_min.to(device=step.device), b.to(step.device), c, c2, eta_sum.to(step.device)])
-        n = sum(e.numel() for e in etas)
+            per_c[index] = _per_tensor_sum(diffs, 1, dtype)
+            if active is not None:
+                started = _counts([active[i] & ~w for w, i in zip(previous_active, index)], dtype)
+                per_activations[index] = started
+                activations = started.sum()
+        per_inactive = torch.tensor(sizes, dtype=dtype, device=device) - per_active
+        terms = torch.stack([
+            eta_min.to(device=device, dtype=dtype), b.to(device), c, c2, eta_sum.to(device), n_counted, n_pairs,
+            activations, per_inactive.sum(),
+        ])
+        per_tensor = torch.stack([_per_tensor_sum(products, 2, dtype), per_c, per_activations, per_inactive], dim=1)
+        signed = etas if active is None else [torch.where(m, e, -e) for m, e in zip(active, etas)]
         if step.update is not None:
-            return StepResult(terms, n, n_previous, scales=scales)
-        return StepResult(terms, n, n_previous, etas=self._kept(step, etas))
+            return StepResult(terms, n, scales=scales, per_tensor=per_tensor)
+        return StepResult(terms, n, etas=self._kept(step, signed), per_tensor=per_tensor)
 
     @staticmethod
     def _previous(step: GroupStep, etas: list[Tensor], grads: list[Tensor]) -> tuple[list[Any], Tensor | None]:
-        """η_{t−1} per parameter (None when absent), and in recomputed mode this step's (s, e) table."""
+        """η_{t−1} per parameter (None when absent; −η_{t−1} where the coordinate was inactive at t − 1), and in
+        recomputed mode this step's (s, e) table."""
         if step.update is None:
             return step.previous, None
         assert step.form is not None
@@ -164,8 +211,10 @@ class ForeachBackend:
                 olds.append(None)
                 continue
             work = v.to(e.dtype)
-            before = (work - weight * g * g).mul_(1.0 / keep).clamp_min_(0).sqrt_()
-            olds.append(sc[0].to(e.dtype) / (before + sc[1].to(e.dtype)))
+            before = (work - weight * g * g).mul_(1.0 / keep).clamp_min_(0)
+            was_active = before > RECOMPUTED_ZERO * work
+            old = sc[0].to(e.dtype) / (before.sqrt_() + sc[1].to(e.dtype))
+            olds.append(torch.where(was_active, old, -old))
         if step.found_inf is not None:  # a skipped step keeps the previous (s', e')
             skipped = step.found_inf.to(step.device).reshape(()) > 0
             olds_table = [sc if sc is not None else row for sc, row in zip(step.previous_scales, table.unbind(0))]
@@ -182,7 +231,7 @@ class ForeachBackend:
 
     @staticmethod
     def _uniform(step: GroupStep) -> StepResult:
-        """One η for every coordinate (SGD): nothing per coordinate is built or kept."""
+        """One η for every coordinate (SGD): nothing per coordinate is built or kept; every coordinate is active."""
         dtype, device = step.dtype, step.device
         eta = step.uniform
         eta_t = eta.to(device=device, dtype=dtype) if isinstance(eta, Tensor) else to_device(eta, dtype, device)
@@ -193,11 +242,18 @@ class ForeachBackend:
         zero = torch.zeros((), dtype=dtype, device=device)
         c = c2 = zero
         n_previous = sum(sizes[i] for i in index)
+        per_c = torch.zeros(len(sizes), dtype=dtype, device=device)
         if index:
             olds = torch.stack([torch.as_tensor(step.previous[i], dtype=dtype, device=device).reshape(()) for i in index])
             counts = to_device([float(sizes[i]) for i in index], dtype, device)
             diff = (eta_t - olds).abs()
             c, c2 = (diff * counts).sum(), (diff.square() * counts).sum()
+            per_c[index] = diff * counts
         n = sum(sizes)
-        terms = torch.stack([eta_t, eta_t.square() * grad_sq, c, c2, eta_t * n])
-        return StepResult(terms, n, n_previous, etas=[eta] * len(step.params))
+        terms = torch.stack([
+            eta_t, eta_t.square() * grad_sq, c, c2, eta_t * n, torch.full_like(zero, float(n)),
+            torch.full_like(zero, float(n_previous)), zero, zero,
+        ])
+        per_b = _per_tensor_sum(grads, 2, dtype).to(device) * eta_t.square()
+        per_tensor = torch.stack([per_b, per_c, torch.zeros_like(per_c), torch.zeros_like(per_c)], dim=1)
+        return StepResult(terms, n, etas=[eta] * len(step.params), per_tensor=per_tensor)
