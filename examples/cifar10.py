@@ -14,17 +14,24 @@ Model: a CIFAR ResNet (3×3 stem, no max-pool). ``resnet18`` = BasicBlocks [2, 2
 
 ``AdamTypeMonitor`` logs ``adamtype/<optimizer>/pg0/{a,b,c,c2,variance_ratio,bias_ratio,...}`` to the
 ``TensorBoardLogger``, writes the custom-scalars layout, histograms of the effective stepsizes η, and shows
-both ratios in the progress bar. Needs torchvision (``pip install "torchvision>=0.16"``; its wheels bring a
-CUDA build of torch, which also runs on a CPU).
+both ratios in the progress bar. The real data needs torchvision (``pip install "torchvision>=0.16"``; its wheels
+bring a CUDA build of torch, which also runs on a CPU); ``--synthetic`` and ``--help`` run without it.
+
+Lightning's own notices that say nothing about this example (the ``LeafSpec`` deprecation warning from its
+pytree helper, the "💡 Tip" adverts for litlogger / litmodels) are filtered out while it runs; see
+``quiet_lightning``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import math
 import os
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -46,6 +53,8 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 OPTIMIZERS = ("adam", "adamw", "amsgrad", "adagrad", "rmsprop", "sgd")
 DEFAULT_LR = {"adam": 1e-3, "adamw": 1e-3, "amsgrad": 1e-3, "adagrad": 1e-2, "rmsprop": 1e-3, "sgd": 0.1}
+LR_SCHEDULES = ("constant", "inv_sqrt", "cosine")  # inv_sqrt as in examples/divergence.py
+DEPRECATED_LR_SCHEDULES = {"invsqrt": "inv_sqrt"}  # the old spelling, still accepted
 
 
 # ---------------------------------------------------------------------------------------------------- model
@@ -140,12 +149,16 @@ class CifarModule(pl.LightningModule):
         self.log("val/acc", (logits.argmax(1) == y).float().mean(), prog_bar=True)
 
     def configure_optimizers(self) -> Any:
-        hp = self.hparams
+        hp: Any = self.hparams  # AttributeDict
         lr = hp.lr if hp.lr is not None else DEFAULT_LR[hp.optimizer]
         opt = make_optimizer(hp.optimizer, self.parameters(), lr, hp.weight_decay)
-        if hp.lr_schedule == "constant":
+        schedule = DEPRECATED_LR_SCHEDULES.get(hp.lr_schedule, hp.lr_schedule)
+        if schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule={hp.lr_schedule!r}: expected one of {', '.join(LR_SCHEDULES)}")
+        if schedule == "constant":
             return opt
-        if hp.lr_schedule == "invsqrt":  # α_t = α/√t, the schedule of the paper's guarantees
+        sched: torch.optim.lr_scheduler.LRScheduler
+        if schedule == "inv_sqrt":  # α_t = α/√t, the schedule of the paper's guarantees
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / math.sqrt(step + 1))
         else:  # cosine over the whole run
             total = max(int(self.trainer.estimated_stepping_batches), 1)
@@ -217,34 +230,77 @@ def _count_or_fraction(text: str) -> int | float:
         return value
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data-dir", default="data", help="where cifar-10-batches-py/ is (or is downloaded to)")
-    p.add_argument("--download", action=argparse.BooleanOptionalAction, default=True, help="download CIFAR-10 when missing")
-    p.add_argument("--synthetic", action="store_true", help="random class-dependent images instead of CIFAR-10 (offline)")
-    p.add_argument("--synthetic-size", type=int, default=5000, help="training images with --synthetic")
-    p.add_argument("--arch", choices=sorted(CifarResNet.ARCHS), default="resnet18")
-    p.add_argument("--width", type=float, default=1.0, help="channel-width multiplier")
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adam")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default: adam* 1e-3, adagrad 1e-2, rmsprop 1e-3, sgd 0.1)")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--lr-schedule", choices=("constant", "invsqrt", "cosine"), default="constant")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--max-epochs", type=int, default=30)
-    p.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps (-1: no limit)")
-    p.add_argument("--limit-batches", type=_count_or_fraction, default=None, help="limit train and val batches: a count (10) or a fraction (0.1)")
-    p.add_argument("--switch-to-amsgrad", action="store_true", help="switch Adam to AMSGrad when the bias condition trends toward violation")
-    p.add_argument("--log-every", type=int, default=10, help="log the conditions every this many steps")
-    p.add_argument("--eta-histogram-every", type=int, default=10, help="η histogram every this many logs (0: none)")
-    p.add_argument("--precision", default="32-true", help="Lightning precision, e.g. 32-true, 16-mixed, bf16-mixed")
-    p.add_argument("--accelerator", default="auto", help="auto (GPU when there is one), cpu, gpu, ...")
-    p.add_argument("--devices", default="auto")
-    p.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1))
-    p.add_argument("--logdir", default=os.path.join("runs", "cifar10"))
+def _lr_schedule(text: str) -> str:
+    """``--lr-schedule``: the old spelling ``invsqrt`` is read as ``inv_sqrt``, with a one-line notice."""
+    if text in DEPRECATED_LR_SCHEDULES:
+        new = DEPRECATED_LR_SCHEDULES[text]
+        print(f"examples/cifar10.py: --lr-schedule {text} is deprecated, use --lr-schedule {new}", file=sys.stderr)
+        return new
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line. Every option's help states its default once, written here (not by the formatter)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-dir", default="data", help="where cifar-10-batches-py/ is, or is downloaded to (default: data)")
+    # Two plain flags, not BooleanOptionalAction: on Python < 3.12 that appends its own "(default: …)" to the help.
+    p.add_argument("--download", dest="download", action="store_true", default=True,
+                   help="download CIFAR-10 when it is missing (default: on)")
+    p.add_argument("--no-download", dest="download", action="store_false",
+                   help="stop with a message saying where it looked when CIFAR-10 is missing (default: off)")
+    p.add_argument(
+        "--synthetic", action="store_true",
+        help="random class-dependent images instead of CIFAR-10: offline, no torchvision needed (default: off)",
+    )
+    p.add_argument("--synthetic-size", type=int, default=5000, help="training images with --synthetic (default: 5000)")
+    p.add_argument("--arch", choices=sorted(CifarResNet.ARCHS), default="resnet18", help="network (default: resnet18)")
+    p.add_argument("--width", type=float, default=1.0, help="channel-width multiplier (default: 1.0)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adam", help="optimizer (default: adam)")
+    p.add_argument(
+        "--lr", type=float, default=None,
+        help="learning rate (default: 1e-3 for adam, adamw, amsgrad and rmsprop, 1e-2 for adagrad, 0.1 for sgd)",
+    )
+    p.add_argument("--weight-decay", type=float, default=0.0, help="weight decay (default: 0.0)")
+    p.add_argument(
+        "--lr-schedule", type=_lr_schedule, choices=LR_SCHEDULES, default="constant",
+        help="constant; inv_sqrt: lr/sqrt(t); cosine: cosine annealing over the run (default: constant)",
+    )
+    p.add_argument("--batch-size", type=int, default=128, help="batch size (default: 128)")
+    p.add_argument("--max-epochs", type=int, default=30, help="stop after this many epochs (default: 30)")
+    p.add_argument(
+        "--max-steps", type=int, default=-1, help="stop after this many optimizer steps (default: -1, no limit)"
+    )
+    p.add_argument(
+        "--limit-batches", type=_count_or_fraction, default=None,
+        help="limit train and val batches per epoch: a count (10) or a fraction (0.1) (default: all batches)",
+    )
+    p.add_argument(
+        "--switch-to-amsgrad", action="store_true",
+        help="switch Adam to AMSGrad when the bias condition trends toward violation (default: off)",
+    )
+    p.add_argument("--log-every", type=int, default=10, help="log the conditions every this many steps (default: 10)")
+    p.add_argument(
+        "--eta-histogram-every", type=int, default=10, help="η histogram every this many logs, 0: none (default: 10)"
+    )
+    p.add_argument(
+        "--precision", default="32-true", help="Lightning precision: 32-true, 16-mixed, bf16-mixed, ... (default: 32-true)"
+    )
+    p.add_argument("--accelerator", default="auto", help="auto (a GPU when there is one), cpu, gpu, ... (default: auto)")
+    p.add_argument("--devices", default="auto", help="devices for Lightning: a count, a list like 0,1, or auto (default: auto)")
+    p.add_argument(
+        "--num-workers", type=int, default=min(4, os.cpu_count() or 1),
+        help="data-loader worker processes (default: the CPU count, at most 4)",
+    )
+    p.add_argument("--logdir", default=os.path.join("runs", "cifar10"), help="TensorBoard log folder (default: runs/cifar10)")
     p.add_argument("--run-name", default=None, help="TensorBoard run name (default: <arch>-<optimizer>)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress-bar", action="store_true")
-    args = p.parse_args(argv)
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--no-progress-bar", action="store_true", help="no progress bar (default: a progress bar)")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse the command line (see :func:`build_parser`); ``--devices 2`` becomes the int 2."""
+    args = build_parser().parse_args(argv)
     if args.devices != "auto":
         try:
             args.devices = int(args.devices)
@@ -253,9 +309,54 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+# ---------------------------------------------------------------------------------------------------- quiet
+# Lightning's notices that are not about this example: adverts for its cloud products, printed at every fit, and a
+# deprecation warning of its own pytree helper (pytorch_lightning/utilities/_pytree.py using torch's LeafSpec).
+_NOT_OURS_LOG = ("💡 Tip:", "litlogger", "litmodels")
+_NOT_OURS_WARNINGS = (r".*isinstance\(treespec, LeafSpec\)` is deprecated",)
+_LIGHTNING_LOGGERS = (
+    "pytorch_lightning", "pytorch_lightning.utilities.rank_zero", "lightning", "lightning.pytorch",
+    "lightning.pytorch.utilities.rank_zero", "lightning_fabric", "lightning_fabric.utilities.rank_zero",
+    "lightning.fabric", "lightning.fabric.utilities.rank_zero",
+)
+
+
+class _DropNotOurs(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(text in message for text in _NOT_OURS_LOG)
+
+
+@contextlib.contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """While the example runs: drop Lightning's "💡 Tip" / litlogger / litmodels log lines and its ``LeafSpec``
+    deprecation warning (both are Lightning's, not ours and not the user's). Everything else is shown as usual.
+    The filters are attached to Lightning's loggers and their handlers and removed on exit."""
+    drop = _DropNotOurs()
+    attached: list[logging.Filterer] = []
+    for name in _LIGHTNING_LOGGERS:
+        logger = logging.getLogger(name)
+        for target in (logger, *logger.handlers):
+            target.addFilter(drop)
+            attached.append(target)
+    try:
+        with warnings.catch_warnings():
+            for message in _NOT_OURS_WARNINGS:
+                warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+            yield
+    finally:
+        for target in attached:
+            target.removeFilter(drop)
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     """Train; returns the final ``AdamTypeMonitor.compute()`` ({group: {key: value}})."""
     args = parse_args(argv)
+    with quiet_lightning():
+        return _train(args)
+
+
+def _train(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     pl.seed_everything(args.seed, workers=True)
     if args.synthetic:
         train_set: Dataset = SyntheticCifar(args.synthetic_size, seed=args.seed)

@@ -174,13 +174,14 @@ def verdict(value: float | None) -> str:
 
 def summarize(runs: Runs) -> list[dict[str, Any]]:
     """One row per (run, group), sorted: ``run``, ``group``, ``optimizer``, the last logged value of every key
-    (``None`` where the key was never logged; ``steps`` falls back to the last logged step of any key), the
-    verdict words ``variance`` / ``bias`` (see :func:`verdict`) and ``switched_at`` (the first step whose
-    ``switched`` marker is > 0, else ``None``)."""
+    (``None`` for a key of :data:`PLOT_KEYS` or a verdict key that was never logged; ``steps`` falls back to the
+    last logged step of any key), the verdict words ``variance`` / ``bias`` (see :func:`verdict`) and
+    ``switched_at`` (the first step whose ``switched`` marker is > 0, else ``None``)."""
     rows = []
     for run, groups in sorted(runs.items()):
         for group, keys in sorted(groups.items()):
             row: dict[str, Any] = {"run": run, "group": group, "optimizer": optimizer_of(group)}
+            row.update(dict.fromkeys(("steps", *PLOT_KEYS, *VERDICT_KEYS.values())))
             for key, points in keys.items():
                 row[key] = _last(points)
             if row.get("steps") is None:
@@ -270,6 +271,7 @@ def plot_runs(
     run_names = sorted(runs)
     cmap = plt.get_cmap("tab10" if len(run_names) <= 10 else "tab20")
     colour = {run: cmap(i % cmap.N) for i, run in enumerate(run_names)}
+    width = {run: max(1.0, 2.8 - 0.6 * i) for i, run in enumerate(run_names)}  # a later run over an earlier one
 
     # block name → [(run, group name, {key: points})]
     blocks: dict[str, list[tuple[str, str, dict[str, list[tuple[int, float]]]]]] = {}
@@ -289,7 +291,7 @@ def plot_runs(
     ncols = min(_PANEL_COLUMNS, max(len(present) for _, present in layout))
     block_rows = [math.ceil(len(present) / ncols) for _, present in layout]
     nrows = sum(block_rows)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.3 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(max(4.4 * ncols, 6.4), 3.5 * nrows), squeeze=False)
     summary = {(r["run"], r["group"]): r for r in summarize(runs)}
 
     row0 = 0
@@ -314,10 +316,11 @@ def plot_runs(
                 else:
                     label = _run_label(run)
                 marker = "o" if len(xs) == 1 else None
-                ax.plot(xs, ys, label=label, color=colour[run], lw=1.6, marker=marker)
-                for step, value in series.get(SWITCH_KEY, []):
-                    if math.isfinite(value) and value > 0:
-                        ax.axvline(step, color=colour[run], ls="--", lw=1.1, label=f"{_run_label(run)}: switch to AMSGrad")
+                ax.plot(xs, ys, label=label, color=colour[run], lw=width[run], marker=marker)
+                switches = [step for step, value in series.get(SWITCH_KEY, []) if math.isfinite(value) and value > 0]
+                for k, step in enumerate(switches):
+                    switch_label = f"{_run_label(run)}: switch to AMSGrad" if k == 0 else None
+                    ax.axvline(step, color=colour[run], ls="--", lw=1.1, label=switch_label)
             if drawn_runs:
                 ax.set_xscale("log")
                 if log_y:
@@ -329,8 +332,8 @@ def plot_runs(
             optimizers = sorted({optimizer_of(group) for _, group, _ in members})
             groups = sorted({group for _, group, _ in members})
             ax.set_title(
-                f"{_LABELS.get(key, key)}\n{' vs '.join(groups)} [{', '.join(optimizers)}] — "
-                f"{_names([_run_label(r) for r in drawn_runs]) or 'no run'}",
+                f"{_LABELS.get(key, key)}\n{' vs '.join(groups)} [{', '.join(optimizers)}]\n"
+                f"{_names([_run_label(r) for r in drawn_runs], limit=50) or 'no run'}",
                 fontsize=8,
             )
             ax.set_xlabel("optimizer step", fontsize=8)

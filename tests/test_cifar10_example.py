@@ -1,5 +1,7 @@
 """examples/cifar10.py: a few steps on CIFAR-10's own on-disk format (through torchvision's loader), synthetic
-data, and the message when the data is missing and --no-download is given.
+data (without torchvision), the message when the data is missing and --no-download is given, and the command line
+(every default stated once in --help, ``inv_sqrt`` with ``invsqrt`` as a deprecated alias, Lightning's notices that
+are not ours filtered out).
 
 The CIFAR-10 files are written by the test: ``cifar-10-batches-py/`` with ``data_batch_1..5``, ``test_batch`` and
 ``batches.meta``, pickled the way the real (Python 2) files are: dicts whose keys are byte strings (``b"data"``,
@@ -15,7 +17,10 @@ import importlib.util
 import io
 import os
 import pickle
+import re
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -216,3 +221,126 @@ def test_cli_rejects_unknown_optimizer(capsys):
     assert "invalid choice" in capsys.readouterr().err
     assert example.parse_args(["--limit-batches", "10"]).limit_batches == 10
     assert example.parse_args(["--limit-batches", "0.5"]).limit_batches == 0.5
+
+
+# ------------------------------------------------------------------ the command line
+EXPECTED_OPTIONS = [
+    "--data-dir", "--download", "--no-download", "--synthetic", "--synthetic-size", "--arch", "--width", "--optimizer",
+    "--lr", "--weight-decay", "--lr-schedule", "--batch-size", "--max-epochs", "--max-steps", "--limit-batches",
+    "--switch-to-amsgrad", "--log-every", "--eta-histogram-every", "--precision", "--accelerator", "--devices",
+    "--num-workers", "--logdir", "--run-name", "--seed", "--no-progress-bar",
+]
+
+
+def test_help_states_every_default_once(capsys):
+    example = _load_example()
+    parser = example.build_parser()
+    actions = [a for a in parser._actions if a.option_strings != ["-h", "--help"]]
+    assert [a.option_strings[0] for a in actions] == EXPECTED_OPTIONS
+    for action in actions:
+        assert action.help and action.help.count("(default") == 1, (action.option_strings, action.help)
+        assert "%(default)" not in action.help
+    with pytest.raises(SystemExit) as info:
+        example.parse_args(["--help"])
+    assert info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
+    assert text.count("(default") == len(EXPECTED_OPTIONS)
+    assert "{constant,inv_sqrt,cosine}" in text and "invsqrt" not in text
+    for option, default in [
+        ("--data-dir DATA_DIR", "data"), ("--synthetic-size SYNTHETIC_SIZE", "5000"), ("--arch {resnet18,resnet8}",
+        "resnet18"), ("--batch-size BATCH_SIZE", "128"), ("--max-epochs MAX_EPOCHS", "30"), ("--seed SEED", "0"),
+        ("--log-every LOG_EVERY", "10"), ("--logdir LOGDIR", os.path.join("runs", "cifar10")),
+    ]:
+        assert re.search(re.escape(option) + r" [^(]*\(default: " + re.escape(default) + r"\)", text), option
+    # the stated defaults are the parser's
+    args = example.parse_args([])
+    assert (args.data_dir, args.download, args.synthetic, args.synthetic_size, args.arch, args.width) == (
+        "data", True, False, 5000, "resnet18", 1.0)
+    assert (args.optimizer, args.lr, args.weight_decay, args.lr_schedule, args.batch_size, args.max_epochs) == (
+        "adam", None, 0.0, "constant", 128, 30)
+    assert (args.max_steps, args.limit_batches, args.switch_to_amsgrad, args.log_every, args.eta_histogram_every) == (
+        -1, None, False, 10, 10)
+    assert (args.precision, args.accelerator, args.devices, args.logdir, args.run_name, args.seed) == (
+        "32-true", "auto", "auto", os.path.join("runs", "cifar10"), None, 0)
+    assert args.num_workers == min(4, os.cpu_count() or 1) and args.no_progress_bar is False
+    assert example.parse_args(["--no-download"]).download is False
+    assert example.parse_args(["--devices", "2"]).devices == 2
+
+
+def test_lr_schedule_inv_sqrt_and_the_deprecated_spelling(capsys):
+    example = _load_example()
+    assert example.parse_args(["--lr-schedule", "inv_sqrt"]).lr_schedule == "inv_sqrt"
+    assert capsys.readouterr().err == ""
+    assert example.parse_args(["--lr-schedule", "invsqrt"]).lr_schedule == "inv_sqrt"
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [
+        "examples/cifar10.py: --lr-schedule invsqrt is deprecated, use --lr-schedule inv_sqrt"
+    ]
+    with pytest.raises(SystemExit):
+        example.parse_args(["--lr-schedule", "inverse"])
+    assert "invalid choice: 'inverse'" in capsys.readouterr().err
+
+    for spelling in ("inv_sqrt", "invsqrt"):  # lr_t = lr/√t, t = 1, 2, …
+        module = example.CifarModule("resnet8", 0.25, "sgd", lr=0.4, lr_schedule=spelling)
+        config = module.configure_optimizers()
+        opt, sched = config["optimizer"], config["lr_scheduler"]["scheduler"]
+        lrs = []
+        for _ in range(4):
+            lrs.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        assert lrs == pytest.approx([0.4, 0.4 / 2**0.5, 0.4 / 3**0.5, 0.2])
+    with pytest.raises(ValueError, match="lr_schedule='inverse'"):
+        example.CifarModule("resnet8", 0.25, "sgd", lr_schedule="inverse").configure_optimizers()
+
+
+# torchvision blocked (``import torchvision`` raises ImportError), then the example run as a script.
+_WITHOUT_TORCHVISION = (
+    "import runpy, sys; sys.modules['torchvision'] = None; sys.argv = sys.argv[1:]; "
+    "runpy.run_path(sys.argv[0], run_name='__main__')"
+)
+
+
+def test_synthetic_runs_without_torchvision_and_without_lightnings_notices(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_TORCHVISION, EXAMPLE, "--synthetic", "--synthetic-size", "48",
+         "--batch-size", "16", "--max-steps", "3", "--limit-batches", "2", "--log-every", "1",
+         "--logdir", str(tmp_path), "--accelerator", "cpu", *FAST],
+        cwd=str(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output
+    assert re.search(r"^Adam/pg0: steps=\S+ a=", proc.stdout, re.M), output
+    assert "TensorBoard logs:" in proc.stdout
+    for not_ours in ("LeafSpec", "litlogger", "litmodels", "💡"):
+        assert not_ours not in output, output
+    assert "Trainer.fit` stopped: `max_steps=3` reached" in output  # Lightning's other messages still show
+
+    # --help needs no torchvision either
+    helper = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_TORCHVISION, EXAMPLE, "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert helper.returncode == 0 and "--synthetic" in helper.stdout, helper.stderr
+
+
+def test_quiet_lightning_is_undone_on_exit():
+    import logging
+    import warnings
+
+    example = _load_example()
+    logger = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    before = list(logger.filters)
+    with example.quiet_lightning():
+        assert len(logger.filters) == len(before) + 1
+        record = logger.makeRecord(logger.name, logging.INFO, __file__, 1, "💡 Tip: try litlogger", (), None)
+        assert not logger.filter(record)
+        keep = logger.makeRecord(logger.name, logging.INFO, __file__, 1, "GPU available: False", (), None)
+        assert logger.filter(keep)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning)
+            warnings.warn("something else", FutureWarning)
+        assert [str(w.message) for w in caught] == ["something else"]
+    assert logger.filters == before
