@@ -121,6 +121,8 @@ class AdamTypeMonitor(*_callback_bases()):  # type: ignore[misc]
             :class:`ConditionTracker`).
         start_step: ignore the optimizer steps before this one, as if the monitor were attached there (a resumed
             or fine-tuned run); 1 (default) observes from the first step.
+        summary: print :meth:`ConditionTracker.summary` of each tracker at the end of ``fit`` (rank zero; default
+            True).
 
     Example::
 
@@ -141,6 +143,7 @@ class AdamTypeMonitor(*_callback_bases()):  # type: ignore[misc]
         observe_every: int = 1,
         coordinates: str = "active",
         start_step: int = 1,
+        summary: bool = True,
     ) -> None:
         self.options = TrackerOptions(
             switch_to_amsgrad, trend, kernel, previous_stepsize, observe_every, coordinates, start_step
@@ -150,6 +153,7 @@ class AdamTypeMonitor(*_callback_bases()):  # type: ignore[misc]
         for option, value in (
             ("tensorboard_layout", tensorboard_layout),
             ("progress_bar", progress_bar),
+            ("summary", summary),
         ):
             if not isinstance(value, bool):
                 raise ValueError(f"AdamTypeMonitor({option}={value!r}): expected True or False")
@@ -159,6 +163,7 @@ class AdamTypeMonitor(*_callback_bases()):  # type: ignore[misc]
         self.tensorboard_layout = tensorboard_layout
         self.histogram_every_n_logs = histogram_every_n_logs
         self.progress_bar = progress_bar
+        self.summary = summary
         self._logs_written = 0
         self.trackers: list[ConditionTracker] = []
         self._pending_state: dict[str, Any] | None = None
@@ -222,9 +227,18 @@ class AdamTypeMonitor(*_callback_bases()):  # type: ignore[misc]
 
     @_fail_safe()
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        """Log the final values (if the last step was not logged already) and detach from the optimizers."""
+        """Log the final values (if the last step was not logged already), write the per-tensor shares, print the
+        summary (rank zero, unless ``summary=False``) and detach from the optimizers."""
         if trainer.global_step != self._last_logged_step:
             self._log(trainer)
+        if trainer.is_global_zero and trainer.loggers:
+            from .tensorboard_layout import write_shares
+
+            write_shares(trainer.loggers, self.trackers, trainer.global_step)
+        if self.summary and trainer.is_global_zero:
+            for tracker in self.trackers:
+                if tracker.compute():
+                    print(tracker.summary())
         self._detach()
 
     @_fail_safe()
@@ -287,9 +301,10 @@ class AdamTypeMonitor(*_callback_bases()):  # type: ignore[misc]
             logger.log_metrics(metrics, step=trainer.global_step)
         self._logs_written += 1
         if self.histogram_every_n_logs and trainer.loggers and self._logs_written % self.histogram_every_n_logs == 0:
-            from .tensorboard_layout import write_histograms
+            from .tensorboard_layout import write_histograms, write_shares
 
             write_histograms(trainer.loggers, self.trackers, trainer.global_step)
+            write_shares(trainer.loggers, self.trackers, trainer.global_step)
         return metrics
 
     def metrics(self) -> dict[str, float]:

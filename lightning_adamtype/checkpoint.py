@@ -1,4 +1,5 @@
-"""A tracker's checkpoint: accumulators and verdict state per group, η_{t−1} per parameter.
+"""A tracker's checkpoint: accumulators, verdict state and increment window per group; η_{t−1} and the
+per-tensor shares per parameter.
 
 Per-parameter entries are keyed by the parameter's name when the tracker was given ``parameter_names`` (the
 callback passes ``module.named_parameters()``), else by its position in the group, and carry the parameter's shape:
@@ -37,11 +38,14 @@ def tracker_state(tracker: Any) -> dict[str, Any]:
     groups = []
     for state in tracker._groups:
         parameters = {}
+        shares = {id(p): values for p, values in state.tensors.read()}
         for key, p in _keys(tracker, state.group or {"params": []}):
             i = id(p)
             if i not in tracker._seen:
                 continue
             entry: dict[str, Any] = {"seen": tracker._seen[i], "shape": list(p.shape)}  # (a DTensor's: global)
+            if i in shares:
+                entry["shares"] = shares[i]
             if i in tracker._previous and not state.sharded:  # a sharded η_{t−1} differs per rank: not saved
                 entry["eta"] = _cpu(tracker._previous[i])
             if i in tracker._scales:
@@ -51,6 +55,7 @@ def tracker_state(tracker: Any) -> dict[str, Any]:
             "accumulators": None if state.accumulators is None else state.accumulators.detach().cpu().clone(),
             "count": state.count,
             "detectors": {kind: d.state_dict() for kind, d in state.detectors.items()},
+            "window": state.window.state_dict(),
             "disabled": state.disabled,
             "parameters": parameters,
         })
@@ -96,15 +101,18 @@ def load_tracker_state(tracker: Any, state_dict: dict[str, Any]) -> None:
             det = TrendDetector(tracker.trend_options, device=device, dtype=accumulator_dtype(device))
             det.load_state_dict(det_state)
             state.detectors[kind] = det
+        if saved.get("window") is not None:
+            state.window.load_state_dict(saved["window"], device)
         entries = saved["parameters"] if "parameters" in saved else _version1_parameters(saved)
         if group is not None:
-            _restore_parameters(tracker, group, entries)
+            _restore_parameters(tracker, state, group, entries)
         tracker._groups.append(state)
 
 
-def _restore_parameters(tracker: Any, group: dict[str, Any], entries: dict[str, dict[str, Any]]) -> None:
+def _restore_parameters(tracker: Any, state: GroupState, group: dict[str, Any], entries: dict[str, dict[str, Any]]) -> None:
     by_key = dict(_keys(tracker, group))
     dropped = 0
+    shares: list[tuple[Tensor, list[float]]] = []
     for key, entry in entries.items():
         p = by_key.get(str(key))
         local = sharding.local_view(p) if p is not None else None
@@ -120,6 +128,10 @@ def _restore_parameters(tracker: Any, group: dict[str, Any], entries: dict[str, 
             tracker._previous[i] = eta.to(local.device).clone() if isinstance(eta, Tensor) else eta
         if entry.get("scales") is not None:
             tracker._scales[i] = entry["scales"].to(local.device).clone()
+        if entry.get("shares") is not None:
+            shares.append((p, [float(x) for x in entry["shares"]]))
+    if shares:
+        state.tensors.load(shares, sharding.local_view(shares[0][0]).device)
     if dropped:
         tracker._warn_once(
             "checkpoint-dropped",

@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import Tensor
 
+from .increments import IncrementWindow
 from .tensor_shares import TensorShares
 from .trend import TrendDetector
 
@@ -28,4 +29,5 @@ class GroupState:
     shapes: list = field(default_factory=list)  # the shapes of the parameters of the step being observed
     kept: tuple | None = None  # (observation, recomputed, parameters, shapes, what they kept): the fast path
     sharded: bool = False
+    window: IncrementWindow = field(default_factory=IncrementWindow)  # snapshots for the windowed ratios
     tensors: TensorShares = field(default_factory=TensorShares)  # each parameter's share of b and c

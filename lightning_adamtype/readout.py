@@ -28,25 +28,39 @@ def with_ratios(values: dict[str, float]) -> dict[str, float]:
     return values
 
 
+#: per verdict, what :func:`read_groups` reads from its detector (in this order) after the accumulators
+_VERDICT_FIELDS = ("slope", "violation", "window_ratio", "changed_at")
+_KINDS = ("variance", "bias")
+
+
 def _verdicts(state: Any, like: Tensor) -> list[Tensor]:
+    """[slope, verdict (NaN/0/1), windowed increment ratio, step of the last change] per verdict."""
     out = []
-    for kind in ("variance", "bias"):
+    acc = state.accumulators
+    for kind, key in zip(_KINDS, ("b", "c")):
         d = state.detectors.get(kind)
         if d is None:
-            out.append(torch.full((2,), math.nan, dtype=like.dtype, device=like.device))
-        else:
-            out.append(torch.stack([d.slope.to(like), d.violation.to(like)]))
+            out.append(torch.full((len(_VERDICT_FIELDS),), math.nan, dtype=like.dtype, device=like.device))
+            continue
+        window = state.window.increment_ratio(state.count, acc, ACCUMULATOR_KEYS.index(key), ACCUMULATOR_KEYS.index("a"))
+        out.append(torch.stack([d.slope.to(like), d.verdict.to(like), window.to(like), d.changed_at.to(like)]))
     return out
 
 
 def read_groups(names: Sequence[str], states: Sequence[Any]) -> dict[str, dict[str, float]]:
-    """``{name: row}`` for every group that was observed or disabled, in one host transfer per device."""
+    """``{name: row}`` for every group that was observed or disabled, in one host transfer per device.
+
+    Per verdict (variance, bias): ``<kind>_slope``, ``<kind>_violation`` (1.0 trending toward violation, 0.0 holds,
+    NaN unknown), ``<kind>_window_ratio`` (the latest windowed increment ratio), ``<kind>_changed_at`` (the
+    group's observation at which the verdict last changed, NaN while unknown) and ``<kind>_steps_needed`` (0, or
+    at least how many more observed steps an unknown verdict needs)."""
     live = [(n, s) for n, s in zip(names, states) if s.accumulators is not None or s.disabled]
+    width = len(ACCUMULATOR_KEYS) + len(_KINDS) * len(_VERDICT_FIELDS)
     rows = []
     for _, s in live:
         acc = s.accumulators
         if acc is None:
-            rows.append(torch.full((len(ACCUMULATOR_KEYS) + 4,), math.nan, dtype=torch.float64))
+            rows.append(torch.full((width,), math.nan, dtype=torch.float64))
         else:
             rows.append(torch.cat([acc.detach(), *_verdicts(s, acc)]).to("cpu", torch.float64))
     if not rows:
@@ -56,14 +70,13 @@ def read_groups(names: Sequence[str], states: Sequence[Any]) -> dict[str, dict[s
     k = len(ACCUMULATOR_KEYS)
     for (name, s), values in zip(live, host):
         row = with_ratios(dict(zip(ACCUMULATOR_KEYS, values[:k])))
-        v_slope, v_viol, b_slope, b_viol = values[k:]
-        row.update(
-            variance_slope=v_slope,
-            bias_slope=b_slope,
-            variance_violation=v_viol == 1.0,
-            bias_violation=b_viol == 1.0,
-            measured=0.0 if s.disabled else 1.0,
-        )
+        for i, kind in enumerate(_KINDS):
+            fields = values[k + i * len(_VERDICT_FIELDS) : k + (i + 1) * len(_VERDICT_FIELDS)]
+            row.update({f"{kind}_{field}": value for field, value in zip(_VERDICT_FIELDS, fields)})
+            d = s.detectors.get(kind)
+            needed = d.steps_needed() if d is not None else math.nan
+            row[f"{kind}_steps_needed"] = float(needed if math.isnan(row[f"{kind}_violation"]) else 0)
+        row["measured"] = 0.0 if s.disabled else 1.0
         out[name] = row
     return out
 

@@ -9,7 +9,7 @@ the device; the shares B_i / Σ_i B_i and C_i / Σ_i C_i say which layer oscilla
 from __future__ import annotations
 
 import operator
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
@@ -48,6 +48,12 @@ class TensorShares:
                 into, frm = zip(*rows)
                 values[list(into)] = self.values[list(frm)]
         self.params, self.values = list(params), values
+
+    def load(self, rows: Sequence[tuple[Tensor, list[float]]], device: Any) -> None:
+        """Set the sums from :meth:`read`-style rows (a checkpoint)."""
+        self.params = [p for p, _ in rows]
+        dtype = torch.float32 if torch.device(device).type == "mps" else torch.float64
+        self.values = torch.tensor([v for _, v in rows], dtype=dtype).to(device)
 
     def clear(self) -> None:
         self.params, self.values = [], None

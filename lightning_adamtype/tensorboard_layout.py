@@ -22,7 +22,10 @@ from typing import Any
 
 import torch
 
-__all__ = ["custom_scalars_layout", "write_layout", "stepsize_histograms", "write_histograms", "tensorboard_writers"]
+__all__ = [
+    "custom_scalars_layout", "share_table", "stepsize_histograms", "tensorboard_writers", "write_histograms", "write_layout",
+    "write_shares",
+]
 
 TAG_PREFIX = "adamtype"
 CATEGORY_PREFIX = "adamtype "
@@ -92,5 +95,29 @@ def write_histograms(loggers: Iterable[Any], trackers: Iterable[Any], step: int)
         for group, values in stepsize_histograms(tracker).items():
             for writer in writers:
                 writer.add_histogram(f"{TAG_PREFIX}/{group}/eta", values, step)
+                written += 1
+    return written
+
+
+def share_table(rows: list[tuple[str, list[float]]]) -> str:
+    """A markdown table of a group's per-tensor shares (from :meth:`ConditionTracker.tensor_shares`), largest share
+    of c first: tensor, share of c, share of b, inactive coordinates, activations."""
+    total_b = sum(v[0] for _, v in rows) or 1.0
+    total_c = sum(v[1] for _, v in rows) or 1.0
+    ranked = sorted(rows, key=lambda item: -item[1][1])
+    lines = ["| tensor | share of c | share of b | inactive | activations |", "|---|---|---|---|---|"]
+    lines += [f"| {n} | {v[1] / total_c:.3f} | {v[0] / total_b:.3f} | {int(v[3])} | {int(v[2])} |" for n, v in ranked]
+    return "\n".join(lines)
+
+
+def write_shares(loggers: Iterable[Any], trackers: Iterable[Any], step: int) -> int:
+    """``add_text("adamtype/<group>/tensor_shares", table, step)`` (:func:`share_table`) on every TensorBoard logger
+    that has ``add_text``; returns how many tables were written."""
+    writers = [w for w in tensorboard_writers(loggers) if hasattr(w, "add_text")]
+    written = 0
+    for tracker in trackers:
+        for group, rows in tracker.tensor_shares().items():
+            for writer in writers:
+                writer.add_text(f"{TAG_PREFIX}/{group}/tensor_shares", share_table(rows), step)
                 written += 1
     return written

@@ -11,6 +11,7 @@ measurement fails is reported once and no longer measured; training goes on bitw
 
 from __future__ import annotations
 
+import math
 import operator
 import warnings
 from typing import Any
@@ -26,10 +27,14 @@ from .checkpoint import load_tracker_state, tracker_state
 from .group_state import GroupState
 from .options import TrackerOptions
 from .row import ACCUMULATOR_KEYS, add_step, new_accumulators
+from .summary import TOP_K, VerdictWatch, summary_text, top_shares
 from .switch import agreed_violation, reason as switch_reason, switch_to_amsgrad
 from .trend import TrendDetector, TrendOptions
 
-__all__ = ["ACCUMULATOR_KEYS", "ConditionTracker", "group_names"]
+__all__ = ["ACCUMULATOR_KEYS", "VERDICTS", "ConditionTracker", "group_names"]
+
+#: the two verdicts and the accumulated sum each compares with A: variance (B/A → 0) and bias (C/A → 0)
+VERDICTS = {"variance": "b", "bias": "c"}
 
 _shape = operator.attrgetter("shape")
 _is_sparse = operator.attrgetter("is_sparse")
@@ -133,6 +138,7 @@ class ConditionTracker:
         self._seen: dict[int, int] = {}  # the observation the parameter's η was taken at
         self._snapshots: dict[int, Tensor] = {}  # x_t (coupled weight decay)
         self._failed_backends: set[str] = set()
+        self._watch = VerdictWatch()
         self._handles: list[RemovableHandle] = []
         self._warned: set[str] = set()
         if self.adapter is None:
@@ -545,16 +551,18 @@ class ConditionTracker:
 
     # ------------------------------------------------------------------ verdicts and the switch
     def _update_verdicts(self, state: GroupState) -> bool:
-        """Feed the detectors at their sample steps (host ints decide); True when a sample was taken."""
+        """Feed the detectors at their sample steps (host ints decide) with the windowed increment ratios
+        (:mod:`lightning_adamtype.increments`); True when a sample was taken and the switch may act."""
         acc = state.accumulators
         assert acc is not None
+        state.window.observe(state.count, acc)
         if not state.detectors:
-            state.detectors = {k: TrendDetector(self.trend_options, device=acc.device, dtype=acc.dtype) for k in ("variance", "bias")}
+            state.detectors = {k: TrendDetector(self.trend_options, device=acc.device, dtype=acc.dtype) for k in VERDICTS}
         sampled = False
-        for kind, key in (("variance", "b"), ("bias", "c")):
+        for kind, key in VERDICTS.items():
             detector = state.detectors[kind]
             if state.count >= detector.next_sample_step:
-                ratio = acc[ACCUMULATOR_KEYS.index(key)] / acc[ACCUMULATOR_KEYS.index("a")]
+                ratio = state.window.increment_ratio(state.count, acc, ACCUMULATOR_KEYS.index(key), ACCUMULATOR_KEYS.index("a"))
                 if state.last_finite is not None:  # a non-finite step is an invalid sample, not a frozen ratio
                     ratio = torch.where(state.last_finite, ratio, torch.full_like(ratio, float("nan")))
                 sampled |= detector.update(state.count, ratio)
@@ -629,24 +637,59 @@ class ConditionTracker:
         return out
 
     def compute(self) -> dict[str, dict[str, float]]:
-        """``{group name: {key: value}}`` with one host transfer.
+        """``{group name: {key: value}}`` with one host transfer per device (and one for the per-tensor shares).
 
-        Keys: steps, a, b, c, c2, a_mean, c_mean, nonfinite_steps (accumulated), variance_ratio = b/a,
-        bias_ratio = c/a, bias_ratio_mean = c_mean/a_mean (NaN before the first step), variance_slope, bias_slope,
-        variance_violation, bias_violation, measured (0 once the group's measurement failed). Groups never
-        observed are left out."""
+        Keys: steps, a, b, c, c2, a_mean, c_mean, nonfinite_steps, activations (accumulated), inactive and
+        coordinates (of the latest step), inactive_share, variance_ratio = b/a, bias_ratio = c/a, bias_ratio_mean
+        = c_mean/a_mean (NaN before the first step); per verdict (``variance``, ``bias``): ``<kind>_slope`` (of the
+        windowed increment ratio), ``<kind>_violation`` (1.0 trending toward violation, 0.0 holds, NaN unknown),
+        ``<kind>_window_ratio``, ``<kind>_changed_at``, ``<kind>_steps_needed``; ``b_share_top<i>`` and
+        ``c_share_top<i>`` (the largest per-tensor shares, names in :meth:`tensor_shares`); measured (0 once the
+        group's measurement failed). Groups never observed are left out. A verdict that turned to violation since
+        the previous call gives one warning (rank zero)."""
         from .readout import read_groups
 
         self._align_groups()
         out = read_groups(self.group_names(), self._groups)
+        shares = self.tensor_shares()
         for name, row in out.items():
+            for column, key in ((0, "b"), (1, "c")):
+                top = top_shares(shares.get(name, []), column)
+                for i in range(TOP_K):
+                    row[f"{key}_share_top{i + 1}"] = top[i][1] if i < len(top) else math.nan
             if row["nonfinite_steps"] > 0:
                 self._warn_once(
                     "nonfinite",
                     f"{name}: {int(row['nonfinite_steps'])} step(s) had non-finite (NaN/Inf) gradients or optimizer "
                     "state; they are left out of a, b, c, c2 and counted under 'nonfinite_steps'",
                 )
+        self._watch.check(self.name, out)
         return out
+
+    def tensor_shares(self) -> dict[str, list[tuple[str, list[float]]]]:
+        """``{group name: [(parameter name, [B_i, C_i, activations_i, inactive_i]), ...]}``: each parameter's
+        accumulated b and c (its share is B_i / Σ B), activations, and inactive coordinates at the latest step.
+        Names come from ``parameter_names`` (the callback passes ``named_parameters()``), else ``<group>[i]``."""
+        self._align_groups()
+        out = {}
+        for name, state in zip(self.group_names(), self._groups):
+            rows = state.tensors.read()
+            if rows:
+                index = {id(p): i for i, p in enumerate((state.group or {}).get("params", []))}
+                out[name] = [(self._parameter_name(p, f"{name}[{index.get(id(p), '?')}]"), values) for p, values in rows]
+        return out
+
+    def _parameter_name(self, param: Tensor, default: str) -> str:
+        for p, n in self.parameter_names.items():
+            if p is param:
+                return n
+        return default
+
+    def summary(self) -> str:
+        """A short text report (see :func:`lightning_adamtype.summary.summary_text`): per group both verdicts, their
+        slopes and the step they last changed, the switch, the inactive share, the tensors with the largest shares of
+        c and b, and what a violation means in practice."""
+        return summary_text(self.name, self.compute(), dict(self.switched), self.tensor_shares())
 
     def held_tensors(self) -> list[Tensor]:
         """Every tensor the tracker keeps between steps (accumulators, η_{t−1} and its (s, e), the backends' buffers,

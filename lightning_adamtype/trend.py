@@ -34,7 +34,7 @@ import torch
 
 __all__ = ["TrendOptions", "TrendDetector"]
 
-_STATE_VERSION = 1
+_STATE_VERSION = 2
 
 
 def _is_int(value: object) -> bool:
@@ -214,8 +214,10 @@ class TrendDetector:
         self._bad_streak = torch.zeros((), dtype=torch.int64, device=dev)
         self._good_streak = torch.zeros((), dtype=torch.int64, device=dev)
         self._violation = torch.zeros((), dtype=torch.bool, device=dev)
+        self._decided = torch.zeros((), dtype=torch.bool, device=dev)  # a streak has reached patience once
+        self._changed_at = torch.full((), float("nan"), dtype=dt, device=dev)  # step the verdict last changed
 
-    _TENSORS = ("_x", "_y", "_valid", "_zero", "_slope", "_bad_streak", "_good_streak", "_violation")
+    _TENSORS = ("_x", "_y", "_valid", "_zero", "_slope", "_bad_streak", "_good_streak", "_violation", "_decided", "_changed_at")
 
     def to(self, device: torch.device | str) -> TrendDetector:
         """Move every buffer to ``device`` and keep them there; returns ``self``."""
@@ -240,6 +242,31 @@ class TrendDetector:
     def violation(self) -> torch.Tensor:
         """0-dim bool tensor: True while the ratio is judged to be trending toward violation (not going to 0)."""
         return self._violation
+
+    @property
+    def verdict(self) -> torch.Tensor:
+        """0-dim float tensor with three states: NaN = unknown (no streak has reached ``patience`` yet), 1.0 =
+        trending toward violation, 0.0 = holds."""
+        return torch.where(self._decided, self._violation.to(self.dtype), torch.full_like(self._slope, float("nan")))
+
+    @property
+    def changed_at(self) -> torch.Tensor:
+        """0-dim float tensor: the step at which :attr:`verdict` last changed (NaN while unknown)."""
+        return self._changed_at
+
+    def steps_needed(self) -> int:
+        """A host lower bound on the steps until a verdict can be known: the grid steps of the ``min_samples``
+        samples a fit needs and the ``patience`` samples a streak needs, counted from what is stored (0 once
+        ``min_samples + patience − 1`` samples are stored; the verdict may still be unknown then)."""
+        o = self.options
+        missing = max(0, o.min_samples + o.patience - 1 - self._count)
+        if missing == 0:
+            return 0
+        index, step = self._grid_index, self.next_sample_step
+        for _ in range(missing - 1):
+            index += 1
+            step = max(step + 1, _grid_step(index, o.points_per_decade))
+        return max(0, step - self._last_step)
 
     @property
     def num_samples(self) -> int:
@@ -354,7 +381,11 @@ class TrendDetector:
         violation = self._violation | (self._bad_streak >= o.patience)
         if not o.sticky:
             violation = violation & ~(self._good_streak >= o.patience)
-        self._violation = violation
+        decided = self._decided | (self._bad_streak >= o.patience) | (self._good_streak >= o.patience)
+        changed = (decided & ~self._decided) | (decided & (violation != self._violation))
+        step = self._x[newest].exp().round()
+        self._changed_at = torch.where(changed, step, self._changed_at)
+        self._violation, self._decided = violation, decided
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
@@ -378,7 +409,9 @@ class TrendDetector:
         other options are this detector's own, so a resumed run may change e.g. ``patience``.
         """
         version = state.get("version")
-        if version != _STATE_VERSION:
+        if version == 1:  # before the three-state verdict: a violation was decided, a False was not yet
+            state = {**state, "decided": state["violation"].clone(), "changed_at": torch.tensor(float("nan"))}
+        elif version != _STATE_VERSION:
             raise ValueError(f"TrendDetector.load_state_dict: unsupported state version {version!r}")
         saved = state["options"]
         for name in ("window", "points_per_decade"):
