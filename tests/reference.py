@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-KEYS = ("steps", "a", "b", "c", "c2", "a_mean", "c_mean")
+KEYS = ("steps", "a", "b", "c", "c2", "a_mean", "c_mean", "activations")
 
 
 def num(x: Any) -> float:
@@ -155,14 +155,43 @@ ETA: dict[str, tuple[Callable, Callable]] = {
 }
 
 
+def _positive(key: str) -> Callable:
+    return lambda group, state, p: f64(state[key]) > 0
+
+
+#: per optimizer: where a coordinate is active (has had a non-zero gradient): its second moment is > 0
+ACTIVE: dict[str, Callable] = {
+    "Adam": _positive("exp_avg_sq"),
+    "AdamW": _positive("exp_avg_sq"),
+    "Adagrad": _positive("sum"),
+    "RMSprop": _positive("square_avg"),
+    "Adamax": lambda group, state, p: f64(state["exp_inf"]) > num(group["eps"]),
+    "NAdam": _positive("exp_avg_sq"),
+    "RAdam": _positive("exp_avg_sq"),
+    "AdaFom": _positive("sum"),
+}
+
+
+def all_active(group: dict, state: dict, p: Tensor) -> Tensor:
+    return torch.ones(p.shape, dtype=torch.bool)
+
+
 # ---------------------------------------------------------------------------------------------- the oracle
 
 
 class Reference:
-    """Accumulates steps, a, b, c, c2, a_mean, c_mean per group in float64 Python numbers."""
+    """Accumulates steps, a, b, c, c2, a_mean, c_mean, activations per group in float64 Python numbers.
 
-    def __init__(self, optimizer: torch.optim.Optimizer, eta_fn: Callable | None = None, wd_fn: Callable | None = None):
+    ``coordinates="active"`` (the tracker's default): a, b, a_mean over the coordinates active at t (``ACTIVE``: the
+    second moment > 0; SGD and unknown optimizers: all), c, c2, c_mean over those also active at t − 1;
+    ``"all"``: every coordinate (the paper's formulas as written)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, eta_fn: Callable | None = None, wd_fn: Callable | None = None,
+                 coordinates: str = "active", active_fn: Callable | None = None):
         self.optimizer = optimizer
+        self.coordinates = coordinates
+        self.active_fn = active_fn or ACTIVE.get(type(optimizer).__name__, all_active)
+        self.was_active: list[dict[int, Tensor]] = []
         if eta_fn is None:
             eta_fn, default_wd = ETA[type(optimizer).__name__]
             wd_fn = wd_fn or default_wd
@@ -186,11 +215,13 @@ class Reference:
         while len(self.acc) < len(self.optimizer.param_groups):
             self.acc.append(dict.fromkeys(KEYS, 0.0))
             self.previous.append({})
+            self.was_active.append({})
             self.last_seen.append({})
             self.seen.append(False)
         for gi, group in enumerate(self.optimizer.param_groups):
             etas: dict[int, Tensor] = {}
             grads: dict[int, Tensor] = {}
+            active: dict[int, Tensor] = {}
             for pi, p in enumerate(group["params"]):
                 snap = self._snap[gi][pi]
                 if snap is None:
@@ -204,29 +235,38 @@ class Reference:
                     g = g + wd * p_before
                 etas[pi] = eta
                 grads[pi] = g
+                known = state or self.active_fn is all_active
+                active[pi] = self.active_fn(group, state, p).reshape(eta.shape) if known else torch.zeros(eta.shape, dtype=torch.bool)
             if not etas:
                 continue
+            counted = active if self.coordinates == "active" else {pi: torch.ones_like(m) for pi, m in active.items()}
             acc = self.acc[gi]
             self.seen[gi] = True
             acc["steps"] += 1.0
-            acc["a"] += min(e.min().item() for e in etas.values())
-            acc["b"] += sum(((etas[pi] * grads[pi]) ** 2).sum().item() for pi in etas)
-            n = sum(e.numel() for e in etas.values())
-            acc["a_mean"] += sum(e.sum().item() for e in etas.values()) / n
+            mins = [e[counted[pi]].min().item() for pi, e in etas.items() if counted[pi].any()]
+            acc["a"] += min(mins) if mins else 0.0
+            acc["b"] += sum(((etas[pi] * grads[pi])[counted[pi]] ** 2).sum().item() for pi in etas)
+            n = sum(int(counted[pi].sum()) for pi in etas)
+            if n:
+                acc["a_mean"] += sum(e[counted[pi]].sum().item() for pi, e in etas.items()) / n
             c = c2 = 0.0
             n_diff = 0
             for pi, eta in etas.items():
                 if self.last_seen[gi].get(pi) == self.observations - 1:
-                    d = eta - self.previous[gi][pi]
+                    before = self.was_active[gi][pi]
+                    pairs = counted[pi] & before if self.coordinates == "active" else counted[pi]
+                    d = (eta - self.previous[gi][pi])[pairs]
                     c += d.abs().sum().item()
                     c2 += (d * d).sum().item()
                     n_diff += d.numel()
+                    acc["activations"] += float((active[pi] & ~before).sum())
             acc["c"] += c
             acc["c2"] += c2
             if n_diff:
                 acc["c_mean"] += c / n_diff
             for pi, eta in etas.items():
                 self.previous[gi][pi] = eta
+                self.was_active[gi][pi] = active[pi]
                 self.last_seen[gi][pi] = self.observations
         self._snap = []
 
