@@ -54,6 +54,8 @@ def tracker_state(tracker: Any) -> dict[str, Any]:
         groups.append({
             "accumulators": None if state.accumulators is None else state.accumulators.detach().cpu().clone(),
             "count": state.count,
+            "clock_offset": state.clock_offset,
+            "clock": state.clock,
             "detectors": {kind: d.state_dict() for kind, d in state.detectors.items()},
             "window": state.window.state_dict(),
             "disabled": state.disabled,
@@ -96,6 +98,8 @@ def load_tracker_state(tracker: Any, state_dict: dict[str, Any]) -> None:
                 acc = torch.cat([acc, acc.new_zeros(len(ACCUMULATOR_KEYS) - acc.numel())])
             state.accumulators = acc
         state.count = int(saved.get("count", 0))
+        state.clock_offset = int(saved.get("clock_offset", 0))
+        state.clock = int(saved.get("clock", state.count))
         state.disabled = str(saved.get("disabled", "") or "")
         for kind, det_state in saved.get("detectors", {}).items():
             det = TrendDetector(tracker.trend_options, device=device, dtype=accumulator_dtype(device))

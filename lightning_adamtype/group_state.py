@@ -20,7 +20,9 @@ class GroupState:
 
     group: dict[str, Any] | None = None
     accumulators: Tensor | None = None
-    count: int = 0  # observations of this group (host clock of the trend detectors)
+    count: int = 0  # observations of this group
+    clock_offset: int = 0  # the optimizer's step at the first observation, less observe_every (verdict clock)
+    clock: int = 0  # the verdict clock at the latest observation: clock_offset + observe_every · count
     last_finite: Tensor | None = None  # device bool: was the latest step finite (else the detectors see NaN)
     detectors: dict[str, TrendDetector] = field(default_factory=dict)
     cache: dict[str, Any] = field(default_factory=dict)  # the backends' launch plans and η buffer

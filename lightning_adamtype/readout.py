@@ -42,7 +42,7 @@ def _verdicts(state: Any, like: Tensor) -> list[Tensor]:
         if d is None:
             out.append(torch.full((len(_VERDICT_FIELDS),), math.nan, dtype=like.dtype, device=like.device))
             continue
-        window = state.window.increment_ratio(state.count, acc, ACCUMULATOR_KEYS.index(key), ACCUMULATOR_KEYS.index("a"))
+        window = state.window.increment_ratio(state.clock, acc, ACCUMULATOR_KEYS.index(key), ACCUMULATOR_KEYS.index("a"))
         out.append(torch.stack([d.slope.to(like), d.verdict.to(like), window.to(like), d.changed_at.to(like)]))
     return out
 

@@ -361,8 +361,18 @@ class ConditionTracker:
             state.last_finite = add_step(step.accumulators, terms, n, step.weight, step.found_inf)
         if result.per_tensor is not None and shards is None:
             state.tensors.add(keys, result.per_tensor, step.weight, state.last_finite)
+        if state.count == 0:
+            state.clock_offset = self._optimizer_step(step.states) - self.observe_every
         state.count += 1
         return True
+
+    def _optimizer_step(self, states: list[dict[str, Any]]) -> int:
+        """The optimizer's own step count t of a group (its first parameter's ``state["step"]``, read once per
+        group: a device counter costs one synchronisation then), else this tracker's observations."""
+        counter = states[0].get("step") if states else None
+        if counter is None:
+            return self.observations
+        return int(round(float(counter)))
 
     def _gather(self, state: GroupState, found_inf: Tensor | None, record: bool):
         """(:class:`GroupStep`, parameter keys, shards) of the parameters that stepped, or None when none did."""
@@ -552,20 +562,23 @@ class ConditionTracker:
     # ------------------------------------------------------------------ verdicts and the switch
     def _update_verdicts(self, state: GroupState) -> bool:
         """Feed the detectors at their sample steps (host ints decide) with the windowed increment ratios
-        (:mod:`lightning_adamtype.increments`); True when a sample was taken and the switch may act."""
+        (:mod:`lightning_adamtype.increments`) on the optimizer's own step clock (so that a tracker attached at
+        step 300 reads, from step 600 on, the windows a tracker attached at step 1 reads); True when a sample was
+        taken and the switch may act."""
         acc = state.accumulators
         assert acc is not None
-        state.window.observe(state.count, acc)
+        clock = state.clock = state.clock_offset + self.observe_every * state.count
+        state.window.observe(clock, acc)
         if not state.detectors:
             state.detectors = {k: TrendDetector(self.trend_options, device=acc.device, dtype=acc.dtype) for k in VERDICTS}
         sampled = False
         for kind, key in VERDICTS.items():
             detector = state.detectors[kind]
-            if state.count >= detector.next_sample_step:
-                ratio = state.window.increment_ratio(state.count, acc, ACCUMULATOR_KEYS.index(key), ACCUMULATOR_KEYS.index("a"))
+            if clock >= detector.next_sample_step and clock > detector.last_step:
+                ratio = state.window.increment_ratio(clock, acc, ACCUMULATOR_KEYS.index(key), ACCUMULATOR_KEYS.index("a"))
                 if state.last_finite is not None:  # a non-finite step is an invalid sample, not a frozen ratio
                     ratio = torch.where(state.last_finite, ratio, torch.full_like(ratio, float("nan")))
-                sampled |= detector.update(state.count, ratio)
+                sampled |= detector.update(clock, ratio)
         return sampled and self.switch_to_amsgrad
 
     def _maybe_switch(self, state: GroupState, name: str) -> None:

@@ -1,11 +1,14 @@
 """The CPU one-pass backend (``kernel="native"``, the CPU default): one C call per group and step.
 
 For a group of n float32 tensors with η_i = s_i / (sqrt(v_i) + e_i), one call of ``adamtype_group_terms`` (the C
-source and its trusted build: :mod:`.native_build`) reads every v and g once (and the stored η_{t−1} once, writing
-η_t over it) in pieces of :data:`PIECE` coordinates shared among OpenMP threads, and folds them into the group's
-five terms (:mod:`lightning_adamtype.row`) and, when asked, adds the step's row to the float64 accumulators:
-η in float32 with the optimizer's roundings, sums in float32 within a block of 64 coordinates (256 when
-vectorised with OpenMP), blocks folded in float64 (2e-7 relative or better at any size).
+source and its trusted build: :mod:`.native_build`) reads every v and g once (and the stored, signed η_{t−1} once,
+writing the signed η_t over it) in pieces of :data:`PIECE` coordinates shared among OpenMP threads. Each piece
+writes its own row of the nine terms (:mod:`lightning_adamtype.row`, over the counted coordinates and pairs); the
+rows are folded, in float64 and in piece order (so the result does not depend on the number of threads), into the
+group's terms and each tensor's share (b_i, c_i, activations_i, inactive_i), and, when asked, the step is added to
+the float64 accumulators as :func:`lightning_adamtype.row.add_step` does (levels included). η in float32 with the
+optimizer's roundings, sums in float32 within a block of 64 coordinates (256 when vectorised with OpenMP), blocks
+folded in float64 (2e-7 relative or better at any size); counts exact.
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ import torch
 from torch import Tensor
 
 from ..adapters import Scalar, scalar_table
+from ..row import ACCUMULATOR_KEYS, TERM_KEYS
 from . import native_build
-from .one_pass import FlatEtaLayout, OnePassBackend, addresses
+from .one_pass import RECOMPUTED_ZERO, SHARES, FlatEtaLayout, OnePassBackend, addresses
 
 __all__ = ["PIECE", "GroupLaunch", "NativeBackend"]
 
@@ -40,10 +44,12 @@ class GroupLaunch(FlatEtaLayout):
     outputs; η lives in the group's flat buffer as :class:`FlatEtaLayout` places it."""
 
     device: torch.device
-    out: Tensor = field(init=False)  # float64 [5]: the terms of the latest call
+    out: Tensor = field(init=False)  # float64 [9]: the terms of the latest call
+    per_tensor: Tensor = field(init=False)  # float64 [n, 4]: each tensor's (b_i, c_i, activations_i, inactive_i)
     finite: Tensor = field(init=False)  # uint8: was the latest accumulated step finite
     finite_flag: Tensor = field(init=False)  # the same byte as a bool tensor (made once)
     _first_piece: Tensor = field(init=False)
+    _partials: Tensor = field(init=False)  # float64 [pieces, 9]: one row of terms per piece
     _eta_offsets: Tensor = field(init=False)
     _sizes: Tensor = field(init=False)
     _tables: tuple[ctypes.Array, ctypes.Array] = field(init=False)
@@ -59,7 +65,9 @@ class GroupLaunch(FlatEtaLayout):
         self._first_piece = _table(first_piece)
         self._eta_offsets = _table(self.offsets)
         self._sizes = _table(list(self.sizes))
-        self.out = torch.empty(5, dtype=torch.float64)
+        self.out = torch.empty(len(TERM_KEYS), dtype=torch.float64)
+        self.per_tensor = torch.empty(len(self.sizes), SHARES, dtype=torch.float64)
+        self._partials = torch.empty(first_piece[-1], len(TERM_KEYS), dtype=torch.float64)
         self.finite = torch.empty((), dtype=torch.uint8)
         self.finite_flag = self.finite.view(torch.bool)
         self._tables = ((ctypes.c_int64 * len(self.sizes))(), (ctypes.c_int64 * len(self.sizes))())
@@ -85,29 +93,41 @@ class GroupLaunch(FlatEtaLayout):
         mode: int,
         inverse_keep: float = 1.0,
         weight: float = 0.0,
-        accumulate: tuple[Tensor, float, float] | None = None,
+        accumulate: tuple[Tensor, float] | None = None,
+        coordinates: str = "active",
     ) -> Tensor:
-        """The group's five terms (float64 [5], :attr:`out`, overwritten by the next call) in one call.
-        ``accumulate`` = (float64 accumulators [8], 1/n, k): also add k·row (:func:`lightning_adamtype.row.add_step`)
-        and write whether the step was finite into :attr:`finite`."""
+        """The group's nine terms (float64 [9], :attr:`out`) and each tensor's share (:attr:`per_tensor`), both
+        overwritten by the next call, in one call over the ``coordinates`` ("active" or "all") that
+        :mod:`lightning_adamtype.row` counts. ``accumulate`` = (float64 accumulators [11], k): also add k·row and set
+        the levels (:func:`lightning_adamtype.row.add_step`), and write whether the step was finite into
+        :attr:`finite`."""
         function = native_build.library().adamtype_group_terms
         self.check_launch(vs, gs, eta, table, mode)
+        if coordinates not in ("active", "all"):
+            raise ValueError(f"coordinates={coordinates!r}: expected 'active' or 'all'")
         v_ptrs, g_ptrs = self._tables
         v_ptrs[:] = list(addresses(vs))
         g_ptrs[:] = list(addresses(gs))
         if accumulate is not None:
-            accumulators, inverse_total, observe_weight = accumulate
-            if accumulators.dtype != torch.float64 or not accumulators.is_contiguous() or accumulators.device.type != "cpu":
-                raise ValueError("the native kernel accumulates into contiguous float64 CPU accumulators")
+            accumulators, observe_weight = accumulate
+            if (
+                accumulators.dtype != torch.float64 or not accumulators.is_contiguous()
+                or accumulators.device.type != "cpu" or accumulators.numel() < len(ACCUMULATOR_KEYS)
+            ):
+                raise ValueError(
+                    f"the native kernel accumulates into contiguous float64 CPU accumulators of {len(ACCUMULATOR_KEYS)} "
+                    f"(got {accumulators.dtype}, {tuple(accumulators.shape)} on {accumulators.device})"
+                )
             acc_ptr = accumulators.data_ptr()
         else:
-            acc_ptr, inverse_total, observe_weight = None, 1.0, 1.0
+            acc_ptr, observe_weight = None, 1.0
         function(
-            mode, len(self.sizes), ctypes.addressof(v_ptrs), ctypes.addressof(g_ptrs),
+            mode, coordinates == "all", len(self.sizes), ctypes.addressof(v_ptrs), ctypes.addressof(g_ptrs),
             eta.data_ptr() if eta is not None else None, self._eta_offsets.data_ptr(), self._sizes.data_ptr(),
             self._first_piece.data_ptr(), PIECE, table.data_ptr(), table.shape[1], float(inverse_keep), float(weight),
-            self.out.data_ptr(), accumulate is not None, acc_ptr, float(inverse_total), float(observe_weight),
-            self.finite.data_ptr(), self._threads or max(1, torch.get_num_threads()),
+            RECOMPUTED_ZERO, self._partials.data_ptr(), self.out.data_ptr(), self.per_tensor.data_ptr(),
+            accumulate is not None, acc_ptr, float(observe_weight), self.finite.data_ptr(),
+            self._threads or max(1, torch.get_num_threads()),
         )
         return self.out
 

@@ -62,118 +62,143 @@ __all__ = [
 ]
 
 #: the version of the library's C interface; a loaded library whose ``adamtype_abi_version()`` differs is not used
-ABI_VERSION = 2
+#: (3: the nine-term row over active coordinates, signed η, per-parameter shares, per-piece partial rows)
+ABI_VERSION = 3
 #: seconds one compiler run may take (``$LIGHTNING_ADAMTYPE_COMPILE_TIMEOUT`` overrides it)
 COMPILE_TIMEOUT_S = 30
 
 _KERNEL_SOURCE = r"""
 #include <math.h>
 #include <stdint.h>
-#ifdef _OPENMP
-#include <omp.h>
-#else
-static int omp_get_thread_num(void) { return 0; }
-#endif
 
 enum { FIRST = 0, STORED = 1, CURRENT = 2, RECOMPUTED = 3 };
+/* a row of terms (lightning_adamtype.row.TERM_KEYS): min η, Σ(ηg)², Σ|Δη|, Σ(Δη)², Ση, counted, pairs, activations,
+   inactive; a parameter's share: Σ(ηg)², Σ|Δη|, activations, inactive; the accumulators: ROW sums, then 2 levels */
+enum { TERMS = 9, SHARES = 4, SUMS = 9 };
 
 /* Coordinates summed in float32 before they are folded into float64. Many values of one magnitude (Adam's first
    steps give |ηg| ≈ lr everywhere) added one after another in float32 drift: summed over whole pieces of 16384,
    Σ(ηg)² was 6e-5 relative off at 40M coordinates where the loop is not vectorised (no OpenMP) and 9e-7 where it is.
    With at most 64 additions per float32 accumulator (a block of 64, or of 256 over ≥ 4 SIMD lanes) it stays below
-   2e-7 (1.3e-7 measured on that case, either way). */
+   2e-7 (1.3e-7 measured on that case, either way). The counts are sums of 0/1 in float32: exact below 2^24. */
 #ifdef _OPENMP
 enum { BLOCK = 256 };
 #else
 enum { BLOCK = 64 };
 #endif
 
-/* One block [0, len) (len <= BLOCK) of one tensor: its sums (in float32) folded into row[5] = min η, Σ(ηg)², Σ|Δη|,
-   Σ(Δη)², Ση (in float64). */
-static void block_terms(int mode, const float *restrict v, const float *restrict g, float *restrict eta, int64_t len,
-                        float s, float e, float s_prev, float e_prev, float inverse_keep, float weight, double *row) {
+/* A coordinate is inactive at t when v == 0 (it never had a non-zero gradient); everything else is active (a NaN
+   too, so that it reaches the sums and makes the step non-finite). Inactive at t − 1: a stored η_{t−1} with its sign
+   bit set (−η, −0 included), or a rebuilt v_{t−1} ≤ zero · v_t (then taken as 0, the v it had). Counted: active at t (every coordinate when `all`); pairs:
+   counted and active at t − 1 (every coordinate when `all`, with |η_{t−1}|). */
+#define COUNT_TERMS(et, step, act)                                                                                    \
+    {                                                                                                                 \
+        int counted_ = all | (act);                                                                                   \
+        float low_ = counted_ ? (et) : INFINITY;                                                                      \
+        lo = lo < low_ ? lo : low_;                                                                                   \
+        b += counted_ ? (step) * (step) : 0.0f;                                                                       \
+        total += counted_ ? (et) : 0.0f;                                                                              \
+        counted += counted_ ? 1.0f : 0.0f;                                                                            \
+        idle += (act) ? 0.0f : 1.0f;                                                                                  \
+    }
+#define PAIR_TERMS(diff, act, was)                                                                                    \
+    {                                                                                                                 \
+        int pair_ = all | ((act) & (was));                                                                            \
+        c += pair_ ? fabsf(diff) : 0.0f;                                                                              \
+        c2 += pair_ ? (diff) * (diff) : 0.0f;                                                                         \
+        pairs += pair_ ? 1.0f : 0.0f;                                                                                 \
+        started += ((act) & !(was)) ? 1.0f : 0.0f;                                                                    \
+    }
+
+/* One block [0, len) (len <= BLOCK) of one tensor: its sums (in float32) folded into row[TERMS] (in float64). */
+static void block_terms(int mode, int all, const float *restrict v, const float *restrict g, float *restrict eta,
+                        int64_t len, float s, float e, float s_prev, float e_prev, float inverse_keep, float weight,
+                        float zero, double *row) {
     float lo = INFINITY, b = 0.0f, c = 0.0f, c2 = 0.0f, total = 0.0f;
+    float counted = 0.0f, pairs = 0.0f, started = 0.0f, idle = 0.0f;
     if (mode == FIRST) {
-        #pragma omp simd reduction(min:lo) reduction(+:b, total)
+        #pragma omp simd reduction(min:lo) reduction(+:b, total, counted, idle)
         for (int64_t j = 0; j < len; j++) {
-            float et = s / (sqrtf(v[j]) + e);
+            float x = v[j];
+            float et = s / (sqrtf(x) + e);
             float step = et * g[j];
-            lo = lo < et ? lo : et;
-            b += step * step;
-            total += et;
-            eta[j] = et;
+            int act = x != 0.0f;
+            COUNT_TERMS(et, step, act)
+            eta[j] = act ? et : -et;
         }
     } else if (mode == STORED) {
-        #pragma omp simd reduction(min:lo) reduction(+:b, c, c2, total)
+        #pragma omp simd reduction(min:lo) reduction(+:b, c, c2, total, counted, pairs, started, idle)
         for (int64_t j = 0; j < len; j++) {
-            float et = s / (sqrtf(v[j]) + e);
+            float x = v[j], old = eta[j];
+            float et = s / (sqrtf(x) + e);
             float step = et * g[j];
-            float diff = et - eta[j];
-            lo = lo < et ? lo : et;
-            b += step * step;
-            c += fabsf(diff);
-            c2 += diff * diff;
-            total += et;
-            eta[j] = et;
+            float diff = et - fabsf(old);
+            int act = x != 0.0f, was = copysignf(1.0f, old) > 0.0f;
+            COUNT_TERMS(et, step, act)
+            PAIR_TERMS(diff, act, was)
+            eta[j] = act ? et : -et;
         }
     } else if (mode == CURRENT) {
-        #pragma omp simd reduction(min:lo) reduction(+:b, total)
+        #pragma omp simd reduction(min:lo) reduction(+:b, total, counted, idle)
         for (int64_t j = 0; j < len; j++) {
-            float et = s / (sqrtf(v[j]) + e);
+            float x = v[j];
+            float et = s / (sqrtf(x) + e);
             float step = et * g[j];
-            lo = lo < et ? lo : et;
-            b += step * step;
-            total += et;
+            int act = x != 0.0f;
+            COUNT_TERMS(et, step, act)
         }
-    } else { /* RECOMPUTED: v_{t-1} = max((v_t - w g_t^2) / k, 0), one division for both stepsizes */
-        #pragma omp simd reduction(min:lo) reduction(+:b, c, c2, total)
+    } else { /* RECOMPUTED: v_{t-1} = (v_t - w g_t^2) / k, 0 unless > zero * v_t; one division for both η */
+        #pragma omp simd reduction(min:lo) reduction(+:b, c, c2, total, counted, pairs, started, idle)
         for (int64_t j = 0; j < len; j++) {
             float x = v[j], gj = g[j];
             float a = sqrtf(x) + e;
             float previous = (x - weight * (gj * gj)) * inverse_keep;
-            float a_prev = sqrtf(previous > 0.0f ? previous : 0.0f) + e_prev;
+            int act = x != 0.0f, was = previous > zero * x;
+            previous = was ? previous : 0.0f; /* inactive at t - 1: v_{t-1} was 0 (the rest is v_t's roundings) */
+            float a_prev = sqrtf(previous) + e_prev;
             float r = 1.0f / (a * a_prev);
             float et = s * a_prev * r;
             float diff = (s * a_prev - s_prev * a) * r;
             float step = et * gj;
-            lo = lo < et ? lo : et;
-            b += step * step;
-            c += fabsf(diff);
-            c2 += diff * diff;
-            total += et;
+            COUNT_TERMS(et, step, act)
+            PAIR_TERMS(diff, act, was)
         }
     }
     row[0] = lo < row[0] ? lo : row[0];
     row[1] += b; row[2] += c; row[3] += c2; row[4] += total;
+    row[5] += counted; row[6] += pairs; row[7] += started; row[8] += idle;
 }
 
-/* One piece [start, start + len) of one tensor, BLOCK coordinates at a time. */
-static void piece_terms(int mode, const float *restrict v, const float *restrict g, float *restrict eta, int64_t len,
-                        float s, float e, float s_prev, float e_prev, float inverse_keep, float weight, double *row) {
+/* One piece [start, start + len) of one tensor, BLOCK coordinates at a time, into its own row (set here). */
+static void piece_terms(int mode, int all, const float *restrict v, const float *restrict g, float *restrict eta,
+                        int64_t len, float s, float e, float s_prev, float e_prev, float inverse_keep, float weight,
+                        float zero, double *row) {
+    row[0] = INFINITY;
+    for (int k = 1; k < TERMS; k++) row[k] = 0.0;
     for (int64_t k = 0; k < len; k += BLOCK) {
         int64_t m = len - k < BLOCK ? len - k : BLOCK;
-        block_terms(mode, v + k, g + k, eta ? eta + k : eta, m, s, e, s_prev, e_prev, inverse_keep, weight, row);
+        block_terms(mode, all, v + k, g + k, eta ? eta + k : eta, m, s, e, s_prev, e_prev, inverse_keep, weight,
+                    zero, row);
     }
 }
 
-/* The group's five terms into out[5] (float64); with accumulate, also the tracker's _accumulate: a finite step adds
-   weight * [1, min η, Σ(ηg)², Σ|Δη|, Σ(Δη)², Ση/n, Σ|Δη|/n, 0] to acc[8], a non-finite one adds 1 to acc[7] only,
-   and *finite says which it was. Tensor i has pieces first_piece[i] .. first_piece[i + 1] - 1 of `piece`
-   coordinates; each thread folds its pieces (a static schedule: the same ones at every call) into its own row.
-   Returns 0. */
-int adamtype_group_terms(int mode, int64_t n, const int64_t *v_ptrs, const int64_t *g_ptrs, float *eta,
+/* One call per group and step. Tensor i (of n) has pieces first_piece[i] .. first_piece[i + 1] - 1 of `piece`
+   coordinates, shared among `threads` OpenMP threads (a static schedule); piece p writes its row of TERMS into
+   partials[p * TERMS ..]. The rows are then folded in float64, in piece order: the group's terms into out[TERMS]
+   and tensor i's share (Σ(ηg)², Σ|Δη|, activations, inactive) into per_tensor[i * SHARES ..].
+   With accumulate, also lightning_adamtype.row.add_step: with N = counted, P = pairs, a finite row
+   [1, N > 0 ? min η : 0, Σ(ηg)², Σ|Δη|, Σ(Δη)², N > 0 ? Ση / N : 0, P > 0 ? Σ|Δη| / P : 0, 0, activations] adds
+   observe_weight times itself to acc[0 .. SUMS - 1] and sets the levels acc[SUMS] = inactive, acc[SUMS + 1] = the
+   coordinates (Σ sizes); a non-finite one adds 1 to acc[7] only; *finite says which. Returns 0. */
+int adamtype_group_terms(int mode, int all, int64_t n, const int64_t *v_ptrs, const int64_t *g_ptrs, float *eta,
                          const int64_t *eta_offsets, const int64_t *sizes, const int64_t *first_piece, int64_t piece,
-                         const float *table, int64_t table_stride, float inverse_keep, float weight, double *out,
-                         int accumulate, double *acc, double inverse_total, double observe_weight, uint8_t *finite,
-                         int threads) {
+                         const float *table, int64_t table_stride, float inverse_keep, float weight, float zero,
+                         double *partials, double *out, double *per_tensor, int accumulate, double *acc,
+                         double observe_weight, uint8_t *finite, int threads) {
     int64_t pieces = first_piece[n];
-    double rows[threads][5];
-    for (int t = 0; t < threads; t++) {
-        rows[t][0] = INFINITY; rows[t][1] = rows[t][2] = rows[t][3] = rows[t][4] = 0.0;
-    }
+    all = all != 0;
     #pragma omp parallel num_threads(threads) if (threads > 1)
     {
-        double *row = rows[omp_get_thread_num()];
         int64_t i = 0;
         #pragma omp for schedule(static)
         for (int64_t p = 0; p < pieces; p++) {
@@ -183,23 +208,37 @@ int adamtype_group_terms(int mode, int64_t n, const int64_t *v_ptrs, const int64
             const float *tab = table + i * table_stride;
             float s_prev = mode == RECOMPUTED ? tab[2] : 0.0f, e_prev = mode == RECOMPUTED ? tab[3] : 0.0f;
             float *eta_i = (mode == FIRST || mode == STORED) ? eta + eta_offsets[i] + start : 0;
-            piece_terms(mode, (const float *)(intptr_t)v_ptrs[i] + start, (const float *)(intptr_t)g_ptrs[i] + start,
-                        eta_i, len, tab[0], tab[1], s_prev, e_prev, inverse_keep, weight, row);
+            piece_terms(mode, all, (const float *)(intptr_t)v_ptrs[i] + start,
+                        (const float *)(intptr_t)g_ptrs[i] + start, eta_i, len, tab[0], tab[1], s_prev, e_prev,
+                        inverse_keep, weight, zero, partials + p * TERMS);
         }
     }
-    double lo = INFINITY, b = 0.0, c = 0.0, c2 = 0.0, total = 0.0;
-    for (int t = 0; t < threads; t++) {
-        lo = rows[t][0] < lo ? rows[t][0] : lo;
-        b += rows[t][1]; c += rows[t][2]; c2 += rows[t][3]; total += rows[t][4];
+    double terms[TERMS] = {INFINITY, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+    double numel = 0.0;
+    for (int64_t i = 0; i < n; i++) {
+        double share[SHARES] = {0.0, 0.0, 0.0, 0.0};
+        for (int64_t p = first_piece[i]; p < first_piece[i + 1]; p++) {
+            const double *row = partials + p * TERMS;
+            terms[0] = row[0] < terms[0] ? row[0] : terms[0];
+            for (int k = 1; k < TERMS; k++) terms[k] += row[k];
+            share[0] += row[1]; share[1] += row[2]; share[2] += row[7]; share[3] += row[8];
+        }
+        for (int k = 0; k < SHARES; k++) per_tensor[i * SHARES + k] = share[k];
+        numel += (double)sizes[i];
     }
-    out[0] = lo; out[1] = b; out[2] = c; out[3] = c2; out[4] = total;
+    for (int k = 0; k < TERMS; k++) out[k] = terms[k];
     if (accumulate) {
-        double mean = total * inverse_total, c_mean = c * inverse_total;
-        int ok = isfinite(lo) && isfinite(b) && isfinite(c) && isfinite(c2) && isfinite(mean);
+        double counted = terms[5], pairs = terms[6];
+        double row[SUMS] = {
+            1.0, counted > 0 ? terms[0] : 0.0, terms[1], terms[2], terms[3], counted > 0 ? terms[4] / counted : 0.0,
+            pairs > 0 ? terms[2] / pairs : 0.0, 0.0, terms[7],
+        };
+        int ok = 1;
+        for (int k = 0; k < SUMS; k++) ok = ok && isfinite(row[k]);
         if (ok) {
-            double k = observe_weight;
-            acc[0] += k; acc[1] += lo * k; acc[2] += b * k; acc[3] += c * k; acc[4] += c2 * k;
-            acc[5] += mean * k; acc[6] += c_mean * k;
+            for (int k = 0; k < SUMS; k++) acc[k] += row[k] * observe_weight;
+            acc[SUMS] = terms[8];
+            acc[SUMS + 1] = numel;
         } else {
             acc[7] += 1.0;
         }
@@ -404,7 +443,7 @@ def _load(path: str) -> tuple[ctypes.CDLL | None, str]:
     if found != ABI_VERSION:
         return None, f"has ABI version {found}, not {ABI_VERSION}"
     p, i64, f32, f64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_double, ctypes.c_int
-    function.argtypes = [i32, i64, p, p, p, p, p, p, i64, p, i64, f32, f32, p, i32, p, f64, f64, p, i32]
+    function.argtypes = [i32, i32, i64, p, p, p, p, p, p, i64, p, i64, f32, f32, f32, p, p, p, i32, p, f64, p, i32]
     function.restype = i32
     return library, ""
 

@@ -1,13 +1,22 @@
 """What the one-pass backends (:mod:`.native` on the CPU, :mod:`.triton` on CUDA) share.
 
-Both compute, for optimizers whose η_i = s_i / (sqrt(v_i) + e_i), the five terms of a whole group in one call that
-reads every v and g once (and η_{t−1} once, writing η_t over it). Modes:
+Both compute, for optimizers whose η_i = s_i / (sqrt(v_i) + e_i), the nine terms of :mod:`lightning_adamtype.row`
+of a whole group, and each tensor's share (b_i, c_i, activations_i, inactive_i), in one call that reads every v and
+g once (and η_{t−1} once, writing η_t over it). Per coordinate: active at t ⟺ v_t ≠ 0 (v_t > 0, or a NaN, which
+then reaches the sums and makes the step non-finite); η is kept signed, −η where the coordinate is inactive. Modes:
 
-- ``FIRST``: no η_{t−1}; η_t is written into the group's flat η buffer;
-- ``STORED``: η_{t−1} read from the flat buffer, η_t written over it;
+- ``FIRST``: no η_{t−1}; the signed η_t is written into the group's flat η buffer;
+- ``STORED``: the signed η_{t−1} read from the flat buffer (active at t − 1 ⟺ its sign bit is clear), the signed
+  η_t written over it;
 - ``CURRENT``: no η_{t−1} and nothing written (recomputed mode, first step);
-- ``RECOMPUTED``: η_{t−1} rebuilt from v_t and g_t, v_{t−1} = max((v_t − w·g_t²)/k, 0); the table holds
-  (s, e, s', e') per tensor.
+- ``RECOMPUTED``: η_{t−1} rebuilt from v_t and g_t, v_{t−1} = max((v_t − w·g_t²)/k, 0), active at t − 1 ⟺
+  v_{t−1} > :data:`RECOMPUTED_ZERO` · v_t (else v_{t−1} is taken as 0: it was, up to v_t's roundings); the table
+  holds (s, e, s', e') per tensor.
+
+Counted (b, min η, Ση): the coordinates active at t (``coordinates="active"``) or all; pairs (c, c2): counted and
+active at t − 1, or (``"all"``) every coordinate, with |η_{t−1}|; activations: inactive at t − 1 and active at t;
+inactive: v_t = 0. No counted coordinate gives min η = +inf (a neutral element: :func:`lightning_adamtype.row.row_of`
+reads it as 0, a sharded group's minimum over ranks skips it).
 
 :class:`FlatEtaLayout` places each tensor's η in the flat buffer; :class:`OnePassBackend` decides the mode, keeps
 the buffer (its views are what the tracker stores as each parameter's η_{t−1}, so a step whose η_{t−1} are exactly
@@ -27,7 +36,10 @@ from torch import Tensor
 from ..adapters import scalar_table
 from . import GroupStep, StepResult
 
-__all__ = ["CURRENT", "FIRST", "RECOMPUTED", "STORED", "FlatEtaLayout", "OnePassBackend", "addresses"]
+__all__ = [
+    "CURRENT", "FIRST", "RECOMPUTED", "RECOMPUTED_ZERO", "SHARES", "STORED", "FlatEtaLayout", "OnePassBackend",
+    "addresses",
+]
 
 #: the decline of a step whose parameters do not all have an η_{t−1} (a parameter without a gradient at the previous
 #: step): normal and transient, so the tracker does not warn about it
@@ -35,6 +47,13 @@ PARTIAL = "only some of its parameters have an η_{t−1}"
 
 #: the launch modes (the C source in :mod:`.native_build` repeats them)
 FIRST, STORED, CURRENT, RECOMPUTED = 0, 1, 2, 3
+
+#: recomputed mode: a coordinate counts as inactive at t − 1 when its rebuilt v_{t−1} ≤ this × v_t (v_t − w·g_t² of a
+#: coordinate whose first gradient came at t is 0 up to a few roundings of v_t); every backend uses this one value
+RECOMPUTED_ZERO = 1e-6
+
+#: per tensor, what a launch's ``per_tensor`` holds: b_i, c_i, activations_i, inactive_i (StepResult.per_tensor)
+SHARES = 4
 
 
 def addresses(tensors: Sequence[Tensor]) -> tuple[int, ...]:
@@ -102,6 +121,8 @@ class OnePassBackend:
         none of its parameters with an η_{t−1}, and no GradScaler flag to apply on the device."""
         if step.form is None:
             return "its effective stepsize is not of the form s / (sqrt(v) + e)"
+        if step.activity is not step.form[0]:  # (the kernels read activity from the v they read: v ≠ 0)
+            return "its coordinates' activity is not its square-root form's v"
         if step.found_inf is not None:
             return "a fused step that a GradScaler may skip is applied on the device by the foreach backend"
         with_previous = step.with_previous
@@ -139,26 +160,31 @@ class OnePassBackend:
         return launch
 
     def run(self, step: GroupStep) -> StepResult:
+        """One launch: StepResult(terms (None when the launch added the row itself, ``finite`` then its flag), n,
+        etas= the flat buffer's views (stored mode) or scales= the (s, e) table (recomputed mode), per_tensor=).
+        ``finite`` and ``per_tensor`` are the launch's own buffers, overwritten by the group's next step."""
         assert step.form is not None
         vs, scalars = step.form
         sizes = tuple(map(Tensor.numel, vs))
         n = sum(sizes)
         launch = self._launch(step, sizes)
-        accumulate = (step.accumulators, 1.0 / n, float(step.weight)) if step.fuse else None
+        accumulate = (step.accumulators, float(step.weight)) if step.fuse else None
         has_previous = step.with_previous > 0
+        coordinates = step.coordinates
         if step.update is not None:
             keep, weight = step.update
             table = scalar_table(scalars, torch.float32, step.device)
             if has_previous:
                 both = torch.cat([table, torch.stack(step.previous_scales).to(torch.float32)], dim=1)  # type: ignore[arg-type]
-                terms = launch.terms(vs, step.grads, None, both, RECOMPUTED, 1.0 / keep, weight, accumulate)
+                terms = launch.terms(vs, step.grads, None, both, RECOMPUTED, 1.0 / keep, weight, accumulate, coordinates)
             else:
-                terms = launch.terms(vs, step.grads, None, table, CURRENT, accumulate=accumulate)
-            result = StepResult(None, n, n if has_previous else 0, scales=table.to(step.dtype))
+                terms = launch.terms(vs, step.grads, None, table, CURRENT, accumulate=accumulate, coordinates=coordinates)
+            result = StepResult(None, n, scales=table.to(step.dtype), per_tensor=launch.per_tensor)
         else:
             buffer, views = self._buffer(step, launch, has_previous)
-            terms = launch.terms(vs, step.grads, buffer, launch.scalar_table(scalars), STORED if has_previous else FIRST, accumulate=accumulate)
-            result = StepResult(None, n, n if has_previous else 0, etas=views)
+            mode = STORED if has_previous else FIRST
+            terms = launch.terms(vs, step.grads, buffer, launch.scalar_table(scalars), mode, accumulate=accumulate, coordinates=coordinates)
+            result = StepResult(None, n, etas=views, per_tensor=launch.per_tensor)
         if step.fuse:
             result.finite = launch.finite_flag
         else:

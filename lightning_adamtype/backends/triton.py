@@ -1,11 +1,15 @@
 """The CUDA one-pass backend (``kernel="triton"``, the CUDA default): two Triton launches per group and step.
 
-For a group of n tensors with η_i = s_i / (sqrt(v_i) + e_i) (see :mod:`.one_pass`), one launch
-of :func:`_group_terms_kernel` reads every v and g once (and the stored η_{t−1} once, writing η_t over it), and
-each program writes the partial sums of one block of one tensor; :func:`_reduce_kernel` folds those into the
-group's five terms
+For a group of n tensors with η_i = s_i / (sqrt(v_i) + e_i) (see :mod:`.one_pass` for the active coordinates, the
+signed η and the modes), one launch of :func:`_group_terms_kernel` reads every v and g once (and the stored, signed
+η_{t−1} once, writing the signed η_t over it), and each program writes the nine partial terms of
+:mod:`lightning_adamtype.row` of one block of one tensor
 
-    [min_j η_j,  Σ_j (η_j g_j)²,  Σ_j |η_j − η_{t−1,j}|,  Σ_j (η_j − η_{t−1,j})²,  Σ_j η_j].
+    [min η, Σ (η g)², Σ |Δη|, Σ (Δη)², Σ η  (over the counted coordinates and pairs), counted, pairs, activations, inactive];
+
+one launch of :func:`_reduce_kernel` folds them: its program 0 into the group's nine terms (and, when accumulating,
+the row and the levels of :func:`lightning_adamtype.row.add_step`), its program 1 + i into tensor i's share
+(b_i, c_i, activations_i, inactive_i).
 
 Two launches per group per step, whatever the number of tensors, and four passes over memory (v, g, η_{t−1}
 read, η_t written; two with ``recomputed``: v and g only), against ≈ 25 launches and ≈ 15 passes for the same
@@ -14,16 +18,12 @@ passes device time.
 
 The tensors are found through a device table of their addresses (v's are the optimizer's state, stable from step
 to step; g's may move when gradients are set to None between steps): the table is rebuilt, with one asynchronous
-host-to-device copy, only when an address changed. Modes (``MODE``):
-
-- ``FIRST``: no η_{t−1}; η_t is written into the group's flat η buffer;
-- ``STORED``: η_{t−1} read from the flat buffer, η_t written over it;
-- ``CURRENT``: no η_{t−1} and nothing written (``previous_stepsize="recomputed"``, first step);
-- ``RECOMPUTED``: η_{t−1} rebuilt from v_t and g_t as in :mod:`.one_pass`
-  (v_{t−1} = max((v_t − w·g_t²)·(1/k), 0)); the table then holds (s, e, s', e') per tensor.
+host-to-device copy, only when an address changed. Modes (``MODE``): ``FIRST``, ``STORED``, ``CURRENT``,
+``RECOMPUTED`` as in :mod:`.one_pass` (v_{t−1} = (v_t − w·g_t²)·(1/k), 0 unless > RECOMPUTED_ZERO·v_t; the table then holds (s, e, s', e')
+per tensor); ``ALL``: ``coordinates="all"``.
 
 Float32 state and gradients only (the tracker takes another path otherwise); partial sums in float32 over
-blocks of :data:`BLOCK` coordinates, folded in float64 (exact enough at any size).
+blocks of :data:`BLOCK` coordinates (counts exact), folded in float64 (exact enough at any size).
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ import torch
 from torch import Tensor
 
 from ..adapters import Scalar, scalar_table, to_device
-from .one_pass import FlatEtaLayout, OnePassBackend, addresses
+from ..row import ACCUMULATOR_KEYS, TERM_KEYS
+from .one_pass import RECOMPUTED_ZERO, SHARES, FlatEtaLayout, OnePassBackend, addresses
 
 try:
     import triton
@@ -72,8 +73,8 @@ if triton is not None:
     @triton.jit
     def _group_terms_kernel(
         v_ptrs, g_ptrs, eta_ptr, eta_offsets, sizes, table, block_tensor, block_start, partials,
-        inverse_keep, weight, TABLE_STRIDE: tl.constexpr, MODE: tl.constexpr, ALIGNED: tl.constexpr,
-        BLOCK: tl.constexpr, SUB: tl.constexpr,
+        inverse_keep, weight, zero, TABLE_STRIDE: tl.constexpr, MODE: tl.constexpr, ALL: tl.constexpr,
+        ALIGNED: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr,
     ):
         # one program: BLOCK coordinates of one tensor, SUB at a time (few registers per thread, so many programs
         # stay resident per SM to keep loads in flight), partial sums kept per lane and reduced once at the end
@@ -101,6 +102,10 @@ if triton is not None:
         c = tl.zeros([SUB], tl.float32)
         c2 = tl.zeros([SUB], tl.float32)
         total = tl.zeros([SUB], tl.float32)
+        counted = tl.zeros([SUB], tl.float32)  # counts: sums of 0/1 in float32, exact (BLOCK < 2^24)
+        pairs = tl.zeros([SUB], tl.float32)
+        started = tl.zeros([SUB], tl.float32)
+        idle = tl.zeros([SUB], tl.float32)
         for k in range(0, BLOCK, SUB):
             offs = first + k + tl.arange(0, SUB)
             if ALIGNED:
@@ -108,84 +113,155 @@ if triton is not None:
             mask = offs < n
             v = tl.load(v_base + offs, mask=mask, other=0.0)
             g = tl.load(g_base + offs, mask=mask, other=0.0)
+            active = v != 0.0  # (a NaN is active: it reaches the sums); masked lanes read v = 0
             a = tl.sqrt(v) + e
             if MODE == 3:
-                a_previous = tl.sqrt(tl.maximum((v - weight * (g * g)) * inverse_keep, 0.0)) + e_previous
+                previous = (v - weight * (g * g)) * inverse_keep
+                was = previous > zero * v
+                previous = tl.where(was, previous, 0.0)  # inactive at t − 1: its v_{t−1} was 0 (and ≥ 0 always)
+                a_previous = tl.sqrt(previous) + e_previous
                 r = 1.0 / (a * a_previous)
                 eta = s * a_previous * r
-                diff = tl.where(mask, (s * a_previous - s_previous * a) * r, 0.0)
+                diff = (s * a_previous - s_previous * a) * r
             else:
                 eta = s / a
                 eta_at = eta_ptr + eta_offset + offs
-                if MODE == 1:  # STORED
-                    diff = tl.where(mask, eta - tl.load(eta_at, mask=mask, other=0.0), 0.0)
-                if MODE != 2:  # FIRST, STORED: η_t becomes the next step's η_{t−1}
-                    tl.store(eta_at, eta, mask=mask)
-            step = eta * g  # g is 0 on masked lanes
-            low = tl.minimum(low, tl.where(mask, eta, float("inf")))
-            b += step * step
-            total += tl.where(mask, eta, 0.0)
+                if MODE == 1:  # STORED: the signed η_{t−1}, sign bit set where it was inactive
+                    old = tl.load(eta_at, mask=mask, other=0.0)
+                    diff = eta - tl.abs(old)
+                    was = old.to(tl.int32, bitcast=True) >= 0
+                if MODE != 2:  # FIRST, STORED: the signed η_t becomes the next step's η_{t−1}
+                    tl.store(eta_at, tl.where(active, eta, -eta), mask=mask)
+            if ALL:
+                count = mask
+            else:
+                count = active
+            step = eta * g
+            low = tl.minimum(low, tl.where(count, eta, float("inf")))
+            b += tl.where(count, step * step, 0.0)
+            total += tl.where(count, eta, 0.0)
+            counted += tl.where(count, 1.0, 0.0)
+            idle += tl.where(mask & (v == 0.0), 1.0, 0.0)
             if MODE == 1 or MODE == 3:
-                c += tl.abs(diff)
-                c2 += diff * diff
-        row = partials + pid * 5
+                if ALL:
+                    pair = mask
+                else:
+                    pair = active & was
+                c += tl.where(pair, tl.abs(diff), 0.0)
+                c2 += tl.where(pair, diff * diff, 0.0)
+                pairs += tl.where(pair, 1.0, 0.0)
+                started += tl.where(active & (was == 0), 1.0, 0.0)
+        row = partials + pid * 9
         tl.store(row, tl.min(low, axis=0))
         tl.store(row + 1, tl.sum(b, axis=0))
         tl.store(row + 2, tl.sum(c, axis=0))
         tl.store(row + 3, tl.sum(c2, axis=0))
         tl.store(row + 4, tl.sum(total, axis=0))
+        tl.store(row + 5, tl.sum(counted, axis=0))
+        tl.store(row + 6, tl.sum(pairs, axis=0))
+        tl.store(row + 7, tl.sum(started, axis=0))
+        tl.store(row + 8, tl.sum(idle, axis=0))
 
     @triton.jit
     def _reduce_kernel(
-        partials, rows, out, accumulators, finite, inverse_total, weight,
+        partials, rows, out, per_tensor, first_block, accumulators, finite, numel, weight,
         ROWS_CEILING: tl.constexpr, BLOCK: tl.constexpr, ACCUMULATE: tl.constexpr,
     ):
+        # program 0: the group's nine terms (and the accumulators); program 1 + i: tensor i's share, from its blocks
+        pid = tl.program_id(0)
         offs = tl.arange(0, BLOCK)
-        low = tl.full([BLOCK], float("inf"), tl.float64)
-        b = tl.zeros([BLOCK], tl.float64)
-        c = tl.zeros([BLOCK], tl.float64)
-        c2 = tl.zeros([BLOCK], tl.float64)
-        total = tl.zeros([BLOCK], tl.float64)
-        for start in range(0, ROWS_CEILING, BLOCK):  # a compile-time bound (a power of two ≥ rows)
-            r = start + offs
-            mask = r < rows
-            at = partials + r * 5
-            low = tl.minimum(low, tl.load(at, mask=mask, other=float("inf")).to(tl.float64))
-            b += tl.load(at + 1, mask=mask, other=0.0).to(tl.float64)
-            c += tl.load(at + 2, mask=mask, other=0.0).to(tl.float64)
-            c2 += tl.load(at + 3, mask=mask, other=0.0).to(tl.float64)
-            total += tl.load(at + 4, mask=mask, other=0.0).to(tl.float64)
-        terms_min = tl.min(low, axis=0)
-        terms_b = tl.sum(b, axis=0)
-        terms_c = tl.sum(c, axis=0)
-        terms_c2 = tl.sum(c2, axis=0)
-        terms_sum = tl.sum(total, axis=0)
-        tl.store(out, terms_min)
-        tl.store(out + 1, terms_b)
-        tl.store(out + 2, terms_c)
-        tl.store(out + 3, terms_c2)
-        tl.store(out + 4, terms_sum)
-        if ACCUMULATE:
-            # lightning_adamtype.row.add_step, in the accumulators' dtype: a finite step adds weight·[1, min η, Σ(ηg)²,
-            # Σ|Δη|, Σ(Δη)², Ση/n, Σ|Δη|/n, 0]; a non-finite one adds only 1 to the last slot
-            dtype = accumulators.dtype.element_ty
-            row_min = terms_min.to(dtype)
-            row_b = terms_b.to(dtype)
-            row_c = terms_c.to(dtype)
-            row_c2 = terms_c2.to(dtype)
-            row_mean = terms_sum.to(dtype) * inverse_total
-            row_c_mean = row_c * inverse_total
-            ok = (row_min * 0 == 0) & (row_b * 0 == 0) & (row_c * 0 == 0) & (row_c2 * 0 == 0) & (row_mean * 0 == 0)
-            k = tl.where(ok, weight, 0.0).to(dtype)
-            tl.store(accumulators, tl.load(accumulators) + k)
-            tl.store(accumulators + 1, tl.load(accumulators + 1) + tl.where(ok, row_min * k, 0.0))
-            tl.store(accumulators + 2, tl.load(accumulators + 2) + tl.where(ok, row_b * k, 0.0))
-            tl.store(accumulators + 3, tl.load(accumulators + 3) + tl.where(ok, row_c * k, 0.0))
-            tl.store(accumulators + 4, tl.load(accumulators + 4) + tl.where(ok, row_c2 * k, 0.0))
-            tl.store(accumulators + 5, tl.load(accumulators + 5) + tl.where(ok, row_mean * k, 0.0))
-            tl.store(accumulators + 6, tl.load(accumulators + 6) + tl.where(ok, row_c_mean * k, 0.0))
-            tl.store(accumulators + 7, tl.load(accumulators + 7) + tl.where(ok, 0.0, 1.0).to(dtype))
-            tl.store(finite, ok.to(tl.uint8))
+        if pid == 0:
+            low = tl.full([BLOCK], float("inf"), tl.float64)
+            b = tl.zeros([BLOCK], tl.float64)
+            c = tl.zeros([BLOCK], tl.float64)
+            c2 = tl.zeros([BLOCK], tl.float64)
+            total = tl.zeros([BLOCK], tl.float64)
+            counted = tl.zeros([BLOCK], tl.float64)
+            pairs = tl.zeros([BLOCK], tl.float64)
+            started = tl.zeros([BLOCK], tl.float64)
+            idle = tl.zeros([BLOCK], tl.float64)
+            for start in range(0, ROWS_CEILING, BLOCK):  # a compile-time bound (a power of two ≥ rows)
+                r = start + offs
+                mask = r < rows
+                at = partials + r * 9
+                low = tl.minimum(low, tl.load(at, mask=mask, other=float("inf")).to(tl.float64))
+                b += tl.load(at + 1, mask=mask, other=0.0).to(tl.float64)
+                c += tl.load(at + 2, mask=mask, other=0.0).to(tl.float64)
+                c2 += tl.load(at + 3, mask=mask, other=0.0).to(tl.float64)
+                total += tl.load(at + 4, mask=mask, other=0.0).to(tl.float64)
+                counted += tl.load(at + 5, mask=mask, other=0.0).to(tl.float64)
+                pairs += tl.load(at + 6, mask=mask, other=0.0).to(tl.float64)
+                started += tl.load(at + 7, mask=mask, other=0.0).to(tl.float64)
+                idle += tl.load(at + 8, mask=mask, other=0.0).to(tl.float64)
+            terms_min = tl.min(low, axis=0)
+            terms_b = tl.sum(b, axis=0)
+            terms_c = tl.sum(c, axis=0)
+            terms_c2 = tl.sum(c2, axis=0)
+            terms_sum = tl.sum(total, axis=0)
+            terms_counted = tl.sum(counted, axis=0)
+            terms_pairs = tl.sum(pairs, axis=0)
+            terms_started = tl.sum(started, axis=0)
+            terms_idle = tl.sum(idle, axis=0)
+            tl.store(out, terms_min)
+            tl.store(out + 1, terms_b)
+            tl.store(out + 2, terms_c)
+            tl.store(out + 3, terms_c2)
+            tl.store(out + 4, terms_sum)
+            tl.store(out + 5, terms_counted)
+            tl.store(out + 6, terms_pairs)
+            tl.store(out + 7, terms_started)
+            tl.store(out + 8, terms_idle)
+            if ACCUMULATE:
+                # lightning_adamtype.row.add_step, in the accumulators' dtype: with N counted and P pairs, a finite
+                # step adds weight·[1, N > 0 ? min η : 0, Σ(ηg)², Σ|Δη|, Σ(Δη)², N > 0 ? Ση/N : 0,
+                # P > 0 ? Σ|Δη|/P : 0, 0, activations] and sets the levels [inactive, coordinates]; a non-finite one
+                # adds only 1 to nonfinite_steps and leaves the levels
+                dtype = accumulators.dtype.element_ty
+                n_counted = terms_counted.to(dtype)
+                n_pairs = terms_pairs.to(dtype)
+                row_min = tl.where(n_counted > 0, terms_min.to(dtype), 0.0)
+                row_b = terms_b.to(dtype)
+                row_c = terms_c.to(dtype)
+                row_c2 = terms_c2.to(dtype)
+                row_mean = tl.where(n_counted > 0, terms_sum.to(dtype) / tl.maximum(n_counted, 1.0), 0.0)
+                row_c_mean = tl.where(n_pairs > 0, row_c / tl.maximum(n_pairs, 1.0), 0.0)
+                row_started = terms_started.to(dtype)
+                ok = (row_min * 0 == 0) & (row_b * 0 == 0) & (row_c * 0 == 0) & (row_c2 * 0 == 0)
+                ok = ok & (row_mean * 0 == 0) & (row_c_mean * 0 == 0) & (row_started * 0 == 0)
+                k = tl.where(ok, weight, 0.0).to(dtype)
+                tl.store(accumulators, tl.load(accumulators) + k)
+                tl.store(accumulators + 1, tl.load(accumulators + 1) + tl.where(ok, row_min * k, 0.0))
+                tl.store(accumulators + 2, tl.load(accumulators + 2) + tl.where(ok, row_b * k, 0.0))
+                tl.store(accumulators + 3, tl.load(accumulators + 3) + tl.where(ok, row_c * k, 0.0))
+                tl.store(accumulators + 4, tl.load(accumulators + 4) + tl.where(ok, row_c2 * k, 0.0))
+                tl.store(accumulators + 5, tl.load(accumulators + 5) + tl.where(ok, row_mean * k, 0.0))
+                tl.store(accumulators + 6, tl.load(accumulators + 6) + tl.where(ok, row_c_mean * k, 0.0))
+                tl.store(accumulators + 7, tl.load(accumulators + 7) + tl.where(ok, 0.0, 1.0).to(dtype))
+                tl.store(accumulators + 8, tl.load(accumulators + 8) + tl.where(ok, row_started * k, 0.0))
+                tl.store(accumulators + 9, tl.where(ok, terms_idle.to(dtype), tl.load(accumulators + 9)))
+                tl.store(accumulators + 10, tl.where(ok, tl.load(numel).to(dtype), tl.load(accumulators + 10)))
+                tl.store(finite, ok.to(tl.uint8))
+        else:
+            i = pid - 1
+            lo = tl.load(first_block + i)
+            hi = tl.load(first_block + i + 1)
+            b = tl.zeros([BLOCK], tl.float64)
+            c = tl.zeros([BLOCK], tl.float64)
+            started = tl.zeros([BLOCK], tl.float64)
+            idle = tl.zeros([BLOCK], tl.float64)
+            for start in range(lo, hi, BLOCK):
+                r = start + offs
+                mask = r < hi
+                at = partials + r * 9
+                b += tl.load(at + 1, mask=mask, other=0.0).to(tl.float64)
+                c += tl.load(at + 2, mask=mask, other=0.0).to(tl.float64)
+                started += tl.load(at + 7, mask=mask, other=0.0).to(tl.float64)
+                idle += tl.load(at + 8, mask=mask, other=0.0).to(tl.float64)
+            share = per_tensor + i * 4
+            tl.store(share, tl.sum(b, axis=0))
+            tl.store(share + 1, tl.sum(c, axis=0))
+            tl.store(share + 2, tl.sum(started, axis=0))
+            tl.store(share + 3, tl.sum(idle, axis=0))
 
 
 @dataclass
@@ -199,8 +275,11 @@ class GroupLaunch(FlatEtaLayout):
     block_start: Tensor = field(init=False)
     sizes_table: Tensor = field(init=False)
     eta_offsets: Tensor = field(init=False)
-    partials: Tensor = field(init=False)  # one row of partial sums per program (written by the first launch)
-    out: Tensor = field(init=False)  # the five terms (written by the second)
+    first_block: Tensor = field(init=False)  # tensor i's programs are first_block[i] .. first_block[i + 1] − 1
+    partials: Tensor = field(init=False)  # one row of nine partial terms per program (written by the first launch)
+    out: Tensor = field(init=False)  # the nine terms (written by the second)
+    per_tensor: Tensor = field(init=False)  # float64 [n, 4]: (b_i, c_i, activations_i, inactive_i) (the second)
+    numel: Tensor = field(init=False)  # float64 [1]: the group's coordinates (the "coordinates" level)
     finite: Tensor = field(init=False)  # uint8: was the latest step finite (written by the second when accumulating)
     finite_flag: Tensor = field(init=False)  # the same byte as a bool tensor (made once: a view per step costs)
     _rows_ceiling: int = field(init=False)
@@ -212,17 +291,22 @@ class GroupLaunch(FlatEtaLayout):
         super().__post_init__()
         tensor_of_block: list[int] = []
         start_of_block: list[int] = []
+        first_block = [0]
         for i, n in enumerate(self.sizes):
             blocks = -(-n // BLOCK)
             tensor_of_block += [i] * blocks
             start_of_block += range(0, blocks * BLOCK, BLOCK)
+            first_block.append(first_block[-1] + blocks)
         self.block_tensor = to_device(tensor_of_block, torch.int32, self.device)
         self.block_start = to_device(start_of_block, torch.int64, self.device)
         self.sizes_table = to_device(list(self.sizes), torch.int64, self.device)
         self.eta_offsets = to_device(self.offsets, torch.int64, self.device)
+        self.first_block = to_device(first_block, torch.int64, self.device)
+        self.numel = to_device([float(sum(self.sizes))], torch.float64, self.device)
         # the launches' outputs are reused every step (stream-ordered: a step's launches run after the last one's)
-        self.partials = torch.empty(self.blocks, 5, dtype=torch.float32, device=self.device)
-        self.out = torch.empty(5, dtype=torch.float64, device=self.device)
+        self.partials = torch.empty(self.blocks, len(TERM_KEYS), dtype=torch.float32, device=self.device)
+        self.out = torch.empty(len(TERM_KEYS), dtype=torch.float64, device=self.device)
+        self.per_tensor = torch.empty(len(self.sizes), SHARES, dtype=torch.float64, device=self.device)
         self.finite = torch.empty((), dtype=torch.uint8, device=self.device)
         self.finite_flag = self.finite.view(torch.bool)
         self._rows_ceiling = max(_REDUCE_BLOCK, 1 << (self.blocks - 1).bit_length())
@@ -254,29 +338,43 @@ class GroupLaunch(FlatEtaLayout):
         mode: int,
         inverse_keep: float = 1.0,
         weight: float = 0.0,
-        accumulate: tuple[Tensor, float, float] | None = None,
+        accumulate: tuple[Tensor, float] | None = None,
+        coordinates: str = "active",
     ) -> Tensor:
-        """The group's five terms (float64 ``[5]``) in two launches; ``vs``, ``gs`` contiguous float32 on the
-        device, ``eta`` the flat float32 η buffer of ``eta_numel`` elements (read and/or written per ``mode``;
-        16-byte aligned, as any fresh allocation is), ``table`` the float32
-        ``[n, 2]`` (s, e) or, for ``RECOMPUTED``, ``[n, 4]`` (s, e, s', e') table. ``accumulate`` =
-        (accumulators ``[8]``, 1/n, k): the second launch also adds the step's row, weighted by k, to the
-        accumulators (as :func:`lightning_adamtype.row.add_step` does) and writes whether the step was finite into
-        :attr:`finite`. The returned tensor is :attr:`out`, overwritten by the next call."""
+        """The group's nine terms (float64 ``[9]``, :attr:`out`) and each tensor's share (:attr:`per_tensor`) in two
+        launches, over the ``coordinates`` ("active" or "all") :mod:`lightning_adamtype.row` counts; ``vs``, ``gs``
+        contiguous float32 on the device, ``eta`` the flat float32 η buffer of ``eta_numel`` elements (the signed
+        η_{t−1} read and/or the signed η_t written per ``mode``; 16-byte aligned, as any fresh allocation is),
+        ``table`` the float32 ``[n, 2]`` (s, e) or, for ``RECOMPUTED``, ``[n, 4]`` (s, e, s', e') table.
+        ``accumulate`` = (accumulators ``[11]``, k): the second launch also adds the step's row, weighted by k, to
+        the accumulators and sets their levels (as :func:`lightning_adamtype.row.add_step` does) and writes whether
+        the step was finite into :attr:`finite`. :attr:`out` and :attr:`per_tensor` are overwritten by the next
+        call."""
         self.check_launch(vs, gs, eta, table, mode)
+        if coordinates not in ("active", "all"):
+            raise ValueError(f"coordinates={coordinates!r}: expected 'active' or 'all'")
         v_ptrs, g_ptrs = self.address_tables(vs, gs)
         partials, out = self.partials, self.out
         eta_arg = eta if eta is not None else partials  # never touched in CURRENT / RECOMPUTED
         aligned = self._aligned and (eta is None or eta.data_ptr() % 16 == 0)
         _group_terms_kernel[(self.blocks,)](
             v_ptrs, g_ptrs, eta_arg, self.eta_offsets, self.sizes_table, table, self.block_tensor, self.block_start,
-            partials, float(inverse_keep), float(weight), TABLE_STRIDE=table.shape[1], MODE=mode, ALIGNED=aligned,
-            BLOCK=BLOCK, SUB=SUB, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+            partials, float(inverse_keep), float(weight), RECOMPUTED_ZERO, TABLE_STRIDE=table.shape[1], MODE=mode,
+            ALL=coordinates == "all", ALIGNED=aligned, BLOCK=BLOCK, SUB=SUB, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
         )
-        accumulators, inverse_total, observe_weight = accumulate if accumulate is not None else (out, 1.0, 1.0)
-        _reduce_kernel[(1,)](
-            partials, self.blocks, out, accumulators, self.finite, float(inverse_total), float(observe_weight),
-            ROWS_CEILING=self._rows_ceiling, BLOCK=_REDUCE_BLOCK, ACCUMULATE=accumulate is not None,
+        if accumulate is not None:
+            accumulators, observe_weight = accumulate
+            if accumulators.numel() < len(ACCUMULATOR_KEYS) or not accumulators.is_contiguous():
+                raise ValueError(
+                    f"the Triton kernel accumulates into contiguous accumulators of {len(ACCUMULATOR_KEYS)} "
+                    f"(got shape {tuple(accumulators.shape)})"
+                )
+        else:
+            accumulators, observe_weight = out, 1.0
+        _reduce_kernel[(1 + len(self.sizes),)](
+            partials, self.blocks, out, self.per_tensor, self.first_block, accumulators, self.finite, self.numel,
+            float(observe_weight), ROWS_CEILING=self._rows_ceiling, BLOCK=_REDUCE_BLOCK,
+            ACCUMULATE=accumulate is not None,
         )
         return out
 
