@@ -187,8 +187,11 @@ class Reference:
     ``"all"``: every coordinate (the paper's formulas as written)."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, eta_fn: Callable | None = None, wd_fn: Callable | None = None,
-                 coordinates: str = "active", active_fn: Callable | None = None):
+                 coordinates: str = "active", active_fn: Callable | None = None, recomputed_zero: float | None = None):
         self.optimizer = optimizer
+        # previous_stepsize="recomputed": v_{t−1} ≤ recomputed_zero · v_t counts as inactive at t − 1 (Adam's v)
+        self.recomputed_zero = recomputed_zero
+        self.previous_v: dict[int, Tensor] = {}
         self.coordinates = coordinates
         self.active_fn = active_fn or ACTIVE.get(type(optimizer).__name__, all_active)
         self.was_active: list[dict[int, Tensor]] = []
@@ -254,6 +257,9 @@ class Reference:
             for pi, eta in etas.items():
                 if self.last_seen[gi].get(pi) == self.observations - 1:
                     before = self.was_active[gi][pi]
+                    if self.recomputed_zero is not None:
+                        v = f64(self.optimizer.state[group["params"][pi]]["exp_avg_sq"])
+                        before = self.previous_v[id(group["params"][pi])] > self.recomputed_zero * v
                     pairs = counted[pi] & before if self.coordinates == "active" else counted[pi]
                     d = (eta - self.previous[gi][pi])[pairs]
                     c += d.abs().sum().item()
@@ -267,6 +273,9 @@ class Reference:
             for pi, eta in etas.items():
                 self.previous[gi][pi] = eta
                 self.was_active[gi][pi] = active[pi]
+                if self.recomputed_zero is not None:
+                    p = group["params"][pi]
+                    self.previous_v[id(p)] = f64(self.optimizer.state[p]["exp_avg_sq"])
                 self.last_seen[gi][pi] = self.observations
         self._snap = []
 
