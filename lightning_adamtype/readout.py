@@ -52,8 +52,8 @@ def read_groups(names: Sequence[str], states: Sequence[Any]) -> dict[str, dict[s
 
     Per verdict (variance, bias): ``<kind>_slope``, ``<kind>_violation`` (1.0 trending toward violation, 0.0 holds,
     NaN unknown), ``<kind>_window_ratio`` (the latest windowed increment ratio), ``<kind>_changed_at`` (the
-    group's observation at which the verdict last changed, NaN while unknown) and ``<kind>_steps_needed`` (0, or
-    at least how many more observed steps an unknown verdict needs)."""
+    optimizer step at which the verdict last changed, NaN while unknown) and ``<kind>_steps_needed`` (0, or
+    at least how many more optimizer steps an unknown verdict needs; both on the optimizer's step clock)."""
     live = [(n, s) for n, s in zip(names, states) if s.accumulators is not None or s.disabled]
     width = len(ACCUMULATOR_KEYS) + len(_KINDS) * len(_VERDICT_FIELDS)
     rows = []

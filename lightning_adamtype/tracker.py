@@ -33,6 +33,9 @@ from .trend import TrendDetector, TrendOptions
 
 __all__ = ["ACCUMULATOR_KEYS", "VERDICTS", "ConditionTracker", "group_names"]
 
+#: what :meth:`ConditionTracker._gather` returns for a sharded group of which this rank holds no coordinate
+JOINED = object()
+
 #: the two verdicts and the accumulated sum each compares with A: variance (B/A → 0) and bias (C/A → 0)
 VERDICTS = {"variance": "b", "bias": "c"}
 
@@ -347,6 +350,8 @@ class ConditionTracker:
         gathered = self._gather(state, found_inf, record)
         if gathered is None:
             return False
+        if gathered is JOINED:
+            return True
         step, keys, shards = gathered
         result = self._compute(state, step)
         self._keep(state, keys, step.params, result)
@@ -372,7 +377,7 @@ class ConditionTracker:
         counter = states[0].get("step") if states else None
         if counter is None:
             return self.observations
-        return int(round(float(counter)))
+        return int(round(float(sharding.local_view(counter))))
 
     def _gather(self, state: GroupState, found_inf: Tensor | None, record: bool):
         """(:class:`GroupStep`, parameter keys, shards) of the parameters that stepped, or None when none did."""
@@ -395,6 +400,7 @@ class ConditionTracker:
         if any(map(_is_sparse, grads)) or any(map(_is_meta, keys)) or not all(map(Tensor.is_floating_point, keys)):
             keys, states, grads = self._measurable(keys, states, grads)
         params = list(keys)
+        all_states = states  # (before a sharded group's local filtering)
         shards = None
         if keys and sharding.is_dtensor(keys[0]):
             measurable, process_group = sharding.shard_group(keys[0])
@@ -421,7 +427,10 @@ class ConditionTracker:
             if record and shards is not None:
                 terms, n = sharding.combine(None, 0, shards[1], device, state.accumulators.dtype)
                 state.last_finite = add_step(state.accumulators, terms, n, float(self.observe_every))
+                if state.count == 0:
+                    state.clock_offset = self._optimizer_step(all_states) - self.observe_every
                 state.count += 1
+                return JOINED  # observed: the verdicts and the switch run on every rank alike
             return None
         grads = self._consumed(group, keys, states, grads)
         return self._group_step(state, group, keys, params, states, grads, found_inf, record, shards), keys, shards
@@ -598,7 +607,7 @@ class ConditionTracker:
         if self.previous_stepsize == "recomputed":
             state.kept = None
             self._seed_stored_stepsizes(state.group)
-        step = self.observations + 1
+        step = state.clock + 1  # the first optimizer step run as AMSGrad (the verdicts' clock)
         self.switched[name] = step
         options = self.trend_options
         self.switch_events.append((name, step, switch_reason(float(detector.slope), options.margin, options.patience)))

@@ -264,11 +264,10 @@ class TrendDetector:
         missing = max(0, o.min_samples + o.patience - 1 - self._count)
         if missing == 0:
             return 0
-        index, step = self._grid_index, self.next_sample_step
-        for _ in range(missing - 1):
-            index += 1
-            step = max(step + 1, _grid_step(index, o.points_per_decade))
-        return max(0, step - self._last_step)
+        index = self._grid_index + missing - 1
+        if index / o.points_per_decade > 15:  # (beyond any run: no float overflow, no long loop)
+            return 10**15
+        return max(0, max(self.next_sample_step, _grid_step(index, o.points_per_decade)) - self._last_step)
 
     @property
     def last_step(self) -> int:

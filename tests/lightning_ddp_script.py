@@ -10,7 +10,8 @@ that rank. Rank zero's loggers write TensorBoard events and a CSV under ``<out>/
 
 ``--switch on``: ``switch_to_amsgrad=True`` with :data:`FORCE` (a verdict that holds after a few steps, so the
 switch happens inside this short run). ``deaf``: the same, but rank 1's detectors can never flag (patience out of
-reach, same sampling grid), so rank 1 switches only because rank 0's decision is broadcast to it.
+reach, same sampling grid: its own verdicts stay unknown), so rank 1 switches only because rank 0's decision is
+broadcast to it.
 ``--devices 1`` is the single-process reference over the same global batches (batch size 2·BATCH).
 """
 
@@ -37,7 +38,9 @@ LOG_EVERY = 4  # the monitor logs at 4, 8, …, 20 (the last step is a log step:
 #: Flags after three valid samples (sampling from step 5, patience 2, any slope above −10 is a "violation"):
 #: the groups switch to AMSGrad at optimizer step 9 of 20.
 FORCE = TrendOptions(warmup=5, window=4, min_samples=3, margin=10.0, patience=2)
-NEVER = TrendOptions(warmup=5, window=4, min_samples=3, margin=10.0, patience=10**6)  # same grid, never flags
+#: Same grid, but no streak reaches patience within the run: the verdict stays NaN (unknown). (Not 10**6: the grid
+#: step TrendDetector.steps_needed() counts to would pass 10^308 and overflow.)
+NEVER = TrendOptions(warmup=5, window=4, min_samples=3, margin=10.0, patience=1000)
 
 
 class Boring(pl.LightningModule):

@@ -37,7 +37,11 @@ pytestmark = pytest.mark.skipif(
 )
 
 STEPS = 12
-KEYS = ("steps", "a", "b", "c", "c2", "a_mean", "c_mean", "nonfinite_steps")
+KEYS = ("steps", "a", "b", "c", "c2", "a_mean", "c_mean", "nonfinite_steps", "activations", "inactive", "coordinates",
+        "variance_window_ratio", "bias_window_ratio")
+#: known exactly on every rank without a reduction of floats (host ints, or NaN while 12 steps are inside the warm-up)
+EXACT = ("variance_violation", "bias_violation", "variance_steps_needed", "bias_steps_needed", "variance_changed_at",
+         "bias_changed_at")
 CASES = {
     "adam-wd": (torch.optim.Adam, dict(lr=1e-2, weight_decay=0.1)),
     "adamw-foreach": (torch.optim.AdamW, dict(lr=1e-2, foreach=True)),
@@ -151,13 +155,15 @@ def _train_resumed(rank: int) -> dict:
 
 def _combine_terms(rank: int) -> dict:
     """sharding.combine across the two ranks: rank 0 holds coordinates, rank 1 none (neutral terms)."""
-    terms = torch.tensor([0.5, 2.0, 3.0, 0.25, 6.0], dtype=torch.float64)
+    # the nine terms (row.TERM_KEYS): min_eta, b, c, c2, eta_sum, n_counted, n_pairs, activations, inactive
+    terms = torch.tensor([0.5, 2.0, 3.0, 0.25, 6.0, 4.0, 3.0, 1.0, 2.0], dtype=torch.float64)
     group = dist.group.WORLD
     out = {}
-    both = combine(terms if rank == 0 else terms * 2 + 1, 4 + rank, 3 + rank, group, torch.device("cpu"), torch.float64)
-    out["both"] = [both[0].tolist(), float(both[1]), float(both[2])]
-    one = combine(terms if rank == 0 else None, 4 if rank == 0 else 0, 3 if rank == 0 else 0, group, torch.device("cpu"), torch.float64)
-    out["empty_rank_1"] = [one[0].tolist(), float(one[1]), float(one[2])]
+    # n (coordinates that stepped) = n_counted + inactive on each rank: 6 and 14
+    both = combine(terms if rank == 0 else terms * 2 + 1, 6 if rank == 0 else 14, group, torch.device("cpu"), torch.float64)
+    out["both"] = [both[0].tolist(), float(both[1])]
+    one = combine(terms if rank == 0 else None, 6 if rank == 0 else 0, group, torch.device("cpu"), torch.float64)
+    out["empty_rank_1"] = [one[0].tolist(), float(one[1])]
     acc = torch.zeros(len(ACCUMULATOR_KEYS), dtype=torch.float64)
     finite = add_step(acc, *one, weight=2.0)
     out["row"], out["finite"] = acc.tolist(), bool(finite)
@@ -165,6 +171,19 @@ def _combine_terms(rank: int) -> dict:
 
 
 JOBS = {"train": _train_sharded, "resume": _train_resumed, "combine": _combine_terms}
+
+
+def _same(a, b) -> bool:
+    return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
+
+
+def _assert_same_on_every_rank(ranks: list[dict]) -> None:
+    """Every key of every group of ``compute()`` is the same number (or NaN) on both ranks; names what differs."""
+    a, b = ranks[0]["compute"], ranks[1]["compute"]
+    assert a.keys() == b.keys() and all(a[group].keys() == b[group].keys() for group in a)
+    differ = {f"{group}/{key}": (value, b[group][key]) for group in a for key, value in a[group].items()
+              if not _same(value, b[group][key])}
+    assert not differ, f"rank 0 vs rank 1: {differ}"
 
 
 def _free_port() -> int:
@@ -193,8 +212,12 @@ def test_fsdp2_sharded_run_matches_the_unsharded_run(tmp_path, case, option):
         for key in KEYS:
             rel = 1e-4 if key in ("a", "b", "a_mean") else 1e-3
             assert values[key] == pytest.approx(expected[key], rel=rel, abs=1e-12), (r, key, values[key], expected[key])
+        for key in EXACT:
+            assert _same(values[key], expected[key]), (r, key, values[key], expected[key])
         assert values["c"] > 0 and math.isfinite(values["bias_ratio"]) and values["measured"] == 1.0
-    assert ranks[0]["compute"] == ranks[1]["compute"]  # one combined number, the same on every rank
+        assert math.isfinite(values["bias_window_ratio"]) and values["coordinates"] == 70  # 5·7+7 + 7·3+3 + 3+1
+        assert math.isnan(values["bias_violation"]) and values["bias_steps_needed"] > 0  # unknown inside the warm-up
+    _assert_same_on_every_rank(ranks)  # one combined number, the same on every rank
 
 
 # ---------------------------------------------------------------------------------------------- through Lightning
@@ -222,13 +245,16 @@ def test_model_parallel_strategy_is_monitored_and_matches_one_process(tmp_path):
     (single,) = _run_script(tmp_path / "single", 1)
     assert r0["strategy"] == "ModelParallelStrategy" and r0["steps"] == single["steps"] == 12
     assert r0["local_rows"] != r1["local_rows"] and 0 in r1["local_rows"], (r0["local_rows"], r1["local_rows"])
-    assert r0["compute"] == r1["compute"]
+    # every key, the verdicts' window ratios and steps_needed included, also on rank 1, whose shard of "head" is empty
+    _assert_same_on_every_rank([r0, r1])
     assert set(r0["compute"]) == set(single["compute"]) == {"Adam/pg0", "Adam/head"}
     for group, expected in single["compute"].items():
         for key in KEYS:
             rel = 1e-4 if key in ("a", "b", "a_mean") else 1e-3
             got = r0["compute"][group][key]
             assert got == pytest.approx(expected[key], rel=rel, abs=1e-12), (group, key, got, expected[key])
+        for key in EXACT:
+            assert _same(r0["compute"][group][key], expected[key]), (group, key, r0["compute"][group][key], expected[key])
 
 
 def test_resume_of_a_sharded_group_restarts_the_oscillation_chain(tmp_path):
@@ -258,32 +284,42 @@ def test_combine_reduces_over_the_ranks_and_an_empty_shard_adds_neutral_terms(tm
     terms; row.add_step then adds the combined step (weighted) as for an unsharded group."""
     r0, r1 = _spawn(tmp_path, "combine")
     assert r0 == r1
-    terms = [0.5, 2.0, 3.0, 0.25, 6.0]
+    terms = [0.5, 2.0, 3.0, 0.25, 6.0, 4.0, 3.0, 1.0, 2.0]
     other = [2 * t + 1 for t in terms]
-    assert r0["both"] == [[min(terms[0], other[0])] + [a + b for a, b in zip(terms[1:], other[1:])], 4.0 + 5.0, 3.0 + 4.0]
-    assert r0["empty_rank_1"] == [terms, 4.0, 3.0]
-    # k · [1, min_eta, b, c, c2, eta_sum / n, c / n', 0] with k = 2
-    assert r0["row"] == [2.0, 1.0, 4.0, 6.0, 0.5, 2 * 6.0 / 4, 2 * 3.0 / 3, 0.0] and r0["finite"]
+    assert r0["both"] == [[min(terms[0], other[0])] + [a + b for a, b in zip(terms[1:], other[1:])], 6.0 + 14.0]
+    assert r0["empty_rank_1"] == [terms, 6.0]
+    # sums: k · [1, min_eta, b, c, c2, eta_sum / n_counted, c / n_pairs, 0, activations] with k = 2;
+    # levels (set, not added): [inactive, n]
+    assert dict(zip(ACCUMULATOR_KEYS, r0["row"])) == {
+        "steps": 2.0, "a": 1.0, "b": 4.0, "c": 6.0, "c2": 0.5, "a_mean": 2 * 6.0 / 4, "c_mean": 2 * 3.0 / 3,
+        "nonfinite_steps": 0.0, "activations": 2.0, "inactive": 2.0, "coordinates": 6.0,
+    }
+    assert r0["finite"]
 
 
 def test_sharded_reduction_masks_a_step_a_grad_scaler_skipped():
     """A fused step that a GradScaler skipped (device ``found_inf`` > 0) adds nothing and is not counted as
     non-finite, as on the unsharded path (one process: the reduction over no process group is the identity)."""
     acc = torch.zeros(len(ACCUMULATOR_KEYS), dtype=torch.float64)
-    terms = torch.tensor([1.0, 2.0, 0.25, 0.125, 1.5], dtype=torch.float64)
-    combined = combine(terms, 3, 3, None, torch.device("cpu"), torch.float64)
-    assert combined[0].tolist() == terms.tolist() and float(combined[1]) == float(combined[2]) == 3.0
+    # min_eta, b, c, c2, eta_sum, n_counted, n_pairs, activations, inactive (row.TERM_KEYS); n = 3 stepped
+    terms = torch.tensor([1.0, 2.0, 0.25, 0.125, 1.5, 2.0, 2.0, 1.0, 1.0], dtype=torch.float64)
+    combined = combine(terms, 3, None, torch.device("cpu"), torch.float64)
+    assert combined[0].tolist() == terms.tolist() and float(combined[1]) == 3.0
     for skipped, expected_steps in ((1.0, 0.0), (0.0, 1.0)):
         finite = add_step(acc, *combined, weight=1.0, skipped=torch.tensor([skipped]))
         assert bool(finite)  # a skipped step is not a non-finite one (the trend detector must not read NaN)
         values = dict(zip(ACCUMULATOR_KEYS, acc.tolist()))
         assert values["steps"] == expected_steps and values["b"] == 2.0 * expected_steps
+        assert values["activations"] == expected_steps
+        # the levels: left alone by the skipped step, set to [inactive, n] by the counted one
+        assert (values["inactive"], values["coordinates"]) == ((0.0, 0.0) if skipped else (1.0, 3.0))
         assert values["nonfinite_steps"] == 0.0  # never counted as a non-finite step
     # a skipped step with non-finite terms adds nothing either
-    finite = add_step(acc, torch.full((5,), math.nan, dtype=torch.float64), 3, 3, skipped=torch.tensor([1.0]))
+    finite = add_step(acc, torch.full((9,), math.nan, dtype=torch.float64), 3, skipped=torch.tensor([1.0]))
     assert bool(finite) and dict(zip(ACCUMULATOR_KEYS, acc.tolist()))["steps"] == 1.0
-    # and an unskipped non-finite step is counted under nonfinite_steps only
-    finite = add_step(acc, torch.full((5,), math.inf, dtype=torch.float64), 3, 3, skipped=torch.tensor([0.0]))
+    # and an unskipped non-finite step is counted under nonfinite_steps only (the levels stay)
+    finite = add_step(acc, torch.full((9,), math.inf, dtype=torch.float64), 5, skipped=torch.tensor([0.0]))
     assert not bool(finite)
     values = dict(zip(ACCUMULATOR_KEYS, acc.tolist()))
     assert values["steps"] == 1.0 and values["nonfinite_steps"] == 1.0 and values["b"] == 2.0
+    assert (values["inactive"], values["coordinates"]) == (1.0, 3.0)

@@ -10,14 +10,14 @@ dumps what it saw to ``rank<r>.json``. Checked:
 1. every quantity of every group (``monitor.compute()``), each tracker's ``switched``, the AMSGrad flags and the
    parameters are exactly the same on both ranks;
 2. only global rank zero logs: rank 1's loggers receive no ``adamtype/...`` call, there is one version directory and
-   one event file, every logged step appears once per tag (TensorBoard events and metrics.csv), the switch marker
-   and the switch message appear once;
+   one event file, every logged step appears once per tag (TensorBoard events and metrics.csv), the switch marker,
+   the switch message and the end-of-fit summary appear once;
 3. the numbers equal (to rounding: DDP sums the two ranks' gradients in another order) a single-process run over
    the same global batches (the script replays Lightning's permutations with a one-replica ``DistributedSampler``
    and batch size 8);
 4. with ``switch_to_amsgrad=True`` and a verdict forced within the run, both ranks switch every group at the same
    step and both optimizers run AMSGrad afterwards; when rank 1's own detectors can never flag, rank 1 still switches
-   at rank 0's step (Lightning path of the broadcast).
+   at rank 0's step (Lightning path of the broadcast), while its own verdicts stay unknown (NaN).
 """
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ STEPS = script.EPOCHS * script.BATCHES  # optimizer steps (global_step at the en
 LOGGED_STEPS = sorted({*range(script.LOG_EVERY, STEPS + 1, script.LOG_EVERY), STEPS})  # 4, 8, …, 20
 GROUPS = ("Adam/pg0", "Adam/head")
 SWITCH_STEP = 9  # with script.FORCE: samples at 5, 6, 7 (slope known at 7), patience 2 → flagged at 8, AMSGrad from 9
-VERDICTS = ("variance_violation", "bias_violation")
+#: the keys that follow from a rank's own verdicts (three-state verdict, the step it last changed, steps still needed)
+VERDICTS = tuple(f"{kind}_{field}" for kind in ("variance", "bias") for field in ("violation", "changed_at", "steps_needed"))
 
 
 def _free_port() -> int:
@@ -206,10 +207,16 @@ def test_only_rank_zero_logs_and_each_step_once(runs, switch):
         assert [(int(row["step"]), float(row[tag])) for row in rows if row[tag] != ""] == [(SWITCH_STEP, 1.0)], tag
 
     # the switch message: once per group, from rank zero only
-    messages = [line for line in run.output.splitlines() if "switched to AMSGrad" in line]
+    lines = run.output.splitlines()
+    messages = [line for line in lines if line.startswith("[lightning_adamtype]") and "switched to AMSGrad" in line]
     assert len(messages) == len(switch_tags), messages
     for group in (GROUPS if switch == "on" else ()):
         assert sum(f"{group}: switched to AMSGrad from optimizer step {SWITCH_STEP}" in m for m in messages) == 1
+    # the end-of-fit summary: once (rank zero), both groups, the switch step of each switched group
+    assert sum(line == "lightning_adamtype summary (Adam):" for line in lines) == 1, run.output[-4000:]
+    for group in GROUPS:
+        assert sum(line.startswith(f"{group}: {STEPS} observed steps") for line in lines) == 1, group
+    assert sum(line == f"  switched to AMSGrad at step {SWITCH_STEP}" for line in lines) == len(switch_tags)
 
 
 # ============================================================================ 3. = one process, same global batches
@@ -225,8 +232,8 @@ def test_equals_a_single_process_run_on_the_same_global_batches(runs, switch):
         ddp, one = r0["compute"][group], single["compute"][group]
         assert ddp.keys() == one.keys()
         for key, value in ddp.items():
-            if isinstance(value, bool):
-                assert value == one[key], (group, key)
+            if key in VERDICTS:  # three-state floats and step counts: the same exactly
+                assert _same(value, one[key]), (group, key, value, one[key])
             else:
                 assert value == pytest.approx(one[key], rel=1e-9, abs=1e-12, nan_ok=True), (group, key, value, one[key])
     for name, values in r0["params"].items():
@@ -241,7 +248,8 @@ def test_switch_on_every_rank_at_the_same_step(runs):
         assert r["amsgrad"] == [True, True]
         assert r["max_exp_avg_sq"] == [True, True]  # the state AMSGrad needs exists on every rank
         for group in GROUPS:
-            assert r["compute"][group]["bias_violation"] is True
+            assert r["compute"][group]["bias_violation"] == 1.0
+            assert r["compute"][group]["bias_changed_at"] == SWITCH_STEP - 1  # flagged at the sample before the switch
 
 
 def test_rank_one_follows_rank_zeros_decision(runs):
@@ -252,8 +260,10 @@ def test_rank_one_follows_rank_zeros_decision(runs):
         assert r["switched"] == [{group: SWITCH_STEP for group in GROUPS}]
         assert r["amsgrad"] == [True, True] and r["max_exp_avg_sq"] == [True, True]
     for group in GROUPS:
-        assert r0["compute"][group]["bias_violation"] is True
-        assert r1["compute"][group]["bias_violation"] is False  # rank 1 would not have switched on its own
+        assert r0["compute"][group]["bias_violation"] == 1.0
+        # rank 1 would not have switched on its own: its verdict never became known
+        assert math.isnan(r1["compute"][group]["bias_violation"]) and math.isnan(r1["compute"][group]["bias_changed_at"])
+        assert r1["compute"][group]["bias_steps_needed"] > 0
     _assert_identical(r0, r1, skip=VERDICTS)
     # rank 0 ran exactly as in the run where both ranks have the same detectors
     on0, _ = runs("on").ranks

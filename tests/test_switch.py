@@ -4,9 +4,11 @@
 ``exp_avg_sq``. The step after it must be bit for bit the step a fresh ``torch.optim.Adam(amsgrad=True)`` (same
 implementation) takes from that state, i.e. v̂_{t+1} = max(v_t, v_{t+1}) in torch's uncorrected convention.
 
-Measured on the divergence example (β = (0, 0.9), lr 0.1, float64): the bias verdict switches Adam to AMSGrad at
-optimizer step 423 for seeds 0 and 1, 651 for seed 2 (the first step run as AMSGrad); |x| then returns to 0
-(seed 0: |x| ≈ 0.01 at 8 000 steps while plain Adam is at ≈ 110).
+Measured on the divergence example (β = (0, 0.9), lr 0.1, float64; default options: the trend detector reads the
+windowed increment ratio (C(T) − C(S))/(A(T) − A(S)), S ≈ T/2, over active coordinates): the bias verdict turns to
+violation (1.0) at sample step 422 for seeds 0 and 1 and 1155 for seed 2, which switches Adam to AMSGrad from optimizer
+step 423, resp. 1156 (the first step run as AMSGrad); |x| then comes back (seed 0: |x| ≈ 0.01 at 8 000 steps while
+plain Adam is at ≈ 110), and the (non-sticky) verdict clears to 0.0 (holds) once the window has left the Adam steps.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 from torch import nn
 
 import lightning_adamtype
-from lightning_adamtype import ConditionTracker
+from lightning_adamtype import ConditionTracker, TrendOptions
 from lightning_adamtype.adapters import find_adapter, registered_adapters
 
 try:
@@ -30,7 +32,7 @@ try:
 except ImportError:
     import divergence_problem as dp
 
-SWITCH_STEP = {0: 423, 1: 423, 2: 651}  # measured: first optimizer step run as AMSGrad, per seed
+SWITCH_STEP = {0: 423, 1: 423, 2: 1156}  # measured: first optimizer step run as AMSGrad, per seed
 
 
 # ================================================================================ exactness of the switch
@@ -164,7 +166,19 @@ def test_adam_is_switched_on_the_divergence_example(seed):
     opt, _ = dp.make_optimizer("adam", param)
     tracker = _switch_tracker(opt)
     flags: list[bool] = []
-    dp.train(param, opt, dp.draw_indices(steps, seed), on_step=lambda k: flags.append(opt.param_groups[0]["amsgrad"]))
+    xs: list[float] = []  # |x| after each step
+    at_turn: list = []  # compute() and its warnings right after the post-hook that switched
+
+    def record(k: int) -> None:
+        flags.append(opt.param_groups[0]["amsgrad"])
+        xs.append(abs(float(param.detach())))
+        if flags[-1] and not at_turn:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                at_turn.append(tracker.compute()["Adam/pg0"])
+            at_turn.append([str(w.message) for w in caught])
+
+    dp.train(param, opt, dp.draw_indices(steps, seed), on_step=record)
     step = SWITCH_STEP[seed]
     assert tracker.switched == {"Adam/pg0": step}
     # `step` is the first optimizer step run as AMSGrad: the flag was set in the post-hook of step `step` − 1
@@ -174,9 +188,19 @@ def test_adam_is_switched_on_the_divergence_example(seed):
     assert [(name, s) for name, s, _ in tracker.switch_events] == [("Adam/pg0", step)]
     reason = tracker.switch_events[0][2]
     assert "bias ratio" in reason and "slope" in reason
-    # the switch pulls x back: plain Adam is at 22.8 … 29.5 here, the switched run at 2.9 … 10.7
+    # at the switch: the bias verdict had just turned to violation (1.0), at the sample step whose post-hook switched,
+    # and the first reading says so in a warning
+    row, messages = at_turn
+    assert row["bias_violation"] == 1.0 and row["bias_changed_at"] == step - 1 and row["steps"] == step - 1
+    assert row["bias_slope"] > -TrendOptions().margin
+    assert sum("bias verdict of Adam/pg0 turned to 'trending toward violation'" in m for m in messages) == 1
+    # the switch pulls x back: at 2 000 steps the switched run is below its |x| at the switch (9.9, 5.4, 20.7 for
+    # seeds 0, 1, 2; now 6.9, 2.9, 17.5), while plain Adam, the same run up to the switch, drifts on (29.5, 22.8, 26.6)
     plain, _, _ = dp.run("adam", steps, seed)
-    assert abs(float(param.detach())) < abs(float(plain.detach())) / 2, (float(param.detach()), float(plain.detach()))
+    at_switch = xs[step - 2]  # after step `step` − 1, the last Adam step: both runs are still the same here
+    assert xs[-1] < at_switch < abs(float(plain.detach())), (xs[-1], at_switch, float(plain.detach()))
+    if step < steps / 4:  # switched early (seeds 0 and 1): by 2 000 steps x is well below plain Adam's
+        assert xs[-1] < abs(float(plain.detach())) / 2, (xs[-1], float(plain.detach()))
 
 
 def test_switched_adam_converges_like_amsgrad():
@@ -186,9 +210,15 @@ def test_switched_adam_converges_like_amsgrad():
     assert tracker.switched == {"Adam/pg0": 423}
     assert abs(float(plain.detach())) > 10  # ≈ 110
     assert abs(float(param.detach())) < 0.1  # ≈ 0.011
-    row = tracker.compute()["Adam/pg0"]
-    # once AMSGrad, C/A falls again and the (non-sticky) bias verdict clears
-    assert row["bias_violation"] is False and row["bias_slope"] < -0.3, row["bias_slope"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        row = tracker.compute()["Adam/pg0"]
+    # once AMSGrad, the windowed ratio falls and the (non-sticky) bias verdict clears to "holds", after the switch
+    assert row["bias_violation"] == 0.0 and row["bias_slope"] < -0.3, (row["bias_violation"], row["bias_slope"])
+    assert 423 < row["bias_changed_at"] <= steps and row["bias_steps_needed"] == 0
+    # the window forgets Adam's first 423 steps, the cumulative ratio does not
+    assert row["bias_window_ratio"] < row["bias_ratio"] / 100, (row["bias_window_ratio"], row["bias_ratio"])
+    assert not [w for w in caught if "bias verdict" in str(w.message)]  # a verdict that holds warns about nothing
 
 
 @pytest.mark.parametrize("kind", ["amsgrad", "adagrad", "sgd"])
@@ -214,7 +244,10 @@ def test_flagged_optimizer_that_cannot_switch_is_left_alone():
     assert tracker.switched == {"RMSprop/pg0": -1}
     assert tracker.switch_events == []
     assert "amsgrad" not in opt.param_groups[0]
-    assert tracker.compute()["RMSprop/pg0"]["bias_violation"] is True
+    # compute() says it too: the verdict turned to violation since the (first) reading
+    with pytest.warns(UserWarning, match="bias verdict of RMSprop/pg0 turned to 'trending toward violation'"):
+        row = tracker.compute()["RMSprop/pg0"]
+    assert row["bias_violation"] == 1.0
     untracked, _, _ = dp.run("rmsprop", 2000, 0)
     assert torch.equal(param.detach(), untracked.detach())
 
@@ -369,9 +402,14 @@ def test_lightning_switch_message_tag_and_tracker(lightning_run):
 
     tmp, trainer, monitor, model, _, stdout = lightning_run
     assert trainer.global_step == EPOCH
-    messages = [line for line in stdout.splitlines() if "switched to AMSGrad" in line]
+    lines = stdout.splitlines()
+    messages = [line for line in lines if line.startswith("[lightning_adamtype]") and "switched to AMSGrad" in line]
     assert len(messages) == 1, stdout
     assert "Adam/pg0" in messages[0] and "423" in messages[0] and "bias ratio" in messages[0]
+    # the end-of-fit summary (summary=True by default), printed once, names the switch and the verdict
+    assert lines.count("lightning_adamtype summary (Adam):") == 1, stdout
+    assert lines.count("  switched to AMSGrad at step 423") == 1, stdout
+    assert any(line.startswith("  bias condition (C/A → 0): ") for line in lines), stdout
     assert monitor.trackers[0].switched == {"Adam/pg0": 423}
     assert trainer.optimizers[0].param_groups[0]["amsgrad"] is True
 
@@ -404,7 +442,12 @@ def test_lightning_resume_after_the_switch_stays_amsgrad(lightning_run):
     with contextlib.redirect_stdout(out):
         trainer.fit(model, _loader(), ckpt_path=path)
     assert trainer.global_step == 2 * EPOCH
-    assert "switched to AMSGrad" not in out.getvalue()
+    lines = out.getvalue().splitlines()
+    switch_messages = [line for line in lines if line.startswith("[lightning_adamtype]") and "switched to AMSGrad" in line]
+    assert switch_messages == [], out.getvalue()  # no new switch
+    # the summary reports the switch restored from the checkpoint
+    assert lines.count("lightning_adamtype summary (Adam):") == 1, out.getvalue()
+    assert lines.count("  switched to AMSGrad at step 423") == 1, out.getvalue()
     assert trainer.optimizers[0].param_groups[0]["amsgrad"] is True
     tracker = monitor.trackers[0]
     assert tracker.switched == {"Adam/pg0": 423}
