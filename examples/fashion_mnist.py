@@ -17,7 +17,7 @@ t10k images; at the end it prints a Markdown table (one row per run) and draws t
 ratio, c and a of all runs, read back from the event files, into one figure (``--out``) with the final verdicts in
 the legends.
 
-    python examples/fashion_mnist.py                       # 3 runs × 3000 optimizer steps, writes fashion_mnist.png
+    python examples/fashion_mnist.py                       # 3 runs × 4500 optimizer steps, writes fashion_mnist.png
     python examples/fashion_mnist.py --quick               # 200 steps per run: a smoke run
     python examples/fashion_mnist.py --runs adam amsgrad --start-step 300 --schedule cosine
     tensorboard --logdir runs/fashion_mnist                # the logged curves
@@ -80,7 +80,7 @@ FALLBACK_DIRS = (os.path.join("data", "FashionMNIST", "raw"), "/usr/share/datase
 MEAN, STD = 0.2860, 0.3530
 NUM_CLASSES = 10
 BATCH_SIZE = 128
-DEFAULT_STEPS, QUICK_STEPS = 3000, 200
+DEFAULT_STEPS, QUICK_STEPS = 4500, 200
 
 # (run folder, label, Adam(amsgrad=...), AdamTypeMonitor(switch_to_amsgrad=...)); the folder is the --runs choice
 RUNS = (
