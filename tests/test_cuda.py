@@ -13,6 +13,7 @@ import warnings
 import pytest
 import torch
 
+import test_backends as backend_checks  # (a module: its tests are not collected again here)
 from host_reads import NO_SAMPLES, leaky_adam
 from lightning_adamtype import ConditionTracker, backends
 from lightning_adamtype.row import ACCUMULATOR_KEYS
@@ -134,6 +135,37 @@ def test_the_sync_check_is_not_vacuous_on_cuda(mode):
     (tests/host_reads.leaky_adam) synchronises: ``check_no_sync`` fails, naming the synchronisation."""
     with leaky_adam() as cls, pytest.raises(AssertionError, match="synchroniz"):
         check_no_sync("cuda", cls, dict(lr=1e-2, foreach=True), MODES[mode])
+
+
+@pytest.mark.filterwarnings("ignore:.*non-finite:UserWarning")  # (the run's lr = inf step)
+@pytest.mark.parametrize("coordinates", ["active", "all"])
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("opt_name,cls,kwargs", backend_checks.ACTIVATING, ids=[a[0] for a in backend_checks.ACTIVATING])
+def test_coordinates_that_become_active_midway_on_cuda(opt_name, cls, kwargs, mode, coordinates):
+    """tests/test_backends.py's run with coordinates activated midway and a non-finite step, on the GPU, against
+    the same float64 oracle (every count exact)."""
+    tracker_kwargs = {**MODES[mode], "coordinates": coordinates}
+    backend_checks.check_activating_run("cuda", opt_name, cls, kwargs, tracker_kwargs,
+                                        expected_backend("cuda", tracker_kwargs))
+
+
+@pytest.mark.parametrize("previous_stepsize", ["stored", "recomputed"])
+@pytest.mark.parametrize("name", ["triton", "foreach"])
+def test_backend_steps_at_40M_on_cuda(name, previous_stepsize):
+    """tests/test_backends.py's two steps at 40M coordinates (activations, inactive coordinates) through
+    ``backend(name).run`` on the GPU, both coordinates modes: the group terms within 1e-6 of float64, the counts
+    exact, the shares within 1e-6 (foreach: 1e-3)."""
+    if backends.backend(name).unavailable(torch.device("cuda")) is not None:
+        pytest.skip(backends.backend(name).unavailable(torch.device("cuda")))
+    gradients = torch.randn(backend_checks.N_LARGE + 16 * 4099, generator=torch.Generator().manual_seed(2)) * 1e-2
+    run = backend_checks.large_steps(gradients, backend_checks.LARGE_SIZES, previous_stepsize)
+    for coordinates in ("active", "all"):
+        for which in ("first", "second"):
+            x, expected = run[which], run[f"{which}_expected"][coordinates]
+            result = backends.backend(name).run(x.step(coordinates, device="cuda"))
+            backend_checks.assert_terms_close(result.terms, expected, x.mode)
+            backend_checks.assert_shares_close(result.per_tensor, expected, x.mode, name)
+            backend_checks.assert_kept(result, x, expected)
 
 
 @pytest.mark.parametrize("mode", list(MODES))

@@ -104,7 +104,8 @@ def runs(counter: str) -> int:
 
 def check_kernel(library: ctypes.CDLL) -> None:
     """``adamtype_abi_version()`` is ABI_VERSION, and one CURRENT-mode call on one tensor (8 pieces, 2 threads) gives
-    [min η, Σ(ηg)², 0, 0, Ση] of η = s / (sqrt(v) + e) as float64 computes them."""
+    the nine terms [min η, Σ(ηg)², 0, 0, Ση, n, 0, 0, 0] of η = s / (sqrt(v) + e) (every v > 0: every coordinate
+    active) as float64 computes them, and the tensor's share (Σ(ηg)², 0, 0, 0)."""
     assert library.adamtype_abi_version() == native_build.ABI_VERSION
     generator = torch.Generator().manual_seed(0)
     n, piece = 1000, 128
@@ -114,17 +115,22 @@ def check_kernel(library: ctypes.CDLL) -> None:
     v_ptrs, g_ptrs = (ctypes.c_int64 * 1)(v.data_ptr()), (ctypes.c_int64 * 1)(g.data_ptr())
     offsets, sizes = torch.zeros(1, dtype=torch.int64), torch.tensor([n])
     first_piece = torch.tensor([0, -(-n // piece)])
-    out = torch.full((5,), float("nan"), dtype=torch.float64)
+    partials = torch.empty(int(first_piece[-1]), 9, dtype=torch.float64)
+    out = torch.full((9,), float("nan"), dtype=torch.float64)
+    per_tensor = torch.full((1, 4), float("nan"), dtype=torch.float64)
     code = library.adamtype_group_terms(
-        2, 1, ctypes.addressof(v_ptrs), ctypes.addressof(g_ptrs), None, offsets.data_ptr(), sizes.data_ptr(),
-        first_piece.data_ptr(), piece, table.data_ptr(), 2, 1.0, 0.0, out.data_ptr(), 0, None, 1.0, 1.0, None, 2,
+        2, 0, 1, ctypes.addressof(v_ptrs), ctypes.addressof(g_ptrs), None, offsets.data_ptr(), sizes.data_ptr(),
+        first_piece.data_ptr(), piece, table.data_ptr(), 2, 1.0, 0.0, 1e-6, partials.data_ptr(), out.data_ptr(),
+        per_tensor.data_ptr(), 0, None, 1.0, None, 2,
     )
     assert code == 0
     s, e = table.double()[0]
     eta = s / (v.double().sqrt() + e)
     zero = eta.new_zeros(())
-    expected = torch.stack([eta.min(), ((eta * g.double()) ** 2).sum(), zero, zero, eta.sum()])
+    b = ((eta * g.double()) ** 2).sum()
+    expected = torch.stack([eta.min(), b, zero, zero, eta.sum(), eta.new_tensor(float(n)), zero, zero, zero])
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=0)
+    torch.testing.assert_close(per_tensor, torch.stack([b, zero, zero, zero]).reshape(1, 4), rtol=1e-5, atol=0)
 
 
 def test_fresh_cache_builds_once_then_loads_without_compiling(tmp_path, monkeypatch):

@@ -3,9 +3,10 @@
 The tracker gathers one :class:`GroupStep` per parameter group and step (the parameters that stepped, their
 optimizer state, the gradients they consumed, the adapter's square-root form, η_{t−1} per parameter) and hands it
 to a backend. A backend either **declines** the step (:meth:`Backend.decline` returns the reason) or **runs** it
-(:meth:`Backend.run`) and returns a :class:`StepResult`: the five terms of :mod:`lightning_adamtype.row` (or, when
-``step.fuse`` is set, it adds the row to the accumulators itself), the coordinate counts, and the η_t (or the
-(s, e) table) to keep as the next step's η_{t−1}.
+(:meth:`Backend.run`) and returns a :class:`StepResult`: the nine terms of :mod:`lightning_adamtype.row` (or, when
+``step.fuse`` is set, it adds the row to the accumulators and sets the levels itself), the coordinate count, each
+parameter's share (b_i, c_i, activations_i, inactive_i), and the signed η_t (or the (s, e) table) to keep as the
+next step's η_{t−1}.
 
 - ``"foreach"`` (:mod:`.foreach`): the reference, multi-tensor ``torch._foreach_*`` operations, for every
   optimizer, dtype and device; sums taken in pieces and added in float64 (see its docstring).

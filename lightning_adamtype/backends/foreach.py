@@ -149,7 +149,7 @@ class ForeachBackend:
         dtype, device = step.dtype, step.device
         if step.form is not None:
             etas = _from_sqrt_form(*step.form)
-            eta_min = _min_from_sqrt_form(*step.form, dtype)  # (the largest v is active when any is: min over active)
+            eta_min: Tensor | None = _min_from_sqrt_form(*step.form, dtype)  # (the largest v is active when any is)
         else:
             etas = list(step.effective_stepsizes())
             eta_min = step.min_stepsize(dtype) if step.min_stepsize is not None else None
