@@ -165,7 +165,8 @@ ACTIVE: dict[str, Callable] = {
     "AdamW": _positive("exp_avg_sq"),
     "Adagrad": _positive("sum"),
     "RMSprop": _positive("square_avg"),
-    "Adamax": lambda group, state, p: f64(state["exp_inf"]) > num(group["eps"]),
+    # (u = max(β2·u, |g| + eps) is eps in the state's dtype until a first non-zero gradient)
+    "Adamax": lambda group, state, p: f64(state["exp_inf"]) > float(torch.tensor(num(group["eps"]), dtype=state["exp_inf"].dtype)),
     "NAdam": _positive("exp_avg_sq"),
     "RAdam": _positive("exp_avg_sq"),
     "AdaFom": _positive("sum"),
