@@ -39,6 +39,11 @@ def _choice(owner: str, option: str, value: Any, allowed: dict[str, str]) -> Non
         raise ValueError(f"{owner}({option}={value!r}): expected one of {choices}")
 
 
+def _positive_int(owner: str, option: str, value: Any, meaning: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{owner}({option}={value!r}): expected a positive int ({meaning})")
+
+
 @dataclass(frozen=True)
 class TrackerOptions:
     """How a tracker measures and acts (see :class:`~lightning_adamtype.ConditionTracker` for each option).
@@ -61,19 +66,15 @@ class TrackerOptions:
             raise ValueError(f"{owner}(trend={self.trend!r}): expected a lightning_adamtype.TrendOptions or None")
         _choice(owner, "kernel", self.kernel, KERNELS)
         _choice(owner, "previous_stepsize", self.previous_stepsize, PREVIOUS_STEPSIZES)
-        k = self.observe_every
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(
-                f"{owner}(observe_every={k!r}): expected a positive int (1, the default, observes every step; "
-                "k > 1 observes the step pair (t − 1, t) for every t divisible by k and weighs it by k)"
-            )
+        _positive_int(
+            owner, "observe_every", self.observe_every, "1, the default, observes every step; k > 1 observes the step "
+            "pair (t − 1, t) for every t divisible by k and weighs it by k",
+        )
         _choice(owner, "coordinates", self.coordinates, COORDINATES)
-        s = self.start_step
-        if isinstance(s, bool) or not isinstance(s, int) or s < 1:
-            raise ValueError(
-                f"{owner}(start_step={s!r}): expected a positive int (1, the default, observes from the first "
-                "optimizer step; N > 1 ignores the first N − 1 steps, as if the tracker were attached at step N)"
-            )
+        _positive_int(
+            owner, "start_step", self.start_step, "1, the default, observes from the first optimizer step; N > 1 "
+            "ignores the first N − 1 steps, as if the tracker were attached at step N",
+        )
         return dataclasses.replace(self, trend=self.trend or TrendOptions())
 
     def as_kwargs(self) -> dict[str, Any]:

@@ -698,14 +698,9 @@ class ConditionTracker:
             rows = state.tensors.read()
             if rows:
                 index = {id(p): i for i, p in enumerate((state.group or {}).get("params", []))}
-                out[name] = [(self._parameter_name(p, f"{name}[{index.get(id(p), '?')}]"), values) for p, values in rows]
+                named = {id(p): n for p, n in self.parameter_names.items()}
+                out[name] = [(named.get(id(p), f"{name}[{index.get(id(p), '?')}]"), values) for p, values in rows]
         return out
-
-    def _parameter_name(self, param: Tensor, default: str) -> str:
-        for p, n in self.parameter_names.items():
-            if p is param:
-                return n
-        return default
 
     def summary(self) -> str:
         """A short text report (see :func:`lightning_adamtype.summary.summary_text`): per group both verdicts, their
