@@ -10,11 +10,7 @@ rank 0's turns to 1.0 (trending toward violation) at sample step 422 and switche
 
 from __future__ import annotations
 
-import datetime
-import json
 import math
-import os
-import socket
 
 import pytest
 import torch
@@ -25,8 +21,10 @@ from lightning_adamtype import ConditionTracker, TrendOptions
 
 try:
     from . import divergence_problem as dp
+    from . import gloo_ranks
 except ImportError:
     import divergence_problem as dp
+    import gloo_ranks
 
 pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(),
@@ -52,46 +50,29 @@ class _X(nn.Module):
         return (g * self.x).sum()  # ∂/∂x = g exactly
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str, deaf_rank: int | None) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
-    try:
-        model = nn.parallel.DistributedDataParallel(_X())
-        opt = torch.optim.Adam(model.parameters(), lr=0.1, betas=dp.BETAS, eps=dp.EPS)
-        tracker = ConditionTracker(opt, switch_to_amsgrad=True, trend=NEVER if rank == deaf_rank else None)
-        first_amsgrad_step = None
-        for k, i in enumerate(dp.draw_indices(STEPS, 0)):
-            opt.zero_grad(set_to_none=True)
-            model(i).backward()
-            opt.step()
-            if first_amsgrad_step is None and opt.param_groups[0]["amsgrad"]:
-                first_amsgrad_step = k + 2  # set in the post-hook of step k + 1: step k + 2 runs as AMSGrad
-        result = {
-            "switched": tracker.switched,
-            "events": [[name, step] for name, step, _ in tracker.switch_events],
-            "first_amsgrad_step": first_amsgrad_step,
-            "amsgrad": opt.param_groups[0]["amsgrad"],
-            "x": float(model.module.x.detach()),
-            "compute": tracker.compute(),
-        }
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(result, f)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _job(rank: int, deaf_rank: int | None) -> dict:
+    model = nn.parallel.DistributedDataParallel(_X())
+    opt = torch.optim.Adam(model.parameters(), lr=0.1, betas=dp.BETAS, eps=dp.EPS)
+    tracker = ConditionTracker(opt, switch_to_amsgrad=True, trend=NEVER if rank == deaf_rank else None)
+    first_amsgrad_step = None
+    for k, i in enumerate(dp.draw_indices(STEPS, 0)):
+        opt.zero_grad(set_to_none=True)
+        model(i).backward()
+        opt.step()
+        if first_amsgrad_step is None and opt.param_groups[0]["amsgrad"]:
+            first_amsgrad_step = k + 2  # set in the post-hook of step k + 1: step k + 2 runs as AMSGrad
+    return {
+        "switched": tracker.switched,
+        "events": [[name, step] for name, step, _ in tracker.switch_events],
+        "first_amsgrad_step": first_amsgrad_step,
+        "amsgrad": opt.param_groups[0]["amsgrad"],
+        "x": float(model.module.x.detach()),
+        "compute": tracker.compute(),
+    }
 
 
 def _spawn(tmp_path, deaf_rank: int | None) -> list[dict]:
-    torch.multiprocessing.spawn(_worker, args=(2, _free_port(), str(tmp_path), deaf_rank), nprocs=2, join=True)
-    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    return gloo_ranks.spawn_two(tmp_path, _job, deaf_rank)
 
 
 def _same(a, b) -> bool:

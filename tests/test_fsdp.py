@@ -15,11 +15,9 @@ tests/lightning_fsdp2_script.py.
 
 from __future__ import annotations
 
-import datetime
 import json
 import math
 import os
-import socket
 import warnings
 
 import pytest
@@ -30,6 +28,11 @@ from torch import nn
 from lightning_adamtype import ConditionTracker
 from lightning_adamtype.row import ACCUMULATOR_KEYS, add_step
 from lightning_adamtype.sharding import combine
+
+try:
+    from . import gloo_ranks
+except ImportError:
+    import gloo_ranks
 
 pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(),
@@ -72,29 +75,9 @@ def _train(model: nn.Module, opt: torch.optim.Optimizer) -> None:
         sched.step()
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str, job: str, *args) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
-    try:
-        result = JOBS[job](rank, *args)
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(result, f)
-        dist.barrier()  # both ranks have written their results
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    # Leave without the interpreter's teardown: destroying FSDP2's gloo state at exit aborts now and then
-    # ("terminate called without an active exception", SIGABRT) after all the work is done.
-    os._exit(0)
-
-
 def _spawn(tmp_path, job: str, *args) -> list[dict]:
     """Run ``JOBS[job](rank, *args)`` on two gloo ranks; their results (JSON), by rank."""
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    torch.multiprocessing.spawn(_worker, args=(2, _free_port(), str(tmp_path), job, *args), nprocs=2, join=True)
-    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return gloo_ranks.spawn_two(tmp_path, JOBS[job], *args)
 
 
 def _sharded_model() -> nn.Module:
@@ -186,12 +169,6 @@ def _assert_same_on_every_rank(ranks: list[dict]) -> None:
     assert not differ, f"rank 0 vs rank 1: {differ}"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("option", list(TRACKER_OPTIONS))
 @pytest.mark.parametrize("case", list(CASES))
 def test_fsdp2_sharded_run_matches_the_unsharded_run(tmp_path, case, option):
@@ -227,7 +204,7 @@ def _run_script(out, devices: int):
     import subprocess
     import sys
 
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), PYTHONWARNINGS="ignore")
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(gloo_ranks.free_port()), PYTHONWARNINGS="ignore")
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lightning_fsdp2_script.py")
     run = subprocess.run(
         [sys.executable, script, str(out), "--devices", str(devices)],
