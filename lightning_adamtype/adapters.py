@@ -592,6 +592,11 @@ def adapter_lookup(optimizer: torch.optim.Optimizer) -> tuple[OptimizerAdapter |
                     f"lightning_adamtype.find_adapter({cls.__qualname__}(...)))"
                 )
             return _REGISTRY[cls], ""
+    from . import third_party  # a known class of another package, recognised by name (no import of that package)
+
+    known = third_party.lookup(type(optimizer))
+    if known is not None:
+        return known
     return None, "no adapter is registered for it or a base class"
 
 
