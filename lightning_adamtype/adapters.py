@@ -542,6 +542,8 @@ class RAdamAdapter:
 
 _REGISTRY: dict[type, OptimizerAdapter] = {}
 
+from .adapters_torch_extra import AdadeltaAdapter, AdafactorAdapter  # noqa: E402  (they use the helpers above)
+
 
 def register_adapter(optimizer_cls: type, adapter: OptimizerAdapter) -> None:
     """Register ``adapter`` for ``optimizer_cls`` and its subclasses (a later registration replaces an earlier).
@@ -579,6 +581,8 @@ def adapter_lookup(optimizer: torch.optim.Optimizer) -> tuple[OptimizerAdapter |
     """(:func:`find_adapter`'s answer, why there is none: '' when there is one)."""
     mro = type(optimizer).__mro__
     for depth, cls in enumerate(mro):
+        if cls not in _REGISTRY and cls in DECLINED:
+            return None, f"{cls.__qualname__} is declined: {DECLINED[cls]}"
         if cls in _REGISTRY:
             # (torch wraps a class's step in place for its profiler hooks: compare the functions underneath)
             base_step = inspect.unwrap(getattr(cls, "step"))
@@ -605,6 +609,28 @@ def registered_adapters() -> dict[type, OptimizerAdapter]:
     return dict(_REGISTRY)
 
 
+#: torch optimizers that are deliberately not mapped onto the template, and why (``adapter_lookup`` reports it; a
+#: :func:`register_adapter` for the class or a subclass takes precedence)
+DECLINED: dict[type, str] = {
+    torch.optim.LBFGS: "not a diagonal Adam-type method (a quasi-Newton step along a low-rank curvature estimate, "
+    "with line search and several gradient evaluations per step)",
+    torch.optim.Rprop: "not a diagonal Adam-type method in the paper's sense: it steps x ← x − s_t·sign(g_t), a "
+    "multiple of sign(g) rather than of g; written as η_t = s_t/|g_t| the stepsize is unbounded as g → 0 and is "
+    "made of the current gradient's noise, so a and c would measure |g_t|, not the method",
+    torch.optim.ASGD: "the stepsize it applies at step t is the 'eta' its state held before the step (computed "
+    "from the previous step's lr); after the step the state holds the next step's, so under an lr schedule η_t "
+    "cannot be read from the post-step state an adapter sees (with a constant lr it is lr/(1 + λ·lr·(t − 1))^α "
+    "for every coordinate: register a uniform_stepsize adapter for that case yourself)",
+    torch.optim.SparseAdam: "its gradients are sparse, and the tracker measures dense gradients only (it leaves "
+    "parameters with sparse gradients out before an adapter sees them), so nothing of it could be measured",
+}
+if hasattr(torch.optim, "Muon"):  # torch ≥ 2.9
+    DECLINED[torch.optim.Muon] = (
+        "not a diagonal Adam-type method (its update is the Newton–Schulz orthogonalised momentum matrix, not a "
+        "per-coordinate multiple of the gradient)"
+    )
+
+
 _BUILTIN: list[tuple[type, Callable[[], OptimizerAdapter]]] = [
     (torch.optim.Adam, AdamAdapter),
     (torch.optim.AdamW, AdamWAdapter),
@@ -614,6 +640,9 @@ _BUILTIN: list[tuple[type, Callable[[], OptimizerAdapter]]] = [
     (torch.optim.Adamax, AdamaxAdapter),
     (torch.optim.NAdam, NAdamAdapter),
     (torch.optim.RAdam, RAdamAdapter),
+    (torch.optim.Adadelta, AdadeltaAdapter),
 ]
+if hasattr(torch.optim, "Adafactor"):  # torch ≥ 2.5
+    _BUILTIN.append((torch.optim.Adafactor, AdafactorAdapter))
 for _cls, _factory in _BUILTIN:
     register_adapter(_cls, _factory())

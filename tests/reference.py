@@ -124,6 +124,63 @@ def eta_adafom(group: dict, state: dict, p: Tensor) -> Tensor:
     return num(group["lr"]) / (f64(state["sum"]).sqrt() + num(group["eps"]))
 
 
+# ---------------------------------------------------------------------------------------------- replayed updates
+# η of optimizers whose post-step state does not hold it: each function replays the published update in float64
+# from the state *before* the step (``before``, float64 copies; empty at a parameter's first step), x_t and the
+# consumed gradient g_t (coupled weight decay and maximize's sign included): (group, before, x_t, g_t) -> η_t.
+
+
+def eta_adadelta(group: dict, before: dict, x: Tensor, g: Tensor) -> Tensor:
+    """Adadelta: v_t = ρ·v_{t−1} + (1 − ρ)·g², η = lr·sqrt(Δ_{t−1} + ε)/sqrt(v_t + ε) (Δ = acc_delta before the step)."""
+    lr, rho, eps = num(group["lr"]), num(group["rho"]), num(group["eps"])
+    v_old = before.get("square_avg", torch.zeros_like(g))
+    delta_old = before.get("acc_delta", torch.zeros_like(g))
+    v = rho * v_old + (1.0 - rho) * g * g
+    return lr * (delta_old + eps).sqrt() / (v + eps).sqrt()
+
+
+def adafactor_estimate(group: dict, before: dict, g: Tensor, t: float) -> Tensor:
+    """Adafactor's V̂_t: R C / max(mean(R), ε1) from the updated row/column EMAs (≥ 2-D), else the EMA of g²."""
+    w = t ** num(group["beta2_decay"])
+    eps1 = adafactor_eps1(group)
+    if g.dim() > 1:
+        row = before.get("row_var", torch.zeros(*g.shape[:-1], 1, dtype=torch.float64))
+        col = before.get("col_var", torch.zeros(*g.shape[:-2], 1, g.shape[-1], dtype=torch.float64))
+        row = row + w * ((g * g).mean(dim=-1, keepdim=True) - row)
+        col = col + w * ((g * g).mean(dim=-2, keepdim=True) - col)
+        return row @ col / row.mean(dim=-2, keepdim=True).clamp(min=eps1)
+    variance = before.get("variance", torch.zeros_like(g))
+    return variance + w * (g * g - variance)
+
+
+def adafactor_eps1(group: dict) -> float:
+    eps1 = group["eps"][0]
+    return float(torch.finfo(torch.float32).eps) if eps1 is None else num(eps1)
+
+
+def eta_adafactor(group: dict, before: dict, x: Tensor, g: Tensor) -> Tensor:
+    """Adafactor: η = (α_t/d_t)/sqrt(max(V̂_t, ε1²)), α_t = min(lr, 1/√t)·max(ε2, RMS(x_t)), d_t = max(1, RMS(U)/d)."""
+    t = num(before.get("step", 0.0)) + 1.0
+    lr = num(group["lr"])
+    inverse_root = adafactor_estimate(group, before, g, t).clamp(min=adafactor_eps1(group) ** 2).rsqrt()
+    update = inverse_root * g
+    n = max(g.numel(), 1)
+    alpha = min(lr, 1.0 / math.sqrt(t)) * max(num(group["eps"][1]), x.norm().item() / math.sqrt(n))
+    clip = max(1.0, update.norm().item() / (math.sqrt(n) * num(group["d"])))
+    return alpha / clip * inverse_root
+
+
+def active_adafactor(group: dict, state: dict, p: Tensor) -> Tensor:
+    """Adafactor: active where V̂_t > 0 (from the state after the step)."""
+    if p.dim() > 1:
+        row, col = f64(state["row_var"]), f64(state["col_var"])
+        return row @ col > 0
+    return f64(state["variance"]) > 0
+
+
+REPLAY: dict[str, tuple[Callable, Callable]] = {}  # filled below (the weight-decay functions come first)
+
+
 def radam_rectified(group: dict, t: float) -> bool:
     """Whether RAdam's step t takes the rectified (adaptive) branch."""
     beta2 = num(group["betas"][1])
@@ -155,6 +212,9 @@ ETA: dict[str, tuple[Callable, Callable]] = {
 }
 
 
+REPLAY.update({"Adadelta": (eta_adadelta, wd_coupled), "Adafactor": (eta_adafactor, wd_none)})
+
+
 def _positive(key: str) -> Callable:
     return lambda group, state, p: f64(state[key]) > 0
 
@@ -170,6 +230,8 @@ ACTIVE: dict[str, Callable] = {
     "NAdam": _positive("exp_avg_sq"),
     "RAdam": _positive("exp_avg_sq"),
     "AdaFom": _positive("sum"),
+    "Adadelta": _positive("square_avg"),
+    "Adafactor": active_adafactor,
 }
 
 
@@ -196,7 +258,11 @@ class Reference:
         self.coordinates = coordinates
         self.active_fn = active_fn or ACTIVE.get(type(optimizer).__name__, all_active)
         self.was_active: list[dict[int, Tensor]] = []
-        if eta_fn is None:
+        self.replay_fn: Callable | None = None
+        if eta_fn is None and type(optimizer).__name__ in REPLAY:
+            self.replay_fn, default_wd = REPLAY[type(optimizer).__name__]
+            wd_fn = wd_fn or default_wd
+        elif eta_fn is None:
             eta_fn, default_wd = ETA[type(optimizer).__name__]
             wd_fn = wd_fn or default_wd
         self.eta_fn = eta_fn
@@ -207,12 +273,18 @@ class Reference:
         self.last_seen: list[dict[int, int]] = []
         self.seen: list[bool] = []
         self._snap: list[list[tuple[Tensor, Tensor] | None]] = []
+        self._before: dict[int, dict] = {}  # (replayed optimizers) float64 copies of the state before the step
 
     def before_step(self) -> None:
         self._snap = [
             [None if p.grad is None else (f64(p), f64(p.grad)) for p in group["params"]]
             for group in self.optimizer.param_groups
         ]
+        if self.replay_fn is not None:
+            self._before = {
+                id(p): {k: f64(v) if isinstance(v, Tensor) else v for k, v in self.optimizer.state.get(p, {}).items()}
+                for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None
+            }
 
     def after_step(self) -> None:
         self.observations += 1
@@ -232,11 +304,14 @@ class Reference:
                     continue
                 p_before, grad = snap
                 state = self.optimizer.state[p] if p in self.optimizer.state else {}
-                eta = self.eta_fn(group, state, p)
                 g = -grad if group.get("maximize", False) else grad
                 wd = self.wd_fn(group)
                 if wd != 0.0:
                     g = g + wd * p_before
+                if self.replay_fn is not None:
+                    eta = self.replay_fn(group, self._before[id(p)], p_before, g)
+                else:
+                    eta = self.eta_fn(group, state, p)
                 etas[pi] = eta
                 grads[pi] = g
                 known = state or self.active_fn is all_active

@@ -95,6 +95,17 @@ CONFIGS = [
     ("radam-foreach", torch.optim.RAdam, dict(lr=1e-2, betas=(0.9, 0.9), foreach=True)),
     ("radam-wd", torch.optim.RAdam, dict(lr=1e-2, betas=(0.9, 0.9), weight_decay=0.1, foreach=True)),
     ("radam-decoupled-wd", torch.optim.RAdam, dict(lr=1e-2, betas=(0.9, 0.9), weight_decay=0.1, decoupled_weight_decay=True)),
+    # Adadelta: Δ_{t−1} rebuilt from the state after the step; coupled weight decay through a fixed point
+    ("adadelta-forloop", torch.optim.Adadelta, dict(lr=1.0, foreach=False)),
+    ("adadelta-foreach", torch.optim.Adadelta, dict(lr=1.0, foreach=True)),
+    ("adadelta-rho-eps", torch.optim.Adadelta, dict(lr=0.5, rho=0.5, eps=1e-4, foreach=True)),
+    ("adadelta-wd-forloop", torch.optim.Adadelta, dict(lr=1.0, weight_decay=0.1, foreach=False)),
+    ("adadelta-wd-maximize-foreach", torch.optim.Adadelta, dict(lr=0.1, weight_decay=0.1, maximize=True, foreach=True)),
+    # Adafactor: factored (2-D) and plain (1-D) second moments, relative step size, update clipping d
+    ("adafactor-forloop", torch.optim.Adafactor, dict(lr=1e-2, foreach=False)),
+    ("adafactor-foreach", torch.optim.Adafactor, dict(lr=1e-2, foreach=True)),
+    ("adafactor-wd-maximize", torch.optim.Adafactor, dict(lr=1e-2, weight_decay=0.5, maximize=True, foreach=False)),
+    ("adafactor-eps2-d", torch.optim.Adafactor, dict(lr=0.3, eps=(1e-3, 1.0), d=3.0, beta2_decay=-0.5, foreach=True)),
     # AdaFom (the paper's method, shipped by the package)
     ("adafom-forloop", AdaFom, dict(lr=0.1, foreach=False)),
     ("adafom-foreach", AdaFom, dict(lr=0.1, foreach=True)),

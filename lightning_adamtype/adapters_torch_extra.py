@@ -1,0 +1,190 @@
+"""Adapters for torch's Adadelta and Adafactor, whose effective stepsizes need the step's gradient.
+
+Both η's depend on the gradient g_t of the step itself, not only on the state the optimizer keeps: Adadelta's
+through Δ_{t−1} (the state holds Δ_t), Adafactor's through its update clipping and the parameter norm ‖x_t‖ its
+relative step size reads before the update. The adapters take g_t (and the parameter) from the tracker's call to
+``consumed_gradients`` for the same step and keep only weak references to them, so no tensor outlives the step.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from .adapters import _lr, _work_dtype
+
+__all__ = ["AdadeltaAdapter", "AdafactorAdapter"]
+
+#: fixed-point iterations allowed for Adadelta's x_t under coupled weight decay, and the relative tolerance
+_ITERATIONS, _TOLERANCE = 60, 1e-12
+
+
+class _StepGradients:
+    """The step's gradient and parameter per state dict, as weak references, set by ``consumed_gradients``."""
+
+    def __init__(self) -> None:
+        self._seen: dict[int, tuple[weakref.ref, weakref.ref | None]] = {}
+
+    def consumed_gradients(self, group: dict[str, Any], states: Sequence[dict[str, Any]], grads: list[Tensor]) -> list[Tensor]:
+        """g_t is ``p.grad`` itself (returned unchanged); it and its parameter are remembered for this step's η."""
+        by_grad = {id(p.grad): p for p in group["params"] if p.grad is not None}
+        seen = {}
+        for st, g in zip(states, grads):
+            p = by_grad.get(id(g))
+            seen[id(st)] = (weakref.ref(g), weakref.ref(p) if p is not None else None)
+        self._seen = seen
+        return grads
+
+    def _grad_of(self, state: dict[str, Any], name: str) -> tuple[Tensor, Tensor | None]:
+        entry = self._seen.get(id(state))
+        grad = entry[0]() if entry is not None else None
+        if grad is None or entry is None:
+            raise RuntimeError(
+                f"{name}'s effective stepsize needs the step's gradient, which the tracker hands over in "
+                "consumed_gradients(); it was not seen for this parameter (call effective_stepsizes only from the tracker)"
+            )
+        return grad, (entry[1]() if entry[1] is not None else None)
+
+    def _param_of(self, state: dict[str, Any], name: str, why: str) -> Tensor:
+        param = self._grad_of(state, name)[1]
+        if param is None:
+            raise RuntimeError(f"{name}: {why} needs the parameter x_{{t+1}}, and its gradient is not p.grad (sharded?)")
+        return param
+
+
+class AdadeltaAdapter(_StepGradients):
+    """Adadelta (Zeiler 2012; torch's for-loop and foreach implementations).
+
+    torch steps v_t = ρ·v_{t−1} + (1 − ρ)·g_t², u_t = sqrt(Δ_{t−1} + ε)/sqrt(v_t + ε)·g_t,
+    Δ_t = ρ·Δ_{t−1} + (1 − ρ)·u_t², x_{t+1} = x_t − lr·u_t, so
+
+        η_t = lr·sqrt(Δ_{t−1} + ε)/sqrt(v_t + ε) = lr·sqrt((Δ_t + ρε) / (ρ(v_t + ε) + (1 − ρ)·g_t²)),
+
+    the second form from the state after the step (Δ = ``acc_delta``, v = ``square_avg``): solving
+    Δ_t = ρΔ_{t−1} + (1 − ρ)(Δ_{t−1} + ε)·g²/(v_t + ε) for Δ_{t−1} gives Δ_{t−1} + ε = (Δ_t + ρε)/(ρ + (1 − ρ)g²/(v_t + ε)).
+    g_t includes the coupled weight decay λ·x_t (and maximize's sign, which the square drops); with λ ≠ 0 the
+    unknown x_t = x_{t+1} + lr·u_t is found by the fixed point g ← q + λ·lr·D(g)·g, q = ±∇ + λ·x_{t+1},
+    D(g) = η(g)/lr (in float64; a contraction when λ·lr·D < 1, checked). Not defined for ρ = 0 where g = 0.
+    """
+
+    def effective_stepsizes(self, group: dict[str, Any], states: Sequence[dict[str, Any]]) -> list[Tensor]:
+        lr, rho, eps = _lr(group), float(group["rho"]), float(group["eps"])
+        wd = float(group.get("weight_decay", 0.0))
+        out = []
+        for st in states:
+            delta, v = st["acc_delta"], st["square_avg"]
+            grad = self._grad_of(st, "Adadelta")[0]
+            if wd == 0.0:
+                dtype = _work_dtype(v)
+                g2 = grad.to(dtype).square()
+                numerator = delta.to(dtype).add(rho * eps)
+                out.append(numerator.div_(v.to(dtype).add(eps).mul_(rho).add_(g2, alpha=1 - rho)).sqrt_().mul_(lr))
+            else:
+                param = self._param_of(st, "Adadelta", "coupled weight decay")
+                out.append(self._with_decay(group, delta, v, grad, param).to(_work_dtype(v)))
+        return out
+
+    @staticmethod
+    def _with_decay(group: dict[str, Any], delta: Tensor, v: Tensor, grad: Tensor, param: Tensor) -> Tensor:
+        """η_t with g_t = ±∇ + λ·x_t, x_t unknown: the fixed point of g = q + λ·lr·D(g)·g (float64)."""
+        lr, rho, eps, wd = float(group["lr"]), float(group["rho"]), float(group["eps"]), float(group["weight_decay"])
+        sign = -1.0 if group.get("maximize", False) else 1.0
+        numerator = delta.double() + rho * eps
+        base = (v.double() + eps) * rho
+        q = grad.double() * sign + wd * param.detach().double()
+
+        def factor(g: Tensor) -> Tensor:  # D(g) = sqrt((Δ_t + ρε)/(ρ(v_t + ε) + (1 − ρ)g²))
+            return (numerator / (base + (1 - rho) * g * g)).sqrt()
+
+        g = q
+        for _ in range(_ITERATIONS):
+            nxt = q + (wd * lr) * factor(g) * g
+            change = (nxt - g).abs().max() if g.numel() else torch.zeros((), dtype=g.dtype)
+            g = nxt
+            if float(change) <= _TOLERANCE * max(float(g.abs().max()) if g.numel() else 0.0, 1e-30):
+                return factor(g) * lr
+        raise ValueError(
+            f"Adadelta with weight_decay={wd}: g_t = ∇ + λ·x_t could not be rebuilt from the state after the step "
+            f"(the fixed point did not converge in {_ITERATIONS} iterations, λ·lr·D ≥ 1?)"
+        )
+
+    def activity(self, group: dict[str, Any], states: Sequence[dict[str, Any]]) -> list[Tensor]:
+        """v = ``square_avg``: > 0 exactly where a coordinate has had a non-zero gradient."""
+        return [s["square_avg"] for s in states]
+
+    def coupled_weight_decay(self, group: dict[str, Any]) -> float:
+        return float(group.get("weight_decay", 0.0))
+
+
+class AdafactorAdapter(_StepGradients):
+    """Adafactor as torch implements it (Shazeer & Stern 2018; torch ≥ 2.5, for-loop and foreach; no momentum).
+
+    torch steps (t = ``step``, ρ_t = min(lr, 1/√t), n = the parameter's size, ε1 = eps[0] or the dtype's eps)
+
+        V̂_t = R_t C_t / max(mean(R_t), ε1) for ≥ 2-D parameters (``row_var`` R, ``col_var`` C, factored over the last
+              two dimensions), V̂_t = ``variance`` otherwise (both EMAs of g² with weight t^beta2_decay),
+        U_t = g_t / sqrt(max(V̂_t, ε1²)),  α_t = ρ_t·max(ε2, RMS(x_t)),  d_t = max(1, RMS(U_t)/d),
+        x_{t+1} = (1 − lr·λ)·x_t − (α_t/d_t)·U_t,
+
+    so the per-coordinate multiplier of g_t is η_t = (α_t/d_t) / sqrt(max(V̂_t, ε1²)). Its weight decay is
+    decoupled (not part of g). RMS(x_t), read before the update, comes back from x_{t+1}: with k = 1 − lr·λ and
+    c = ρ_t/(√n·d_t), r = ‖x_t‖ solves k²r² = ‖x_{t+1}‖² + 2cr·(x_{t+1}·U) + c²r²‖U‖² (its positive root; α_t =
+    ρ_t·ε2 when that r has RMS < ε2). Coordinates count as active where V̂_t > 0.
+    """
+
+    def effective_stepsizes(self, group: dict[str, Any], states: Sequence[dict[str, Any]]) -> list[Tensor]:
+        out = []
+        for st in states:
+            grad = self._grad_of(st, "Adafactor")[0]
+            eps1 = self._eps1(group, grad)
+            inverse_root = self._estimate(st, grad, eps1).clamp_min(eps1 * eps1).rsqrt_()
+            out.append(inverse_root.mul_(self._scale(group, st, grad, inverse_root)))
+        return out
+
+    @staticmethod
+    def _eps1(group: dict[str, Any], grad: Tensor) -> float:
+        eps1 = group["eps"][0]
+        return float(torch.finfo(grad.dtype).eps) if eps1 is None else float(eps1)
+
+    @staticmethod
+    def _estimate(state: dict[str, Any], grad: Tensor, eps1: float) -> Tensor:
+        """V̂_t = R C / max(mean(R), ε1) (≥ 2-D, torch's operations), else ``variance`` (a fresh tensor)."""
+        if grad.dim() > 1:
+            row, col = state["row_var"], state["col_var"]
+            return (row @ col).div_(row.mean(dim=-2, keepdim=True).clamp_(min=eps1)).to(_work_dtype(row))
+        return state["variance"].to(_work_dtype(state["variance"]), copy=True)
+
+    def _scale(self, group: dict[str, Any], state: dict[str, Any], grad: Tensor, inverse_root: Tensor) -> float:
+        """α_t/d_t: d_t from U = g·inverse_root, α_t from RMS(x_t) rebuilt from x_{t+1} (float64)."""
+        lr = float(group["lr"])
+        t = float(state["step"])
+        rho = min(lr, 1 / (t**0.5))
+        sign = -1.0 if group.get("maximize", False) else 1.0
+        update = inverse_root.double() * grad.double() * sign
+        n = max(update.numel(), 1)
+        denom = max(1.0, float(update.norm()) / (math.sqrt(n) * float(group["d"])))
+        eps2, k = float(group["eps"][1]), 1.0 - lr * float(group.get("weight_decay", 0.0))
+        x_next = self._param_of(state, "Adafactor", "its relative step size").detach().double()
+        c = rho / (math.sqrt(n) * denom)
+        quad = k * k - c * c * float(update.square().sum())
+        dot, norm2 = float((x_next * update).sum()), float(x_next.square().sum())
+        if quad > 0:
+            r = (c * dot + math.sqrt(max(c * c * dot * dot + quad * norm2, 0.0))) / quad
+            if r / math.sqrt(n) >= eps2:
+                return rho * r / math.sqrt(n) / denom
+        return rho * eps2 / denom
+
+    def activity(self, group: dict[str, Any], states: Sequence[dict[str, Any]]) -> list[Tensor]:
+        """V̂_t (unclamped): > 0 where the coordinate's row and column (or itself, 1-D) have had a gradient."""
+        out = []
+        for st in states:
+            grad = self._grad_of(st, "Adafactor")[0]
+            out.append(self._estimate(st, grad, self._eps1(group, grad)))
+        return out
+
+    def coupled_weight_decay(self, group: dict[str, Any]) -> float:
+        return 0.0
