@@ -81,6 +81,9 @@ class OptimizerAdapter(Protocol):
     def coupled_weight_decay(self, group: dict[str, Any]) -> float:
         """The weight decay λ that the optimizer adds to the gradient (g = ∇ + λ·p), 0.0 if none or decoupled."""
 
+    # Optional: ``scalars_by_step = True``: the (s, e) of ``sqrt_form`` depend on a parameter's state only through its
+    # step count t (and on the group), so a group's repeat step may take them from one state per distinct t
+    # (:mod:`lightning_adamtype.backends.steady`).
     # Optional: ``activity(group, states) -> list[Tensor]``: per parameter, a tensor whose entries are > 0 exactly
     # where the coordinate has had a non-zero gradient (its second moment, say). Adapters with ``sqrt_form`` need
     # none (v > 0 is used); without either, every coordinate counts as active.
@@ -236,6 +239,8 @@ class AdamAdapter:
     of g.
     """
 
+    scalars_by_step = True
+
     def effective_stepsizes(self, group: dict[str, Any], states: Sequence[dict[str, Any]]) -> list[Tensor]:
         vs, scalars = self.sqrt_form(group, states)
         return _from_sqrt_form(vs, scalars)
@@ -317,6 +322,8 @@ class AdagradAdapter:
     coupled (g = ∇f + λ·x).
     """
 
+    scalars_by_step = True
+
     def effective_stepsizes(self, group: dict[str, Any], states: Sequence[dict[str, Any]]) -> list[Tensor]:
         vs, scalars = self.sqrt_form(group, states)
         return _from_sqrt_form(vs, scalars)
@@ -346,6 +353,8 @@ class RMSpropAdapter:
     A gradient's total weight in the steps that follow is lr / (1 − μ), which is the template's α_t/sqrt(v̂_t)
     with m_t the EMA of g (weight 1 − μ) — hence the factor 1/(1 − μ).
     """
+
+    scalars_by_step = True
 
     def effective_stepsizes(self, group: dict[str, Any], states: Sequence[dict[str, Any]]) -> list[Tensor]:
         form = self.sqrt_form(group, states)
@@ -602,6 +611,78 @@ def adapter_lookup(optimizer: torch.optim.Optimizer) -> tuple[OptimizerAdapter |
     if known is not None:
         return known
     return None, "no adapter is registered for it or a base class"
+
+
+class AdapterError(ValueError):
+    """An adapter returned effective stepsizes that cannot be trusted (see :func:`validate_first_step`)."""
+
+
+def validate_first_step(
+    adapter: Any, group: dict[str, Any], states: Sequence[dict[str, Any]], params: Sequence[Tensor],
+    grads: Sequence[Tensor] | None = None,
+) -> str | None:
+    """What is wrong with the η_t an adapter gives for a group's first observed step, or None when nothing is.
+
+    η_t must be, per parameter p_i, a floating-point tensor of p_i's shape with finite entries η_ij ≥ 0 (read
+    through ``sqrt_form`` η = s/(sqrt(v) + e) when the adapter has one, else ``effective_stepsizes``); a
+    ``uniform_stepsize`` must be one finite number ≥ 0. Non-finite η is not blamed on the adapter when a gradient
+    of the step is itself non-finite (the tracker counts such steps under ``nonfinite_steps``)."""
+    name = type(adapter).__qualname__
+    uniform_fn = getattr(adapter, "uniform_stepsize", None)
+    if callable(uniform_fn):
+        return _uniform_problem(name, uniform_fn(group))
+    form_fn = getattr(adapter, "sqrt_form", None)
+    form = form_fn(group, states) if callable(form_fn) else None
+    if form is not None:
+        shapes = [tuple(v.shape) for v in form[0]]
+        if len(shapes) != len(params) or any(s != tuple(p.shape) for s, p in zip(shapes, params)):
+            return f"adapter {name}.sqrt_form returned v of shapes {shapes} for parameters of shapes {[tuple(p.shape) for p in params]}; return one v per parameter, shaped like it"
+        etas: Any = _from_sqrt_form(*form)
+    else:
+        etas = adapter.effective_stepsizes(group, states)
+    return _stepsize_problem(f"adapter {name}.effective_stepsizes", etas, params, grads)
+
+
+def _uniform_problem(name: str, eta: Any) -> str | None:
+    value = eta.detach().reshape(-1) if isinstance(eta, Tensor) else eta
+    if isinstance(value, Tensor) and (value.numel() != 1 or not value.is_floating_point()):
+        return f"adapter {name}.uniform_stepsize returned a {value.dtype} tensor of {value.numel()} entries; return one float (η for every coordinate)"
+    if not isinstance(value, (Tensor, float, int)):
+        return f"adapter {name}.uniform_stepsize returned {type(eta).__name__}; return one float (η for every coordinate)"
+    number = float(value)
+    if not math.isfinite(number) or number < 0:
+        return f"adapter {name}.uniform_stepsize returned η = {number}; η must be a finite number ≥ 0"
+    return None
+
+
+def _stepsize_problem(where: str, etas: Any, params: Sequence[Tensor], grads: Sequence[Tensor] | None) -> str | None:
+    """The first thing wrong with per-parameter η tensors (see :func:`validate_first_step`), or None: the shapes and
+    dtypes from metadata, the values from one host read of a small flag tensor (a failure reads a little more)."""
+    if not isinstance(etas, (list, tuple)) or len(etas) != len(params):
+        got = f"{len(etas)} items" if isinstance(etas, (list, tuple)) else type(etas).__name__
+        return f"{where} returned {got} for {len(params)} parameters; return a list with one tensor per parameter"
+    for i, (eta, p) in enumerate(zip(etas, params)):
+        if not isinstance(eta, Tensor):
+            return f"{where} returned a {type(eta).__name__} for parameter {i}; return a tensor shaped like the parameter"
+        if not eta.is_floating_point():
+            return f"{where} returned a {eta.dtype} tensor for parameter {i}; η must be floating point (float32 or wider)"
+        if eta.shape != p.shape:
+            return f"{where} returned η of shape {tuple(eta.shape)} for parameter {i} of shape {tuple(p.shape)}; return η shaped like the parameter"
+    if not etas:
+        return None
+    device = etas[0].device
+    finite = [torch.isfinite(e).all().to(device) for e in etas]
+    nonnegative = [(e >= 0).logical_or_(e.isnan()).all().to(device) for e in etas]
+    grads_finite = [torch.isfinite(g).all().to(device) for g in grads or []] or [torch.ones((), dtype=torch.bool, device=device)]
+    flags = torch.stack([torch.stack(finite), torch.stack(nonnegative)]).tolist()  # the one host read
+    if not all(flags[0]) and bool(torch.stack(grads_finite).all()):
+        i = flags[0].index(False)
+        bad = etas[i][~torch.isfinite(etas[i])].reshape(-1)[0].item()
+        return f"{where} returned a non-finite η ({bad}) for parameter {i} while the gradients are finite; check its formula (a division by zero?)"
+    if not all(flags[1]):
+        i = flags[1].index(False)
+        return f"{where} returned a negative η ({etas[i].min().item()}) for parameter {i}; η_t = α_t/sqrt(v̂_t) is ≥ 0 (put maximize's sign into g, not η)"
+    return None
 
 
 def registered_adapters() -> dict[type, OptimizerAdapter]:

@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
 from . import backends, sharding
-from .adapters import adapter_lookup
+from .adapters import AdapterError, adapter_lookup, validate_first_step
 from .backends.one_pass import PARTIAL
 from .checkpoint import load_tracker_state, tracker_state
 from .group_state import GroupState
@@ -353,6 +353,10 @@ class ConditionTracker:
         if gathered is JOINED:
             return True
         step, keys, shards = gathered
+        if state.count == 0 and state.kept is None:  # an adapter's η is checked on its group's first observed step
+            problem = validate_first_step(self.adapter, step.group, step.states, step.params, step.grads)
+            if problem is not None:
+                raise AdapterError(problem)  # (the per-group boundary disables the group, with one warning)
         result = self._compute(state, step)
         self._keep(state, keys, step.params, result)
         if not record:

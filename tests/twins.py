@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from lightning_adamtype import ConditionTracker
 
-__all__ = ["assert_training_untouched"]
+__all__ = ["assert_training_untouched", "run_twins", "state_equal"]
 
 
 def assert_training_untouched(sizes, tracker_kwargs: dict, device: str = "cpu", fused: bool = False) -> None:
@@ -36,3 +38,41 @@ def assert_training_untouched(sizes, tracker_kwargs: dict, device: str = "cpu", 
     assert tracker is not None and tracker.attached
     measured = tracker.compute()
     assert measured and all(v["measured"] == 1.0 and v["steps"] > 0 for v in measured.values()), measured
+
+
+def state_equal(a: dict, b: dict) -> bool:
+    """Two optimizer states (one parameter's) are bitwise equal: same keys, tensors torch.equal, others ==."""
+    if a.keys() != b.keys():
+        return False
+    for key, x in a.items():
+        y = b[key]
+        if isinstance(x, torch.Tensor):
+            if not (isinstance(y, torch.Tensor) and x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y)):
+                return False
+        elif x != y:
+            return False
+    return True
+
+
+def run_twins(make_optimizer, steps: int = 12, none_at=(3,), tracker_kwargs: dict | None = None, seed: int = 0):
+    """The same training (a 4→3→2 tanh net, MSE, one data stream, the last parameter without a gradient at the
+    1-based steps ``none_at``) twice, with ``make_optimizer(parameters)``, the second run tracked; after every step
+    the parameters and optimizer states are asserted bitwise equal. Returns the tracker."""
+    torch.manual_seed(seed)
+    template = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+    models = [copy.deepcopy(template) for _ in range(2)]
+    opts = [make_optimizer(list(m.parameters())) for m in models]
+    tracker = ConditionTracker(opts[1], **(tracker_kwargs or {}))
+    gen = torch.Generator().manual_seed(seed + 1)
+    for t in range(1, steps + 1):
+        x, y = torch.randn(8, 4, generator=gen), torch.randn(8, 2, generator=gen)
+        for model, opt in zip(models, opts):
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            if t in none_at:
+                list(model.parameters())[-1].grad = None
+            opt.step()
+        for p, q in zip(models[0].parameters(), models[1].parameters()):
+            assert torch.equal(p, q), f"step {t}: a tracked parameter differs from its untracked twin"
+            assert state_equal(opts[0].state.get(p, {}), opts[1].state.get(q, {})), f"step {t}: optimizer state differs"
+    return tracker
