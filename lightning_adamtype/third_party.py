@@ -228,6 +228,37 @@ class ScheduleFreeAdapter:
         return 0.0
 
 
+class RectifiedAdaBeliefAdapter(AdamLikeAdapter):
+    """timm's ``AdaBelief`` (s = ``exp_avg_var``, max with ``amsgrad``): without ``rectify`` the Adam form
+    (see :class:`AdamLikeAdapter`); with ``rectify`` (its default) RAdam's two branches, ρ_∞ = 2/(1 − β2) − 1,
+    ρ_t = ρ_∞ − 2tβ2^t/(1 − β2^t):
+
+        ρ_t ≥ 5:  η_t = (lr/(1 − β1^t))·sqrt((1 − β2^t)(ρ_t − 4)(ρ_t − 2)ρ_∞/((ρ_∞ − 4)(ρ_∞ − 2)ρ_t)) / (sqrt(s_t) + eps)
+        else:     η_t = lr/(1 − β1^t) on every coordinate (``degenerated_to_sgd``), or 0 (no step) without it.
+
+    Weight decay is coupled (g = ∇ + λx, not written into ``p.grad``) unless ``decoupled_decay``."""
+
+    def effective_stepsizes(self, group: dict[str, Any], states: Sequence[dict[str, Any]]) -> list[Tensor]:
+        """η_t per parameter (formula in the class docstring)."""
+        if not group.get("rectify"):
+            return super().effective_stepsizes(group, states)
+        beta1, beta2 = _num(group["betas"][0]), _num(group["betas"][1])
+        lr, eps = _num(group["lr"]), _num(group["eps"])
+        rho_inf = 2 / (1 - beta2) - 1
+        out = []
+        for s in states:
+            t = max(_num(s["step"]), 1.0)
+            rho = rho_inf - 2 * t * beta2**t / (1 - beta2**t)
+            v = s["max_exp_avg_var"] if group.get("amsgrad") else s["exp_avg_var"]
+            if rho >= 5:
+                rect = math.sqrt((1 - beta2**t) * (rho - 4) * (rho - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho))
+                out.append(_f(v).sqrt().add_(eps).reciprocal_().mul_(lr * rect / (1 - beta1**t)))
+            else:
+                plain = lr / (1 - beta1**t) if group.get("degenerated_to_sgd", True) else 0.0
+                out.append(torch.full_like(v, plain, dtype=_f(v).dtype))
+        return out
+
+
 def _coupled_unless(flag: str, default: bool = False) -> Callable[[dict[str, Any]], float]:
     """λ = group["weight_decay"] unless ``group[flag]`` (decoupled decay) is set."""
     return lambda group: 0.0 if group.get(flag, default) else _num(group.get("weight_decay", 0.0))
@@ -254,10 +285,9 @@ _MAPPED: dict[tuple[str, str], Callable[[], OptimizerAdapter]] = {
     ("timm.optim.nadamw", "NAdamW"): lambda: AdamLikeAdapter(
         "timm.optim.NAdamW", refused=[_CAUTION, ("clipping_threshold", "it clips the denominator by the RMS of g/…")]
     ),
-    ("timm.optim.adabelief", "AdaBelief"): lambda: AdamLikeAdapter(
+    ("timm.optim.adabelief", "AdaBelief"): lambda: RectifiedAdaBeliefAdapter(
         "timm.optim.AdaBelief", "exp_avg_var", ams=("amsgrad", "max_exp_avg_var"),
         coupled=_coupled_unless("decoupled_decay"), active=False,
-        refused=[("rectify", "its RAdam-style branch switches between two update forms")],
     ),
     ("timm.optim.laprop", "LaProp"): LaPropAdapter,
     ("pytorch_optimizer.optimizer.adamp", "AdamP"): lambda: AdamLikeAdapter(

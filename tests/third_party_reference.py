@@ -72,7 +72,16 @@ def adabelief(decoupled_key: str, per_group_step: bool, ams_key: str) -> Rule:
         st["s"] = s
         if group.get(ams_key):
             s = st["smax"] = torch.maximum(st.get("smax", torch.zeros_like(s)), s)
-        eta = (num(group["lr"]) / (1 - b1**t)) / (s.sqrt() / math.sqrt(1 - b2**t) + eps)
+        lr = num(group["lr"])
+        eta = (lr / (1 - b1**t)) / (s.sqrt() / math.sqrt(1 - b2**t) + eps)
+        if group.get("rectify"):  # timm's default: RAdam's rule on s
+            rho_inf = 2 / (1 - b2) - 1
+            rho = rho_inf - 2 * t * b2**t / (1 - b2**t)
+            if rho >= 5:
+                r = math.sqrt((rho - 4) * (rho - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho))
+                eta = lr * r * math.sqrt(1 - b2**t) / (1 - b1**t) / (s.sqrt() + eps)
+            else:
+                eta = torch.full_like(g, lr / (1 - b1**t) if group["degenerated_to_sgd"] else 0.0)
         return eta, g, torch.ones_like(g, dtype=torch.bool)
     return rule
 
