@@ -41,25 +41,45 @@ def assert_training_untouched(sizes, tracker_kwargs: dict, device: str = "cpu", 
 
 
 def state_equal(a: dict, b: dict) -> bool:
-    """Two optimizer states (one parameter's) are bitwise equal: same keys, tensors torch.equal, others ==."""
-    if a.keys() != b.keys():
-        return False
-    for key, x in a.items():
-        y = b[key]
-        if isinstance(x, torch.Tensor):
-            if not (isinstance(y, torch.Tensor) and x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y)):
-                return False
-        elif x != y:
+    """Two optimizer states (one parameter's) are bitwise equal: same keys, tensors torch.equal (sparse ones
+    densified), lists and tuples item by item (LBFGS keeps lists of tensors), others ==."""
+    return a.keys() == b.keys() and all(_same(a[key], b[key]) for key in a)
+
+
+def _same(x, y) -> bool:
+    if isinstance(x, torch.Tensor):
+        if not (isinstance(y, torch.Tensor) and x.dtype == y.dtype and x.shape == y.shape):
             return False
-    return True
+        return torch.equal(x.to_dense(), y.to_dense()) if x.is_sparse else torch.equal(x, y)
+    if isinstance(x, (list, tuple)):
+        return isinstance(y, type(x)) and len(x) == len(y) and all(map(_same, x, y))
+    if isinstance(x, dict):
+        return isinstance(y, dict) and state_equal(x, y)
+    return x == y
 
 
-def run_twins(make_optimizer, steps: int = 12, none_at=(3,), tracker_kwargs: dict | None = None, seed: int = 0):
+class _SparseNet(torch.nn.Module):
+    """An embedding with sparse gradients (SparseAdam) feeding a 3→2 map held fixed (it has no parameters)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = torch.nn.Embedding(10, 3, sparse=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        index = (x.abs() * 10).long().clamp_(max=9)[:, 0]
+        return torch.tanh(self.embedding(index))[:, :2]
+
+
+def run_twins(make_optimizer, steps: int = 12, none_at=(3,), tracker_kwargs: dict | None = None, seed: int = 0,
+              closure: bool = False, sparse: bool = False):
     """The same training (a 4→3→2 tanh net, MSE, one data stream, the last parameter without a gradient at the
     1-based steps ``none_at``) twice, with ``make_optimizer(parameters)``, the second run tracked; after every step
-    the parameters and optimizer states are asserted bitwise equal. Returns the tracker."""
+    the parameters and optimizer states are asserted bitwise equal. ``closure``: step with a closure (LBFGS);
+    ``sparse``: an embedding with sparse gradients instead of the net. Returns the tracker."""
     torch.manual_seed(seed)
-    template = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+    template: torch.nn.Module = _SparseNet() if sparse else torch.nn.Sequential(
+        torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2)
+    )
     models = [copy.deepcopy(template) for _ in range(2)]
     opts = [make_optimizer(list(m.parameters())) for m in models]
     tracker = ConditionTracker(opts[1], **(tracker_kwargs or {}))
@@ -67,11 +87,20 @@ def run_twins(make_optimizer, steps: int = 12, none_at=(3,), tracker_kwargs: dic
     for t in range(1, steps + 1):
         x, y = torch.randn(8, 4, generator=gen), torch.randn(8, 2, generator=gen)
         for model, opt in zip(models, opts):
-            opt.zero_grad(set_to_none=True)
-            torch.nn.functional.mse_loss(model(x), y).backward()
-            if t in none_at:
-                list(model.parameters())[-1].grad = None
-            opt.step()
+
+            def loss_and_grads(model=model, opt=opt):
+                opt.zero_grad(set_to_none=True)
+                loss = torch.nn.functional.mse_loss(model(x), y)
+                loss.backward()
+                if t in none_at:
+                    list(model.parameters())[-1].grad = None
+                return loss
+
+            if closure:
+                opt.step(loss_and_grads)
+            else:
+                loss_and_grads()
+                opt.step()
         for p, q in zip(models[0].parameters(), models[1].parameters()):
             assert torch.equal(p, q), f"step {t}: a tracked parameter differs from its untracked twin"
             assert state_equal(opts[0].state.get(p, {}), opts[1].state.get(q, {})), f"step {t}: optimizer state differs"
