@@ -41,3 +41,18 @@ def test_readme_cites_the_paper_and_embeds_the_figure():
     assert "1808.02941" in text
     assert "docs/divergence.png" in text
     assert (ROOT / "docs" / "divergence.png").is_file()
+
+
+def test_the_adapter_example_runs():
+    """The README's "Writing an adapter for a new optimizer" example, run as written (it asserts its own result)."""
+    import warnings
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text.split("### Writing an adapter for a new optimizer", 1)[1].split("\n## ", 1)[0]
+    (code,) = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert "register_adapter(LeakyAdagrad" in code and "ConditionTracker(opt)" in code
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (no "no adapter" warning, no disabled group)
+        namespace: dict = {"__name__": "readme_example"}
+        exec(compile(code, "README.md (adapter example)", "exec"), namespace)
+    assert namespace["result"]["steps"] == 50.0
