@@ -617,30 +617,28 @@ class AdapterError(ValueError):
     """An adapter returned effective stepsizes that cannot be trusted (see :func:`validate_first_step`)."""
 
 
-def validate_first_step(
-    adapter: Any, group: dict[str, Any], states: Sequence[dict[str, Any]], params: Sequence[Tensor],
-    grads: Sequence[Tensor] | None = None,
-) -> str | None:
+def validate_first_step(adapter: Any, step: Any) -> str | None:
     """What is wrong with the η_t an adapter gives for a group's first observed step, or None when nothing is.
 
-    η_t must be, per parameter p_i, a floating-point tensor of p_i's shape with finite entries η_ij ≥ 0 (read
-    through ``sqrt_form`` η = s/(sqrt(v) + e) when the adapter has one, else ``effective_stepsizes``); a
-    ``uniform_stepsize`` must be one finite number ≥ 0. Non-finite η is not blamed on the adapter when a gradient
-    of the step is itself non-finite (the tracker counts such steps under ``nonfinite_steps``)."""
+    ``step`` is the tracker's :class:`~lightning_adamtype.backends.GroupStep` (group, params, grads, and what the
+    adapter gave: ``uniform``, ``form`` or the ``effective_stepsizes`` call). η_t must be, per parameter p_i, a
+    floating-point tensor of p_i's shape with finite entries η_ij ≥ 0 (η = s/(sqrt(v) + e) from a square-root form);
+    a ``uniform_stepsize`` must be one finite number ≥ 0. ``effective_stepsizes`` is called once here and its
+    answer handed on to the backend (``step.effective_stepsizes`` then returns it), so the adapter runs once per step
+    as always. Non-finite η is not blamed on the adapter when a gradient of the step is itself non-finite (the tracker
+    counts such steps under ``nonfinite_steps``)."""
     name = type(adapter).__qualname__
-    uniform_fn = getattr(adapter, "uniform_stepsize", None)
-    if callable(uniform_fn):
-        return _uniform_problem(name, uniform_fn(group))
-    form_fn = getattr(adapter, "sqrt_form", None)
-    form = form_fn(group, states) if callable(form_fn) else None
-    if form is not None:
-        shapes = [tuple(v.shape) for v in form[0]]
+    if step.uniform is not None:
+        return _uniform_problem(name, step.uniform)
+    params = step.params
+    if step.form is not None:
+        shapes = [tuple(v.shape) for v in step.form[0]]
         if len(shapes) != len(params) or any(s != tuple(p.shape) for s, p in zip(shapes, params)):
             return f"adapter {name}.sqrt_form returned v of shapes {shapes} for parameters of shapes {[tuple(p.shape) for p in params]}; return one v per parameter, shaped like it"
-        etas: Any = _from_sqrt_form(*form)
-    else:
-        etas = adapter.effective_stepsizes(group, states)
-    return _stepsize_problem(f"adapter {name}.effective_stepsizes", etas, params, grads)
+        return _stepsize_problem(f"adapter {name}.sqrt_form", _from_sqrt_form(*step.form), params, step.grads)
+    etas = step.effective_stepsizes()
+    step.effective_stepsizes = lambda: etas
+    return _stepsize_problem(f"adapter {name}.effective_stepsizes", etas, params, step.grads)
 
 
 def _uniform_problem(name: str, eta: Any) -> str | None:

@@ -354,7 +354,7 @@ class ConditionTracker:
             return True
         step, keys, shards = gathered
         if state.count == 0 and state.kept is None:  # an adapter's η is checked on its group's first observed step
-            problem = validate_first_step(self.adapter, step.group, step.states, step.params, step.grads)
+            problem = validate_first_step(self.adapter, step)
             if problem is not None:
                 raise AdapterError(problem)  # (the per-group boundary disables the group, with one warning)
         result = self._compute(state, step)
