@@ -1,6 +1,7 @@
 """Host time of the tracker's post-step hook, with the native kernel stubbed out (CPU).
 
-The C call of ``kernel="native"`` (:meth:`lightning_adamtype.backends.native.GroupLaunch.terms`) is replaced, in this
+The C call of ``kernel="native"`` (:meth:`lightning_adamtype.backends.native.GroupLaunch.call`, ctypes' argument
+conversion included) is replaced, in this
 process only, by a function that returns its ``out`` tensor without calling C, so what is timed is everything the
 hook does on the host around the kernel: the gather of the group (gradients, optimizer state, step counters), the
 eligibility checks, the (s, e) table, the launch plan and η_{t−1} bookkeeping, the accumulation bookkeeping.
@@ -62,23 +63,23 @@ def resnet18_shapes() -> list[tuple[int, ...]]:
 
 
 class StubbedKernel:
-    """Within the block, ``native.GroupLaunch.terms`` returns ``self.out`` without calling C; counts the calls."""
+    """Within the block, ``native.GroupLaunch.call`` (the one place the C function is called, by the general path
+    and by the steady plan alike) returns without calling C; counts the calls."""
 
     def __init__(self) -> None:
         self.calls = 0
 
     def __enter__(self) -> "StubbedKernel":
-        self._saved = native.GroupLaunch.terms
+        self._saved = native.GroupLaunch.call
 
-        def terms(launch, *args, **kwargs):
+        def call(launch, *args):
             self.calls += 1
-            return launch.out
 
-        native.GroupLaunch.terms = terms
+        native.GroupLaunch.call = call  # type: ignore[method-assign]
         return self
 
     def __exit__(self, *exc) -> None:
-        native.GroupLaunch.terms = self._saved
+        native.GroupLaunch.call = self._saved  # type: ignore[method-assign]
 
 
 def tracked_group(count: int, seed: int = 0) -> tuple[torch.optim.Optimizer, ConditionTracker]:

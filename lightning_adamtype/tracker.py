@@ -23,6 +23,7 @@ from torch.utils.hooks import RemovableHandle
 from . import backends, sharding
 from .adapters import AdapterError, adapter_lookup, validate_first_step
 from .backends.one_pass import PARTIAL
+from .backends.steady import SteadyPlan
 from .checkpoint import load_tracker_state, tracker_state
 from .group_state import GroupState
 from .options import TrackerOptions
@@ -191,6 +192,8 @@ class ConditionTracker:
             handle.remove()
         self._handles.clear()
         self._snapshots.clear()
+        for state in self._groups:
+            self._drop_steady(state)  # (it holds the optimizer's state tensors)
 
     def __deepcopy__(self, memo: dict) -> Any:
         raise TypeError(
@@ -347,6 +350,10 @@ class ConditionTracker:
     # ------------------------------------------------------------------ one group
     def _observe_group(self, state: GroupState, found_inf: Tensor | None, record: bool) -> bool:
         """Gather, compute and (when ``record``) accumulate one group's step; True when it was accumulated."""
+        if "steady" in state.cache:
+            if record and found_inf is None and self._steady_step(state):
+                return True
+            self._drop_steady(state)
         gathered = self._gather(state, found_inf, record)
         if gathered is None:
             return False
@@ -373,7 +380,40 @@ class ConditionTracker:
         if state.count == 0:
             state.clock_offset = self._optimizer_step(step.states) - self.observe_every
         state.count += 1
+        if result.terms is None and result.etas is not None and shards is None and self.observe_every == 1:
+            self._plan_steady(state, step, keys)
         return True
+
+    def _steady_step(self, state: GroupState) -> bool:
+        """The group's step through its :class:`SteadyPlan` (nothing it checks changed since the last step); False
+        when the plan no longer applies (nothing was computed)."""
+        finite = state.cache["steady"].run(state.group, self.optimizer.state, self.observations)
+        if finite is None:
+            return False
+        assert state.kept is not None
+        state.last_finite = finite
+        state.kept = (self.observations, *state.kept[1:])  # η_t is in the kept views, written over η_{t−1}
+        state.count += 1
+        return True
+
+    def _plan_steady(self, state: GroupState, step: backends.GroupStep, keys: list[Tensor]) -> None:
+        """Keep what this native step found, for the group's next steps (when :meth:`SteadyPlan.build` can)."""
+        buffer = state.cache.get("buffer")
+        shares = state.tensors.values if len(state.tensors.params) == len(keys) and all(
+            map(operator.is_, state.tensors.params, keys)) else None
+        plan = SteadyPlan.build(
+            step.group, self.optimizer.state, self.adapter, keys, step.states, step.form, state.cache.get(state.backend),
+            buffer[0] if buffer else None, step.accumulators, step.weight, shares, self.options.coordinates,
+            self.observations,
+        )
+        if plan is not None:
+            state.cache["steady"] = plan
+
+    def _drop_steady(self, state: GroupState) -> None:
+        """Forget the group's plan; its parameters' η_{t−1} were taken at the plan's last step."""
+        plan = state.cache.pop("steady", None)
+        if plan is not None:
+            self._seen.update(dict.fromkeys(map(id, plan.keys), plan.last))
 
     def _optimizer_step(self, states: list[dict[str, Any]]) -> int:
         """The optimizer's own step count t of a group (its first parameter's ``state["step"]``, read once per
@@ -718,8 +758,9 @@ class ConditionTracker:
         from .readout import tensors_in
 
         return tensors_in([self._previous, self._scales, self._snapshots, [
-            # (the one-pass backends' "eligible" entry is the optimizer's own state tensors, not the tracker's)
-            (s.accumulators, {k: v for k, v in s.cache.items() if k != "eligible"}, s.detectors, s.last_finite)
+            # (the one-pass backends' "eligible" entry and the steady plan hold the optimizer's own state tensors, not
+            # the tracker's; the plan's η buffer is the "buffer" entry)
+            (s.accumulators, {k: v for k, v in s.cache.items() if k not in ("eligible", "steady")}, s.detectors, s.last_finite)
             for s in self._groups
         ]])
 
@@ -735,11 +776,15 @@ class ConditionTracker:
     def state_dict(self) -> dict[str, Any]:
         """Accumulators, verdict state and each parameter's η_{t−1} (on the CPU), so a resumed run continues."""
         self._align_groups()
+        for state in self._groups:
+            self._drop_steady(state)
         return tracker_state(self)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output (also the previous version's); tensors move to the parameters'
         devices; an η_{t−1} whose parameter is missing or changed shape is dropped, with one warning."""
+        for state in self._groups:
+            self._drop_steady(state)
         load_tracker_state(self, state_dict)
 
     def __repr__(self) -> str:

@@ -121,7 +121,7 @@ def check_kernel(library: ctypes.CDLL) -> None:
     code = library.adamtype_group_terms(
         2, 0, 1, ctypes.addressof(v_ptrs), ctypes.addressof(g_ptrs), None, offsets.data_ptr(), sizes.data_ptr(),
         first_piece.data_ptr(), piece, table.data_ptr(), 2, 1.0, 0.0, 1e-6, partials.data_ptr(), out.data_ptr(),
-        per_tensor.data_ptr(), 0, None, 1.0, None, 2,
+        per_tensor.data_ptr(), 0, None, 1.0, None, None, 2,
     )
     assert code == 0
     s, e = table.double()[0]

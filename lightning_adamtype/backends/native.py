@@ -80,7 +80,7 @@ class GroupLaunch(FlatEtaLayout):
         keeps (overwritten by the next call), other scalars go through :func:`adapters.scalar_table`."""
         flat = list(chain.from_iterable(scalars))
         if len(flat) == 2 * len(self.sizes) and set(map(type, flat)) == {float}:
-            self._host_table_type.from_address(self._host_table.data_ptr())[:] = flat  # type: ignore[attr-defined]
+            self.host_table()[:] = flat
             return self._host_table
         return scalar_table(scalars, torch.float32, self.device)
 
@@ -95,13 +95,14 @@ class GroupLaunch(FlatEtaLayout):
         weight: float = 0.0,
         accumulate: tuple[Tensor, float] | None = None,
         coordinates: str = "active",
+        shares: Tensor | None = None,
     ) -> Tensor:
         """The group's nine terms (float64 [9], :attr:`out`) and each tensor's share (:attr:`per_tensor`), both
         overwritten by the next call, in one call over the ``coordinates`` ("active" or "all") that
         :mod:`lightning_adamtype.row` counts. ``accumulate`` = (float64 accumulators [11], k): also add k·row and set
         the levels (:func:`lightning_adamtype.row.add_step`), and write whether the step was finite into
-        :attr:`finite`."""
-        function = native_build.library().adamtype_group_terms
+        :attr:`finite`; with ``shares`` (float64 [n, 4], contiguous) also add k·(b_i, c_i, activations_i) to it and set
+        inactive_i when the step is finite (:class:`lightning_adamtype.tensor_shares.TensorShares`)."""
         self.check_launch(vs, gs, eta, table, mode)
         if coordinates not in ("active", "all"):
             raise ValueError(f"coordinates={coordinates!r}: expected 'active' or 'all'")
@@ -121,15 +122,47 @@ class GroupLaunch(FlatEtaLayout):
             acc_ptr = accumulators.data_ptr()
         else:
             acc_ptr, observe_weight = None, 1.0
-        function(
+        if shares is not None and (
+            accumulate is None or shares.dtype != torch.float64 or not shares.is_contiguous()
+            or shares.device.type != "cpu" or tuple(shares.shape) != (len(self.sizes), SHARES)
+        ):
+            raise ValueError(
+                f"shares are accumulated with the step into a contiguous float64 CPU table of {len(self.sizes)} × "
+                f"{SHARES} (got {shares.dtype}, {tuple(shares.shape)} on {shares.device}, accumulate={accumulate is not None})"
+            )
+        self.call(*self.arguments(
+            mode, coordinates, v_ptrs, g_ptrs, eta, table, inverse_keep, weight, acc_ptr, observe_weight,
+            shares.data_ptr() if shares is not None else None,
+        ))
+        return self.out
+
+    def arguments(
+        self, mode: int, coordinates: str, v_ptrs: ctypes.Array, g_ptrs: ctypes.Array, eta: Tensor | None,
+        table: Tensor, inverse_keep: float, weight: float, acc_ptr: int | None, observe_weight: float,
+        shares_ptr: int | None,
+    ) -> list:
+        """``adamtype_group_terms``'s arguments, in its order, for this launch's outputs and the given inputs (the
+        address arrays are read at the call: refill them and call again with the same list)."""
+        return [
             mode, coordinates == "all", len(self.sizes), ctypes.addressof(v_ptrs), ctypes.addressof(g_ptrs),
             eta.data_ptr() if eta is not None else None, self._eta_offsets.data_ptr(), self._sizes.data_ptr(),
             self._first_piece.data_ptr(), PIECE, table.data_ptr(), table.shape[1], float(inverse_keep), float(weight),
             RECOMPUTED_ZERO, self._partials.data_ptr(), self.out.data_ptr(), self.per_tensor.data_ptr(),
-            accumulate is not None, acc_ptr, float(observe_weight), self.finite.data_ptr(),
-            self._threads or max(1, torch.get_num_threads()),
-        )
-        return self.out
+            acc_ptr is not None, acc_ptr, float(observe_weight), self.finite.data_ptr(), shares_ptr, self.threads(),
+        ]
+
+    def host_table(self) -> ctypes.Array:
+        """The launch's float32 [n, 2] (s, e) host table (:meth:`scalar_table`) as a ctypes array over its memory."""
+        return self._host_table_type.from_address(self._host_table.data_ptr())  # type: ignore[attr-defined]
+
+    def threads(self) -> int:
+        """OpenMP threads of a call: 1 for a small group, else torch's intra-op thread count."""
+        return self._threads or max(1, torch.get_num_threads())
+
+    def call(self, *args: object) -> None:
+        """``adamtype_group_terms(*args)``: the one place the C function is called (benchmarks/host_time.py stubs
+        it to time what the host does around it)."""
+        native_build.library().adamtype_group_terms(*args)
 
 
 class NativeBackend(OnePassBackend):

@@ -62,8 +62,9 @@ __all__ = [
 ]
 
 #: the version of the library's C interface; a loaded library whose ``adamtype_abi_version()`` differs is not used
-#: (3: the nine-term row over active coordinates, signed η, per-parameter shares, per-piece partial rows)
-ABI_VERSION = 3
+#: (3: the nine-term row over active coordinates, signed η, per-parameter shares, per-piece partial rows; 4: the
+#: shares also accumulated into a caller's [n, 4] table with the step)
+ABI_VERSION = 4
 #: seconds one compiler run may take (``$LIGHTNING_ADAMTYPE_COMPILE_TIMEOUT`` overrides it)
 COMPILE_TIMEOUT_S = 30
 
@@ -189,12 +190,14 @@ static void piece_terms(int mode, int all, const float *restrict v, const float 
    With accumulate, also lightning_adamtype.row.add_step: with N = counted, P = pairs, a finite row
    [1, N > 0 ? min η : 0, Σ(ηg)², Σ|Δη|, Σ(Δη)², N > 0 ? Ση / N : 0, P > 0 ? Σ|Δη| / P : 0, 0, activations] adds
    observe_weight times itself to acc[0 .. SUMS - 1] and sets the levels acc[SUMS] = inactive, acc[SUMS + 1] = the
-   coordinates (Σ sizes); a non-finite one adds 1 to acc[7] only; *finite says which. Returns 0. */
+   coordinates (Σ sizes); a non-finite one adds 1 to acc[7] only; *finite says which. A finite accumulated step
+   with `shares` (not NULL) also adds observe_weight times tensor i's Σ(ηg)², Σ|Δη|, activations to
+   shares[i * SHARES ..] and sets its inactive count there (lightning_adamtype.tensor_shares). Returns 0. */
 int adamtype_group_terms(int mode, int all, int64_t n, const int64_t *v_ptrs, const int64_t *g_ptrs, float *eta,
                          const int64_t *eta_offsets, const int64_t *sizes, const int64_t *first_piece, int64_t piece,
                          const float *table, int64_t table_stride, float inverse_keep, float weight, float zero,
                          double *partials, double *out, double *per_tensor, int accumulate, double *acc,
-                         double observe_weight, uint8_t *finite, int threads) {
+                         double observe_weight, uint8_t *finite, double *shares, int threads) {
     int64_t pieces = first_piece[n];
     all = all != 0;
     #pragma omp parallel num_threads(threads) if (threads > 1)
@@ -239,6 +242,12 @@ int adamtype_group_terms(int mode, int all, int64_t n, const int64_t *v_ptrs, co
             for (int k = 0; k < SUMS; k++) acc[k] += row[k] * observe_weight;
             acc[SUMS] = terms[8];
             acc[SUMS + 1] = numel;
+            if (shares) {
+                for (int64_t i = 0; i < n; i++) {
+                    for (int k = 0; k < SHARES - 1; k++) shares[i * SHARES + k] += per_tensor[i * SHARES + k] * observe_weight;
+                    shares[i * SHARES + SHARES - 1] = per_tensor[i * SHARES + SHARES - 1];
+                }
+            }
         } else {
             acc[7] += 1.0;
         }
@@ -443,7 +452,7 @@ def _load(path: str) -> tuple[ctypes.CDLL | None, str]:
     if found != ABI_VERSION:
         return None, f"has ABI version {found}, not {ABI_VERSION}"
     p, i64, f32, f64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_double, ctypes.c_int
-    function.argtypes = [i32, i32, i64, p, p, p, p, p, p, i64, p, i64, f32, f32, f32, p, p, p, i32, p, f64, p, i32]
+    function.argtypes = [i32, i32, i64, p, p, p, p, p, p, i64, p, i64, f32, f32, f32, p, p, p, i32, p, f64, p, p, i32]
     function.restype = i32
     return library, ""
 

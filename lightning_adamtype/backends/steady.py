@@ -1,0 +1,177 @@
+"""A group's repeat step on the native backend: the launch of the previous step, its inputs re-read and revalidated.
+
+Once a group has taken a full step through the native backend (gather, form, checks, launch: the tracker's general
+path), most of what that step found holds at the next one: the same parameters stepped, with the same optimizer
+state dicts, the same v tensors and step counters, the same η buffer. :class:`SteadyPlan` keeps what that step
+found and, at the next optimizer step, re-reads only what changes (the gradients and the step counts) and
+re-checks, in C-level passes over the lists (no Python code per tensor), that the rest still holds:
+
+- the group's parameters are the same objects, and the same ones have a gradient;
+- ``optimizer.state`` is the same dict, with the same state dict objects in the same order (a state replaced,
+  added or removed, ``load_state_dict``: another dict or other values);
+- each v (read again from its state under the same key) still starts at the same address, and each step counter
+  is the same object; the plan holds them, so an address seen again is the same live allocation;
+- each gradient is a contiguous tensor of the bytes its v has (float32 of the same count);
+- the adapter's square-root form still reads that v (an AMSGrad switch changes the key) and gives host floats;
+- the group's coupled weight decay is still 0 and η_{t−1} is the previous optimizer step's.
+
+Then (s_i, e_i) = the adapter's ``sqrt_form`` at one state per distinct step count (adapters that declare
+``scalars_by_step``: s and e depend on the state only through t), the (s, e) table is written in one slice
+assignment, and one C call computes the step, adds it to the accumulators and each tensor's share to its table
+(:class:`lightning_adamtype.tensor_shares.TensorShares`), and writes η_t over η_{t−1} in the group's buffer. The
+result is the general path's: the same C function on the same inputs. When any check fails the plan is dropped and
+the general path runs the step (and may build a new plan).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import operator
+from itertools import chain, compress, repeat
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from .native import GroupLaunch
+from .one_pass import STORED
+
+__all__ = ["SteadyPlan"]
+
+_grad = operator.attrgetter("grad")
+_value = operator.attrgetter("value")
+_nbytes = operator.attrgetter("nbytes")
+_step = operator.itemgetter("step")
+_C_SCALAR = {torch.float32: ctypes.c_float, torch.float64: ctypes.c_double}
+
+
+def _same(a: Sequence[Any], b: Sequence[Any]) -> bool:
+    return len(a) == len(b) and all(map(operator.is_, a, b))
+
+
+class SteadyPlan:
+    """What one full native step of a group found, to run the group's next steps without the general path."""
+
+    def __init__(self, group: dict[str, Any], opt_state: dict, adapter: Any, params: list[Tensor], keys: list[Tensor],
+                 states: list[dict], v_key: str, launch: GroupLaunch, eta: Tensor, accumulators: Tensor,
+                 weight: float, shares: Tensor, coordinates: str, observation: int) -> None:
+        self.group, self.opt_state, self.adapter = group, opt_state, adapter
+        self.params, self.keys, self.states, self.v_key = list(params), keys, states, v_key
+        self.mask = list(map(operator.is_not, map(_grad, params), repeat(None)))
+        self.everyone = all(self.mask)
+        self.state_values = list(opt_state.values())
+        self.vs = list(map(operator.itemgetter(v_key), states))
+        self.v_ptrs = list(map(Tensor.data_ptr, self.vs))
+        self.nbytes = list(map(_nbytes, self.vs))
+        self.steps = list(map(_step, states))
+        self.step_cells = self._step_cells(self.steps)
+        self.launch, self.eta, self.accumulators, self.shares = launch, eta, accumulators, shares
+        self.last = observation
+        n = len(keys)
+        self._g_ptrs = (ctypes.c_int64 * n)()
+        self._v_ptrs = (ctypes.c_int64 * n)(*self.v_ptrs)
+        table = launch.scalar_table([(0.0, 0.0)] * n)  # the launch's host table (float32 [n, 2]), written each step
+        self._table = launch.host_table()
+        self._args = launch.arguments(STORED, coordinates, self._v_ptrs, self._g_ptrs, eta, table, 1.0, 0.0,
+                                      accumulators.data_ptr(), float(weight), shares.data_ptr())
+
+    @staticmethod
+    def _step_cells(steps: list[Any]) -> list[Any] | None:
+        """ctypes views of CPU tensor step counters of one dtype (read without a torch call), or None when the counters
+        are host numbers (read as they are)."""
+        if all(type(s) in (float, int) for s in steps):
+            return None
+        kinds = {(s.dtype, s.device.type, s.dim()) if isinstance(s, Tensor) else None for s in steps}
+        if len(kinds) != 1:
+            raise ValueError(f"step counters of mixed kinds {kinds}")
+        dtype, device, dim = next(iter(kinds))  # type: ignore[misc]
+        if device != "cpu" or dim != 0 or dtype not in _C_SCALAR:
+            raise ValueError(f"step counters {dtype} on {device}")
+        return [_C_SCALAR[dtype].from_address(s.data_ptr()) for s in steps]
+
+    @classmethod
+    def build(cls, group: dict[str, Any], opt_state: dict, adapter: Any, keys: list[Tensor], states: list[dict],
+              form: Any, launch: Any, eta: Tensor | None, accumulators: Tensor, weight: float,
+              shares: Tensor | None, coordinates: str, observation: int) -> SteadyPlan | None:
+        """A plan from a full step just taken (its parameters ``keys`` and their ``states``, the
+        adapter's square-root ``form``, the launch and its η buffer ``eta``), or None when the group's next step
+        cannot be taken this way (then the general path keeps running it)."""
+        if not getattr(adapter, "scalars_by_step", False) or not isinstance(launch, GroupLaunch) or eta is None:
+            return None
+        if callable(getattr(adapter, "consumed_gradients", None)) or adapter.coupled_weight_decay(group) != 0.0:
+            return None
+        if shares is None or shares.dtype != torch.float64 or not shares.is_contiguous() or shares.shape[0] != len(keys):
+            return None
+        params = group["params"]
+        if not _same(list(compress(params, map(operator.is_not, map(_grad, params), repeat(None)))), keys):
+            return None  # some parameters with a gradient were left out (empty, sparse, ...): the general path's case
+        vs = form[0]
+        v_key = next((k for k, x in states[0].items() if x is vs[0]), None) if states else None
+        if v_key is None or not all(st.get(v_key) is v for st, v in zip(states, vs)):
+            return None
+        if not all(st.get("step") is not None for st in states):
+            return None
+        try:
+            return cls(group, opt_state, adapter, params, keys, states, v_key, launch, eta, accumulators, weight,
+                       shares, coordinates, observation)
+        except ValueError:
+            return None
+
+    def run(self, group: dict[str, Any], opt_state: dict, observation: int) -> Tensor | None:
+        """Take the group's step (add it to the accumulators and the shares, η_t over η_{t−1}); the launch's
+        finite flag (a bool tensor), or None when something checked has changed (nothing was computed)."""
+        if observation != self.last + 1 or group is not self.group:
+            return None
+        grads = self._gradients(group)
+        if grads is None or not self._state_holds(opt_state):
+            return None
+        scalars = self._table_row(group)
+        if scalars is None:
+            return None
+        self._g_ptrs[:] = list(map(Tensor.data_ptr, grads))
+        args = self._args
+        args[-1] = self.launch.threads()
+        self.launch.call(*args)
+        self.last = observation
+        return self.launch.finite_flag
+
+    def _gradients(self, group: dict[str, Any]) -> list[Tensor] | None:
+        params = group["params"]
+        if not _same(params, self.params):
+            return None
+        grads = list(map(_grad, params))
+        if list(map(operator.is_not, grads, repeat(None))) != self.mask:
+            return None
+        if not self.everyone:
+            grads = list(compress(grads, self.mask))
+        if list(map(_nbytes, grads)) != self.nbytes or not all(map(Tensor.is_contiguous, grads)):
+            return None
+        return grads
+
+    def _state_holds(self, opt_state: dict) -> bool:
+        if opt_state is not self.opt_state or not _same(list(opt_state.values()), self.state_values):
+            return False
+        if list(map(Tensor.data_ptr, map(operator.itemgetter(self.v_key), self.states))) != self.v_ptrs:
+            return False
+        return _same(list(map(_step, self.states)), self.steps)
+
+    def _table_row(self, group: dict[str, Any]) -> bool | None:
+        """Write the (s, e) table for this step's counts; None when the form no longer applies."""
+        if self.adapter.coupled_weight_decay(group) != 0.0:
+            return None
+        values = list(map(_value, self.step_cells)) if self.step_cells is not None else list(map(float, self.steps))
+        distinct = list(dict.fromkeys(values))
+        first = [values.index(t) for t in distinct]
+        reps = [self.states[i] for i in first]
+        vs, pairs = self.adapter.sqrt_form(group, reps)
+        if not all(v is self.vs[i] for v, i in zip(vs, first)):
+            return None  # the form reads another v now (an AMSGrad switch)
+        pairs = list(pairs)
+        if set(map(type, chain.from_iterable(pairs))) != {float}:
+            return None
+        if len(pairs) == 1:
+            self._table[:] = list(pairs[0]) * len(values)
+        else:
+            by_step = dict(zip(distinct, pairs))
+            self._table[:] = list(chain.from_iterable(map(by_step.__getitem__, values)))
+        return True

@@ -1,0 +1,218 @@
+"""The native backend's repeat step (:class:`lightning_adamtype.backends.steady.SteadyPlan`) against the reference
+multi-tensor backend, across everything that may change between two optimizer steps.
+
+Each case trains two identical models side by side, one tracked with ``kernel="native"`` (after its first full
+step the group runs through the plan) and one with ``kernel="foreach"``, and applies the same change to both
+between two steps: a gradient missing, a state dict swapped or replaced, a state tensor replaced, the optimizer's
+``load_state_dict``, an AMSGrad switch, coupled weight decay turned on, a parameter replaced in the group, a
+non-contiguous gradient, step counts that differ within the group. The two trackers must give the same numbers
+(the backends' summation orders differ: rtol 1e-5), and the plan must have run on the steps around the change and
+declined the step where it applied.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_adamtype import ConditionTracker
+from lightning_adamtype.backends import native_build
+from lightning_adamtype.backends.steady import SteadyPlan
+
+pytestmark = pytest.mark.skipif(native_build.availability()[0] is None, reason="the native library is unavailable")
+
+STEPS, CHANGE_AT = 10, 5
+KEYS = ("a", "b", "c", "c2", "a_mean", "c_mean", "activations", "inactive", "coordinates", "steps", "nonfinite_steps")
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+
+
+def _swap_states(opt, model):
+    a, b = list(model.parameters())[:2]  # shapes differ: swap the dicts, then give each its own contents back
+    opt.state[a], opt.state[b] = opt.state[b], opt.state[a]
+    opt.state[a], opt.state[b] = dict(opt.state[b]), dict(opt.state[a])
+
+
+def _replace_v(opt, model):
+    p = next(iter(model.parameters()))
+    opt.state[p]["exp_avg_sq"] = opt.state[p]["exp_avg_sq"].clone() * 1.5
+
+
+def _reload(opt, model):
+    opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+
+
+def _amsgrad(opt, model):
+    for p in model.parameters():
+        opt.state[p]["max_exp_avg_sq"] = opt.state[p]["exp_avg_sq"].clone()
+    opt.param_groups[0]["amsgrad"] = True
+
+
+def _weight_decay(opt, model):
+    opt.param_groups[0]["weight_decay"] = 0.1
+
+
+def _replace_param(opt, model):
+    layer = model[2]
+    old = layer.bias
+    new = nn.Parameter(old.detach().clone() + 0.01)
+    layer.bias = new
+    params = opt.param_groups[0]["params"]
+    params[next(i for i, p in enumerate(params) if p is old)] = new
+    opt.state[new] = opt.state.pop(old)
+
+
+def _lr(opt, model):
+    opt.param_groups[0]["lr"] *= 0.3
+
+
+CHANGES = {
+    "none": lambda opt, model: None,
+    "lr": _lr,
+    "state-dicts-swapped": _swap_states,
+    "v-replaced": _replace_v,
+    "optimizer-load-state-dict": _reload,
+    "amsgrad-switch": _amsgrad,
+    "coupled-weight-decay": _weight_decay,
+    "parameter-replaced": _replace_param,
+}
+#: changes that alter the gradients of the step instead (applied after backward)
+def _drop_gradient(model):
+    model[0].bias.grad = None
+
+
+def _non_contiguous_gradient(model):
+    model[0].weight.grad = model[0].weight.grad.t().contiguous().t()  # same values, transposed strides
+
+
+GRAD_CHANGES = {"gradient-missing": _drop_gradient, "gradient-non-contiguous": _non_contiguous_gradient}
+
+
+def _train(kernel: str, change=None, grad_change=None, skip_first_steps_of=None):
+    model = _model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    tracker = ConditionTracker(opt, kernel=kernel)
+    gen = torch.Generator().manual_seed(1)
+    for t in range(1, STEPS + 1):
+        x, y = torch.randn(8, 6, generator=gen), torch.randn(8, 3, generator=gen)
+        opt.zero_grad(set_to_none=True)
+        nn.functional.mse_loss(model(x), y).backward()
+        if skip_first_steps_of is not None and t <= 2:
+            getattr(model[2], skip_first_steps_of).grad = None  # this parameter's step count lags by 2
+        if t == CHANGE_AT:
+            if change is not None:
+                change(opt, model)
+            if grad_change is not None:
+                grad_change(model)
+        opt.step()
+    return tracker, [p.detach().clone() for p in model.parameters()]
+
+
+class _Counted:
+    """Counts SteadyPlan.run's answers: steps taken, steps declined."""
+
+    def __init__(self, monkeypatch):
+        self.taken = self.declined = 0
+        original = SteadyPlan.run
+
+        def run(plan, *args):
+            finite = original(plan, *args)
+            if finite is None:
+                self.declined += 1
+            else:
+                self.taken += 1
+            return finite
+
+        monkeypatch.setattr(SteadyPlan, "run", run)
+
+
+def _assert_same_numbers(native: ConditionTracker, foreach: ConditionTracker) -> None:
+    got, expected = native.compute()["Adam/pg0"], foreach.compute()["Adam/pg0"]
+    for key in KEYS:
+        assert got[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-12), (key, got[key], expected[key])
+    shares_native, shares_foreach = native.tensor_shares()["Adam/pg0"], foreach.tensor_shares()["Adam/pg0"]
+    assert [name for name, _ in shares_native] == [name for name, _ in shares_foreach]
+    for (name, row), (_, expected_row) in zip(shares_native, shares_foreach):
+        assert row == pytest.approx(expected_row, rel=1e-4, abs=1e-12), name
+
+
+@pytest.mark.parametrize("name", list(CHANGES))
+def test_a_change_between_steps_gives_the_reference_numbers(name, monkeypatch):
+    counted = _Counted(monkeypatch)
+    native, params_native = _train("native", change=CHANGES[name])
+    taken, declined = counted.taken, counted.declined
+    foreach, params_foreach = _train("foreach", change=CHANGES[name])
+    assert counted.taken == taken and counted.declined == declined  # (no plan on the foreach backend)
+    assert all(torch.equal(a, b) for a, b in zip(params_native, params_foreach))
+    assert native.backends() == {"Adam/pg0": "native"}
+    _assert_same_numbers(native, foreach)
+    if name in ("none", "lr"):
+        assert (taken, declined) == (STEPS - 1, 0)  # every step after the first
+    elif name == "coupled-weight-decay":
+        assert (taken, declined) == (CHANGE_AT - 2, 1)  # no plan is built while the group has coupled weight decay
+    elif name == "parameter-replaced":
+        # replaced after backward: the new parameter has no gradient at the change and its first one the step after
+        # (declined again; that step has η_{t−1} for only some parameters, so the foreach backend takes it and the
+        # native step after it builds the next plan)
+        assert (taken, declined) == (STEPS - 4, 2)
+    else:
+        assert (taken, declined) == (STEPS - 2, 1)  # declined at the change; the general step there builds a new one
+
+
+@pytest.mark.parametrize("name", list(GRAD_CHANGES))
+def test_a_gradient_change_gives_the_reference_numbers(name, monkeypatch):
+    counted = _Counted(monkeypatch)
+    native, _ = _train("native", grad_change=GRAD_CHANGES[name])
+    foreach, _ = _train("foreach", grad_change=GRAD_CHANGES[name])
+    _assert_same_numbers(native, foreach)
+    assert counted.declined >= 1 and counted.taken >= STEPS - 5
+
+
+def test_step_counts_that_differ_within_the_group(monkeypatch):
+    """A parameter without a gradient at the first two steps lags two steps behind the others: its (s, e) row is
+    that of its own t."""
+    counted = _Counted(monkeypatch)
+    native, _ = _train("native", skip_first_steps_of="bias")
+    foreach, _ = _train("foreach", skip_first_steps_of="bias")
+    _assert_same_numbers(native, foreach)
+    assert counted.taken >= STEPS - 4
+
+
+def test_checkpoint_between_plan_steps_resumes_with_the_same_numbers():
+    """state_dict() taken while the plan runs carries every parameter's η_{t−1} as of the latest step."""
+    model = _model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    tracker = ConditionTracker(opt, kernel="native")
+    gen = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(8, 6, generator=gen), torch.randn(8, 3, generator=gen)) for _ in range(STEPS)]
+    resumed = None
+    for t, (x, y) in enumerate(batches, 1):
+        opt.zero_grad(set_to_none=True)
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        if t == CHANGE_AT:
+            saved = tracker.state_dict()
+            resumed_opt_state = copy.deepcopy(opt.state_dict())
+    # a second run that resumes from step CHANGE_AT
+    model2 = _model()
+    opt2 = torch.optim.Adam(model2.parameters(), lr=1e-2)
+    for t, (x, y) in enumerate(batches[:CHANGE_AT], 1):  # the same weights as the first run at CHANGE_AT
+        opt2.zero_grad(set_to_none=True)
+        nn.functional.mse_loss(model2(x), y).backward()
+        opt2.step()
+    opt2.load_state_dict(resumed_opt_state)
+    resumed = ConditionTracker(opt2, kernel="native")
+    resumed.load_state_dict(saved)
+    for x, y in batches[CHANGE_AT:]:
+        opt2.zero_grad(set_to_none=True)
+        nn.functional.mse_loss(model2(x), y).backward()
+        opt2.step()
+    got, expected = resumed.compute()["Adam/pg0"], tracker.compute()["Adam/pg0"]
+    for key in KEYS:
+        assert got[key] == pytest.approx(expected[key], rel=1e-9, abs=1e-15), key
