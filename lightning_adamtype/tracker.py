@@ -276,7 +276,6 @@ class ConditionTracker:
                     if p.grad is not None:
                         self._snapshots[id(p)] = p.detach().clone()
 
-    @torch.no_grad()
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         try:
             self._observe_step(optimizer)
@@ -354,6 +353,11 @@ class ConditionTracker:
             if record and found_inf is None and self._steady_step(state):
                 return True
             self._drop_steady(state)
+        return self._general_step(state, found_inf, record)
+
+    @torch.no_grad()
+    def _general_step(self, state: GroupState, found_inf: Tensor | None, record: bool) -> bool:
+        """The group's step through the general path: gather, validate, choose a backend, compute, keep."""
         gathered = self._gather(state, found_inf, record)
         if gathered is None:
             return False

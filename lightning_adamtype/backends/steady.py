@@ -140,16 +140,23 @@ class SteadyPlan:
         if not _same(params, self.params):
             return None
         grads = list(map(_grad, params))
-        if list(map(operator.is_not, grads, repeat(None))) != self.mask:
-            return None
-        if not self.everyone:
+        if self.everyone:
+            try:
+                nbytes = list(map(_nbytes, grads))  # (None.nbytes raises: a missing gradient)
+            except AttributeError:
+                return None
+        else:
+            if list(map(operator.is_not, grads, repeat(None))) != self.mask:
+                return None
             grads = list(compress(grads, self.mask))
-        if list(map(_nbytes, grads)) != self.nbytes or not all(map(Tensor.is_contiguous, grads)):
+            nbytes = list(map(_nbytes, grads))
+        if nbytes != self.nbytes or not all(map(Tensor.is_contiguous, grads)):
             return None
         return grads
 
     def _state_holds(self, opt_state: dict) -> bool:
-        if opt_state is not self.opt_state or not _same(list(opt_state.values()), self.state_values):
+        values = self.state_values
+        if opt_state is not self.opt_state or len(opt_state) != len(values) or not all(map(operator.is_, opt_state.values(), values)):
             return False
         if list(map(Tensor.data_ptr, map(operator.itemgetter(self.v_key), self.states))) != self.v_ptrs:
             return False
@@ -160,18 +167,20 @@ class SteadyPlan:
         if self.adapter.coupled_weight_decay(group) != 0.0:
             return None
         values = list(map(_value, self.step_cells)) if self.step_cells is not None else list(map(float, self.steps))
+        n = len(values)
+        if values.count(values[0]) == n:  # the common case: one step count in the group
+            vs, pairs = self.adapter.sqrt_form(group, self.states[:1])
+            s, e = pairs[0]
+            if vs[0] is not self.vs[0] or type(s) is not float or type(e) is not float:
+                return None  # the form reads another v now (an AMSGrad switch), or gives tensors
+            self._table[:] = [s, e] * n
+            return True
         distinct = list(dict.fromkeys(values))
         first = [values.index(t) for t in distinct]
-        reps = [self.states[i] for i in first]
-        vs, pairs = self.adapter.sqrt_form(group, reps)
-        if not all(v is self.vs[i] for v, i in zip(vs, first)):
-            return None  # the form reads another v now (an AMSGrad switch)
+        vs, pairs = self.adapter.sqrt_form(group, [self.states[i] for i in first])
         pairs = list(pairs)
-        if set(map(type, chain.from_iterable(pairs))) != {float}:
+        if not all(v is self.vs[i] for v, i in zip(vs, first)) or set(map(type, chain.from_iterable(pairs))) != {float}:
             return None
-        if len(pairs) == 1:
-            self._table[:] = list(pairs[0]) * len(values)
-        else:
-            by_step = dict(zip(distinct, pairs))
-            self._table[:] = list(chain.from_iterable(map(by_step.__getitem__, values)))
+        by_step = dict(zip(distinct, pairs))
+        self._table[:] = list(chain.from_iterable(map(by_step.__getitem__, values)))
         return True
