@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .adapters import OptimizerAdapter, find_adapter, register_adapter, registered_adapters, unregister_adapter
+from .adapters import NotMapped, OptimizerAdapter, find_adapter, register_adapter, registered_adapters, unregister_adapter
 from .options import TrackerOptions
 from .row import ACCUMULATOR_KEYS
 from .tracker import ConditionTracker
@@ -26,6 +26,7 @@ __all__ = [
     "TrendOptions",
     "TrackerOptions",
     "ACCUMULATOR_KEYS",
+    "NotMapped",
     "find_adapter",
     "register_adapter",
     "registered_adapters",

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "NotMapped",
     "OptimizerAdapter",
     "register_adapter",
     "find_adapter",
@@ -615,6 +616,11 @@ def adapter_lookup(optimizer: torch.optim.Optimizer) -> tuple[OptimizerAdapter |
 
 class AdapterError(ValueError):
     """An adapter returned effective stepsizes that cannot be trusted (see :func:`validate_first_step`)."""
+
+
+class NotMapped(ValueError):
+    """Raised by an adapter for a group whose settings it does not map onto the template (a known limit, not a
+    failure): the tracker stops measuring that group with one warning that gives the message, and training goes on."""
 
 
 def validate_first_step(adapter: Any, step: Any) -> str | None:

@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
 from . import backends, sharding
-from .adapters import AdapterError, adapter_lookup, validate_first_step
+from .adapters import AdapterError, NotMapped, adapter_lookup, validate_first_step
 from .backends.one_pass import PARTIAL
 from .backends.steady import SteadyPlan
 from .checkpoint import load_tracker_state, tracker_state
@@ -314,11 +314,14 @@ class ConditionTracker:
     def _disable(self, state: GroupState, name: str, error: BaseException) -> None:
         state.disabled = f"{type(error).__name__}: {error}"
         state.cache.clear()
-        self._warn_once(
-            f"disabled-{name}",
-            f"measuring group {name!r} of {type(self.optimizer).__name__} failed at optimizer step {self.observations} "
-            f"({state.disabled}); this group is no longer measured (compute() gives it 'measured' = 0) and " + REPORT,
-        )
+        if isinstance(error, NotMapped):  # the adapter's own, deliberate refusal of these settings
+            message = (f"group {name!r} of {type(self.optimizer).__name__} is not measured: {error}. compute() gives it "
+                       "'measured' = 0 and training goes on untouched")
+        else:
+            message = (f"measuring group {name!r} of {type(self.optimizer).__name__} failed at optimizer step "
+                       f"{self.observations} ({state.disabled}); this group is no longer measured (compute() gives it "
+                       "'measured' = 0) and " + REPORT)
+        self._warn_once(f"disabled-{name}", message)
 
     def _align_groups(self) -> None:
         """One :class:`GroupState` per param group, following each group (its "params" list, which

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 import lightning_adamtype
-from lightning_adamtype import ConditionTracker, find_adapter, register_adapter
+from lightning_adamtype import ConditionTracker, NotMapped, find_adapter, register_adapter
 
 try:  # tests/ as a package or as plain sibling modules
     from .reference import Reference
@@ -380,16 +380,17 @@ class _DelegatingAdapter:
     """Adam's registered adapter through ``effective_stepsizes`` only; raises KeyError for the group named "bad"
     from its ``fail_from``-th call on."""
 
-    def __init__(self, fail_from: int = 3) -> None:
+    def __init__(self, fail_from: int = 3, error: Exception | None = None) -> None:
         self.base = find_adapter(torch.optim.Adam([nn.Parameter(torch.zeros(1))]))
         self.fail_from = fail_from
+        self.error = error if error is not None else KeyError("exp_avg_sq")
         self.calls = 0
 
     def effective_stepsizes(self, group, states):
         if group.get("name") == "bad":
             self.calls += 1
             if self.calls >= self.fail_from:
-                raise KeyError("exp_avg_sq")
+                raise self.error
         return self.base.effective_stepsizes(group, states)
 
     def coupled_weight_decay(self, group):
@@ -459,6 +460,31 @@ def test_user_adapter_raising_keyerror_disables_only_its_group(kernel, fresh_ada
     assert good["steps"] == expected["steps"] == 8
     for key, rtol in RTOL.items():
         assert good[key] == pytest.approx(expected[key], rel=rtol), key
+
+
+def test_an_adapter_that_does_not_map_a_group_says_so_without_calling_it_a_failure(fresh_adam):
+    """An adapter raising :class:`lightning_adamtype.NotMapped` (settings it knowingly does not map): one warning
+    that gives its reason and does not ask for a bug report; the group is not measured, the other group is, and
+    training is bitwise that of an untracked twin."""
+    adapter = _DelegatingAdapter(fail_from=1, error=NotMapped("settings of group 'bad' are not mapped (a test)"))
+    Unmapped = fresh_adam("UnmappedAdam", adapter)
+
+    def scenario(tracked):
+        model = Net()
+        opt = Unmapped([{"params": [*model.l1.parameters(), *model.l2.parameters()]},
+                        {"params": model.l3.parameters(), "name": "bad", "lr": 0.005}], lr=0.01)
+        tracker = ConditionTracker(opt, kernel="foreach") if tracked else None
+        for t in range(1, 6):
+            backward(model, t)
+            step(opt, None)
+        return {"state": snapshot(opt, list(model.parameters())), "tracker": tracker}
+
+    run, ours = twin(scenario)
+    assert len(ours) == 1, ours
+    assert "UnmappedAdam/bad" in ours[0] and "is not measured: settings of group 'bad' are not mapped" in ours[0]
+    assert "report" not in ours[0] and "failed" not in ours[0]
+    got = run["tracker"].compute()
+    assert got["UnmappedAdam/bad"]["measured"] == 0.0 and got["UnmappedAdam/pg0"]["measured"] == 1.0
 
 
 # ---------------------------------------------------------------------------------------------- 6. swapped params
