@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import torch
 from torch import Tensor
 
+from .adapters_torch_extra import _StepGradients
+
 if TYPE_CHECKING:
     from .adapters import OptimizerAdapter
 
@@ -259,6 +261,84 @@ class RectifiedAdaBeliefAdapter(AdamLikeAdapter):
         return out
 
 
+#: a coordinate of transformers' Adafactor counts as active where its EMA exceeds eps[0] by this fraction of eps[0]
+_HF_FLOOR_MARGIN = 2.0**-10
+
+
+class HFAdafactorAdapter(_StepGradients):
+    """transformers' ``Adafactor`` (Shazeer & Stern 2018, fairseq's port). Per parameter, with t = ``state["step"]``
+    (its own count of steps with a gradient), (ε1, ε2) = ``eps``, β̂2_t = 1 − t^decay_rate:
+
+        ρ_t = lr (``relative_step=False``), else min(1e-6·t if ``warmup_init`` else 1e-2, 1/√t),
+        α_t = ρ_t·max(ε2, RMS(x_t)) with ``scale_parameter`` (else α_t = ρ_t), RMS(x_t) = ``state["RMS"]``,
+        V̂_t = R_t C_t / mean(R_t) (≥ 2-D; R, C = ``exp_avg_sq_row``/``_col``: EMAs of the row and column means
+              of g² + ε1 over the last two dimensions), V̂_t = ``exp_avg_sq`` (1-D: the EMA of g² + ε1),
+        U_t = g_t/√V̂_t,  d_t = max(1, RMS(U_t)/clip_threshold),  x_{t+1} = x_t − λ·α_t·x_t − (α_t/d_t)·U_t,
+
+    so η_t = α_t / (d_t·√V̂_t). ε1 sits inside V̂ (added to g²), ε2 floors RMS(x_t), which the package stores
+    before its update. The weight decay λ·α_t·x_t (on x_t, times α_t) is decoupled: not part of g. d_t needs this
+    step's g, taken from ``consumed_gradients`` as torch's Adafactor adapter does (weak references only).
+
+    ``beta1``: the package keeps m̃_t = β1·m̃_{t−1} + (1 − β1)·(α_t/d_t)·U_t and steps x ← x − m̃_t, an EMA of the
+    *normalised update* (as LaProp's momentum, or RMSprop's heavy-ball buffer). g_t's total weight in the steps that
+    follow is Σ_k (1 − β1)β1^k·α_t/(d_t√V̂_t) = η_t: the same η (RMSprop's buffer weights μ^k sum to 1/(1 − μ),
+    hence its lr/(1 − μ); these EMA weights sum to 1). The template's m_t = EMA(g) with one η_t on the whole mean
+    is this when η is steady; η_s entering at its own step is what the package does, as for LaProp.
+    """
+
+    name = "transformers.Adafactor"
+
+    def effective_stepsizes(self, group: dict[str, Any], states: Sequence[dict[str, Any]]) -> list[Tensor]:
+        """η_t = α_t / (d_t·√V̂_t) per parameter (class docstring); d_t from this step's g."""
+        clip = _num(group["clip_threshold"])
+        out = []
+        for st in states:
+            inverse_root = self._inverse_root(st)
+            grad = _f(self._grad_of(st, self.name)[0])
+            n = max(grad.numel(), 1)
+            denom = (inverse_root * grad).norm().div_(math.sqrt(n) * clip).clamp_(min=1.0)
+            out.append(inverse_root.mul_(self._alpha(group, st) / denom))
+        return out
+
+    @staticmethod
+    def _alpha(group: dict[str, Any], state: dict[str, Any]) -> float | Tensor:
+        """α_t = ρ_t·max(ε2, RMS(x_t)) (``scale_parameter``), else ρ_t; ρ_t = lr, or the relative step."""
+        t = max(_num(state["step"]), 1.0)
+        rho = _num(group["lr"]) if not group["relative_step"] else min(
+            1e-6 * t if group["warmup_init"] else 1e-2, 1.0 / math.sqrt(t))
+        if not group["scale_parameter"]:
+            return rho
+        rms, eps2 = state["RMS"], _num(group["eps"][1])
+        return _f(rms).clamp(min=eps2).mul_(rho) if isinstance(rms, Tensor) else rho * max(eps2, float(rms))
+
+    @staticmethod
+    def _inverse_root(state: dict[str, Any]) -> Tensor:
+        """1/√V̂_t with the package's own operations (a fresh tensor): rsqrt(R/mean(R)) ⊗ rsqrt(C), or rsqrt(v)."""
+        if "exp_avg_sq_row" in state:
+            row, col = _f(state["exp_avg_sq_row"]), _f(state["exp_avg_sq_col"])
+            return (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1) * col.unsqueeze(-2).rsqrt()
+        return _f(state["exp_avg_sq"]).rsqrt()
+
+    def activity(self, group: dict[str, Any], states: Sequence[dict[str, Any]]) -> list[Tensor]:
+        """1 where the coordinate (≥ 2-D: its row and its column) has had g² above the floor ε1 the package adds,
+        i.e. where its EMA of g² + ε1 exceeds ε1·(1 + 2^−10) (a margin that float rounding of a constant ε1 does not
+        reach); 0 elsewhere."""
+        floor = _num(group["eps"][0]) * (1.0 + _HF_FLOOR_MARGIN)
+        out = []
+        for st in states:
+            if "exp_avg_sq_row" in st:
+                row, col = _f(st["exp_avg_sq_row"]), _f(st["exp_avg_sq_col"])
+                out.append(((row > floor).unsqueeze(-1) & (col > floor).unsqueeze(-2)).to(row.dtype))
+            else:
+                v = _f(st["exp_avg_sq"])
+                out.append((v > floor).to(v.dtype))
+        return out
+
+    def coupled_weight_decay(self, group: dict[str, Any]) -> float:
+        """0: its weight decay λ·α_t·x_t is decoupled (not added to g)."""
+        return 0.0
+
+
 def _coupled_unless(flag: str, default: bool = False) -> Callable[[dict[str, Any]], float]:
     """λ = group["weight_decay"] unless ``group[flag]`` (decoupled decay) is set."""
     return lambda group: 0.0 if group.get(flag, default) else _num(group.get("weight_decay", 0.0))
@@ -304,6 +384,7 @@ _MAPPED: dict[tuple[str, str], Callable[[], OptimizerAdapter]] = {
     ("pytorch_optimizer.optimizer.lamb", "Lamb"): lambda: LambAdapter("pytorch_optimizer.Lamb"),
     ("pytorch_optimizer.optimizer.adan", "Adan"): lambda: AdanAdapter("pytorch_optimizer.Adan"),
     ("schedulefree.adamw_schedulefree", "AdamWScheduleFree"): ScheduleFreeAdapter,
+    ("transformers.optimization", "Adafactor"): HFAdafactorAdapter,
 }
 
 _BNB = ("needs CUDA, not yet mapped: bitsandbytes keeps its moments block-quantized to 8 bits (state1/state2 with "
@@ -317,10 +398,6 @@ _DECLINED: dict[tuple[str, str], str] = {
     ("timm.optim.adopt", "Adopt"): (
         "ADOPT normalises g_t by max(sqrt(v_{t−1}), eps), the second moment *before* this step, which its state no "
         "longer holds after the step (it holds v_t), and clip_exp clamps the normalised gradient per coordinate"
-    ),
-    ("transformers.optimization", "Adafactor"): (
-        "its update is clipped per tensor by max(1, RMS(g_t/sqrt(v̂_t))/clip_threshold), a factor that needs this step's "
-        "gradient and is kept nowhere, and with relative_step its lr uses RMS(x_t) and the step count; not yet mapped"
     ),
     ("pytorch_optimizer.optimizer.lion", "Lion"): (
         "Lion steps x ← x − lr·sign(β1·m + (1 − β1)·g): a sign has no effective stepsize (η = lr/|u| would make every "

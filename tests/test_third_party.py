@@ -25,6 +25,7 @@ INSTALL = {
     "transformers": "pip install transformers",
 }
 RTOL = {"a": 1e-4, "b": 1e-4, "c": 1e-3, "c2": 1e-3}
+HF = "transformers.optimization:Adafactor"
 
 
 def optimizer_class(path: str) -> type:
@@ -63,11 +64,30 @@ MAPPED = [
     ("schedulefree", "schedulefree:AdamWScheduleFree", dict(lr=1e-2, warmup_steps=4), tpr.schedule_free),
     ("schedulefree-forloop", "schedulefree:AdamWScheduleFree", dict(lr=1e-2, warmup_steps=0, foreach=False),
      tpr.schedule_free),
+    # transformers' Adafactor on the run's 2-D weights (factored) and 1-D biases/extra; with relative_step the groups'
+    # lr (scheduled) is ignored by the package, without it the schedule reaches η
+    ("hf-adafactor-default", HF, dict(lr=1e-2, relative_step=True), tpr.HFAdafactor()),
+    ("hf-adafactor-lr", HF, dict(lr=1e-2, relative_step=False, scale_parameter=False, weight_decay=0.1),
+     tpr.HFAdafactor()),
+    ("hf-adafactor-lr-scaled", HF, dict(lr=0.2, relative_step=False, eps=(1e-20, 0.5), decay_rate=-0.5),
+     tpr.HFAdafactor()),
+    ("hf-adafactor-warmup", HF, dict(lr=1e-2, relative_step=True, warmup_init=True), tpr.HFAdafactor()),
+    ("hf-adafactor-clip", HF, dict(lr=1e-2, relative_step=False, clip_threshold=0.3), tpr.HFAdafactor()),
+    ("hf-adafactor-beta1", HF, dict(lr=1e-2, relative_step=False, beta1=0.9, weight_decay=0.1), tpr.HFAdafactor()),
 ]
 
 
+def _groups_keep_lr(cls: type):
+    """transformers' Adafactor refuses a default lr with relative_step=True (it ignores lr then): give each of the
+    run's groups its lr instead, so the ExponentialLR schedule runs (unread) as in every other configuration."""
+    def make(groups, lr, **kwargs):
+        return cls([{"lr": lr, **g} for g in groups], **kwargs)
+    return make
+
+
 def build(path: str, kwargs: dict):
-    model, opt, sched, data = make_run(optimizer_class(path), kwargs)
+    cls = optimizer_class(path)
+    model, opt, sched, data = make_run(_groups_keep_lr(cls) if kwargs.get("relative_step") else cls, kwargs)
     if hasattr(opt, "train"):  # schedule-free optimizers step only in train mode
         opt.train()
     return model, opt, sched, data
@@ -76,6 +96,11 @@ def build(path: str, kwargs: dict):
 @pytest.mark.parametrize("name,path,kwargs,rule", MAPPED, ids=[m[0] for m in MAPPED])
 def test_matches_float64_oracle(name, path, kwargs, rule):
     """Two groups, ExponentialLR, a None gradient at some steps, 14 steps: a, b, c, c2 as the oracle's."""
+    check_against_oracle(path, kwargs, rule)
+
+
+def check_against_oracle(path: str, kwargs: dict, rule) -> None:
+    """The tracker's a, b, c, c2 per group equal the oracle's after STEPS steps of the shared run."""
     model, opt, sched, data = build(path, kwargs)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a mapped optimizer attaches without a warning
@@ -136,8 +161,6 @@ DECLINED = [
     ("timm-lamb", "timm.optim:Lamb", dict(lr=1e-2), "trust ratio"),
     ("timm-adopt", "timm.optim:Adopt", dict(lr=1e-2), "v_{t−1}"),
     ("po-lion", "pytorch_optimizer:Lion", dict(lr=1e-3), "sign"),
-    ("hf-adafactor", "transformers.optimization:Adafactor", dict(lr=1e-2, relative_step=False, scale_parameter=False),
-     "clip_threshold"),
 ]
 
 
@@ -209,3 +232,38 @@ def test_unmapped_option_stops_that_group_with_a_reason():
     tracker, messages = assert_twins_bitwise("timm.optim:AdamP", dict(lr=1e-2, caution=True), expect_measured=True)
     assert any("caution=True" in m and "timm.optim.AdamP" in m for m in messages), messages
     assert all(v["measured"] == 0.0 for v in tracker.compute().values())
+
+
+@pytest.mark.parametrize("clip,clipped", [(0.3, True), (1e6, False)], ids=["clips", "never-clips"])
+def test_hf_adafactor_clip_threshold(clip, clipped):
+    """The update clip d_t = max(1, RMS(U_t)/clip_threshold) is in η: it bites at some steps with a small threshold
+    (and never with a huge one), and the tracker follows the oracle either way."""
+    rule = tpr.HFAdafactor()
+    check_against_oracle(HF, dict(lr=1e-2, relative_step=False, clip_threshold=clip), rule)
+    assert (max(rule.clips) > 1.0) == clipped and min(rule.clips) >= 1.0
+
+
+def test_hf_adafactor_is_mapped_not_declined():
+    """transformers' Adafactor attaches without a warning and is listed as mapped."""
+    cls = optimizer_class(HF)
+    assert lightning_adamtype.third_party.known_classes()["transformers.optimization.Adafactor"] == "mapped"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ConditionTracker(cls([nn.Parameter(torch.ones(3, 2))])).attached
+
+
+def test_hf_adafactor_untouched_coordinates_are_inactive():
+    """A row of a 2-D weight and two entries of a bias never get a gradient: their V̂ is only the eps[0] = 1e-30 the
+    package adds to g² (η ≈ 1e13), and they count as inactive, not in a, b, c."""
+    cls = optimizer_class(HF)
+    torch.manual_seed(0)
+    w, b = nn.Parameter(torch.randn(4, 3)), nn.Parameter(torch.randn(5))
+    opt = cls([w, b], lr=1e-2, relative_step=False)
+    tracker = ConditionTracker(opt)
+    for t in range(6):
+        opt.zero_grad()
+        ((w[1:] ** 2).sum() * (1 + t) + (b[:3] ** 3).sum()).backward()
+        opt.step()
+    (got,) = tracker.compute().values()
+    assert got["coordinates"] == 17 and got["inactive"] == 5 and got["steps"] == 6
+    assert 0 < got["a"] and got["a_mean"] < 1.0 and got["c"] < 1.0, got

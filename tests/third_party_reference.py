@@ -146,6 +146,48 @@ def schedule_free(group, st, g, x, ctx):
     return lr / ((v / (1 - b2**ctx.t)).sqrt() + num(group["eps"])), g, v > 0
 
 
+class HFAdafactor:
+    """transformers Adafactor, from Shazeer & Stern (2018), Algorithms 4 and 5, with the package's published choices:
+    t per parameter, β̂2_t = 1 − t^decay_rate, ε1 added to g² and ε2 flooring RMS(x_t) (eps = (ε1, ε2)):
+
+        ≥ 2-D (n × m over the last two dims):  R ← β̂2 R + (1 − β̂2)·(g² + ε1)·1_m,  C ← β̂2 C + (1 − β̂2)·1_nᵀ(g² + ε1),
+                                               V̂ = R C / (1_nᵀ R)   (row and column *sums*, the paper's form)
+        1-D:                                   V̂ ← β̂2 V̂ + (1 − β̂2)·(g² + ε1)
+        ρ_t = lr, or min(1e-6·t (warmup_init) | 1e-2, 1/√t) (relative_step);  α_t = ρ_t·max(ε2, RMS(x_t)) (scale_parameter)
+        U = g/√V̂,  d = max(1, RMS(U)/clip_threshold),  step α_t·U/d  (β1: through an EMA of that step, weights summing
+        to 1, so g_t's multiplier is the same)  ⇒  η = α_t/(d·√V̂).
+
+    Active: the coordinates (≥ 2-D: whose row and column) have had a non-zero g (an EMA of g² without ε1, > 0).
+    ``clips`` records every d."""
+
+    def __init__(self) -> None:
+        self.clips: list[float] = []
+
+    def __call__(self, group, st, g, x, ctx):
+        t = _own_step(st)
+        e1, e2 = (num(e) for e in group["eps"])
+        b2 = 1.0 - t ** num(group["decay_rate"])
+        sq = g * g
+        if g.dim() >= 2:
+            r = _ema(st, "R", b2, (sq + e1).sum(dim=-1))
+            c = _ema(st, "C", b2, (sq + e1).sum(dim=-2))
+            vhat = r.unsqueeze(-1) * c.unsqueeze(-2) / r.sum(dim=-1, keepdim=True).unsqueeze(-1)
+            r0, c0 = _ema(st, "R0", b2, sq.sum(dim=-1)), _ema(st, "C0", b2, sq.sum(dim=-2))
+            active = (r0 > 0).unsqueeze(-1) & (c0 > 0).unsqueeze(-2)
+        else:
+            vhat = _ema(st, "V", b2, sq + e1)
+            active = _ema(st, "V0", b2, sq) > 0
+        if group["relative_step"]:
+            rho = min(1e-6 * t if group["warmup_init"] else 1e-2, 1 / math.sqrt(t))
+        else:
+            rho = num(group["lr"])
+        rms = lambda a: math.sqrt(float((a * a).mean()))  # noqa: E731
+        alpha = rho * max(e2, rms(x)) if group["scale_parameter"] else rho
+        d = max(1.0, rms(g / vhat.sqrt()) / num(group["clip_threshold"]))
+        self.clips.append(d)
+        return alpha / (d * vhat.sqrt()), g, active
+
+
 class ThirdPartyOracle:
     """Drive with ``before_step()`` / ``after_step()`` around ``optimizer.step()`` (as tests/reference.py)."""
 
