@@ -88,6 +88,11 @@ class OptimizerAdapter(Protocol):
     # Optional: ``activity(group, states) -> list[Tensor]``: per parameter, a tensor whose entries are > 0 exactly
     # where the coordinate has had a non-zero gradient (its second moment, say). Adapters with ``sqrt_form`` need
     # none (v > 0 is used); without either, every coordinate counts as active.
+    # Optional: ``consumed_gradients(group, states, grads) -> list[Tensor]``: g_t per parameter from the gradients the
+    # tracker gathered (``p.grad``), called once per step before ``activity`` and ``effective_stepsizes``.
+    # Optional: ``sparse_gradients = True``: parameters with sparse gradients (``p.grad.is_sparse``) are measured
+    # (else the tracker leaves them out, with one warning); the adapter's ``consumed_gradients`` must return them dense
+    # (every backend reads dense g), and its ``activity`` says which coordinates stepped (see SparseAdamAdapter).
 
 
 def step_value(state: dict[str, Any]) -> Scalar:
@@ -552,7 +557,7 @@ class RAdamAdapter:
 
 _REGISTRY: dict[type, OptimizerAdapter] = {}
 
-from .adapters_torch_extra import AdadeltaAdapter, AdafactorAdapter  # noqa: E402  (they use the helpers above)
+from .adapters_torch_extra import AdadeltaAdapter, AdafactorAdapter, SparseAdamAdapter  # noqa: E402  (they use the helpers above)
 
 
 def register_adapter(optimizer_cls: type, adapter: OptimizerAdapter) -> None:
@@ -706,8 +711,6 @@ DECLINED: dict[type, str] = {
     "from the previous step's lr); after the step the state holds the next step's, so under an lr schedule η_t "
     "cannot be read from the post-step state an adapter sees (with a constant lr it is lr/(1 + λ·lr·(t − 1))^α "
     "for every coordinate: register a uniform_stepsize adapter for that case yourself)",
-    torch.optim.SparseAdam: "its gradients are sparse, and the tracker measures dense gradients only (it leaves "
-    "parameters with sparse gradients out before an adapter sees them), so nothing of it could be measured",
 }
 if hasattr(torch.optim, "Muon"):  # torch ≥ 2.9
     DECLINED[torch.optim.Muon] = (
@@ -726,6 +729,7 @@ _BUILTIN: list[tuple[type, Callable[[], OptimizerAdapter]]] = [
     (torch.optim.NAdam, NAdamAdapter),
     (torch.optim.RAdam, RAdamAdapter),
     (torch.optim.Adadelta, AdadeltaAdapter),
+    (torch.optim.SparseAdam, SparseAdamAdapter),
 ]
 if hasattr(torch.optim, "Adafactor"):  # torch ≥ 2.5
     _BUILTIN.append((torch.optim.Adafactor, AdafactorAdapter))

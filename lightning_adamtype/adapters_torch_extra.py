@@ -1,9 +1,12 @@
-"""Adapters for torch's Adadelta and Adafactor, whose effective stepsizes need the step's gradient.
+"""Adapters for torch's Adadelta, Adafactor and SparseAdam, whose effective stepsizes (or activity) need the step's
+gradient.
 
 Both η's depend on the gradient g_t of the step itself, not only on the state the optimizer keeps: Adadelta's
 through Δ_{t−1} (the state holds Δ_t), Adafactor's through its update clipping and the parameter norm ‖x_t‖ its
 relative step size reads before the update. The adapters take g_t (and the parameter) from the tracker's call to
 ``consumed_gradients`` for the same step and keep only weak references to them, so no tensor outlives the step.
+SparseAdam's coordinates that count at a step are those its sparse gradient touched: its adapter reads them from the
+gradient's indices in the same call (and hands them to ``activity``, which releases them).
 """
 
 from __future__ import annotations
@@ -15,9 +18,9 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from .adapters import _lr, _work_dtype
+from .adapters import _from_sqrt_form, _lr, _work_dtype, step_value
 
-__all__ = ["AdadeltaAdapter", "AdafactorAdapter"]
+__all__ = ["AdadeltaAdapter", "AdafactorAdapter", "SparseAdamAdapter"]
 
 #: fixed-point iterations allowed for Adadelta's x_t under coupled weight decay, and the relative tolerance
 _ITERATIONS, _TOLERANCE = 60, 1e-12
@@ -187,4 +190,85 @@ class AdafactorAdapter(_StepGradients):
         return out
 
     def coupled_weight_decay(self, group: dict[str, Any]) -> float:
+        return 0.0
+
+
+class SparseAdamAdapter:
+    """SparseAdam (torch's lazy Adam for sparse gradients, e.g. ``nn.Embedding(sparse=True)``).
+
+    At a step torch coalesces the sparse gradient (negated under ``maximize``) and, at the coordinates J_t in its
+    indices only, updates m ← β1·m + (1 − β1)·g, v ← β2·v + (1 − β2)·g² (``exp_avg``, ``exp_avg_sq``) and
+    x ← x − s_t·m/(sqrt(v) + eps), s_t = lr·sqrt(1 − β2^t)/(1 − β1^t) (eps is *not* scaled by the bias correction,
+    unlike Adam's; t = the parameter's ``step``, which counts the steps it had a gradient). Every other coordinate
+    keeps x, m and v. So, at j ∈ J_t,
+
+        η_{t,j} = lr·sqrt(1 − β2^t)/(1 − β1^t) / (sqrt(v_{t,j}) + eps),
+
+    and the coordinates off J_t do not step at t. The mapping: the coordinates counted at t are exactly J_t
+    (``activity`` = 1 on J_t, 0 elsewhere, from the coalesced *indices*, not the values: a touched coordinate whose
+    gradient value is 0 still stepped, with its moments decayed), g_t is the gradient densified
+    (``grad.coalesce().to_dense()``, 0 off J_t; maximize's sign is dropped, b squares it), so a and b run over the
+    touched coordinates and c, c2 over those touched at t and at t − 1; ``activations`` counts the coordinates touched
+    at t but not at t − 1 (a first touch, or a return after a gap) and ``inactive`` those untouched at t. η is given
+    for every coordinate by the formula above (what an untouched coordinate would step with; only
+    ``coordinates="all"`` counts it). No weight decay. The tracker lets this adapter's sparse gradients through
+    (``sparse_gradients = True``); ``consumed_gradients`` densifies them before any backend sees them.
+    """
+
+    #: the tracker measures parameters with sparse gradients for this adapter (``consumed_gradients`` densifies them)
+    sparse_gradients = True
+
+    def __init__(self) -> None:
+        self._touched: dict[int, Tensor] = {}  # per state dict: 1 at the coordinates this step's gradient touched
+
+    def consumed_gradients(self, group: dict[str, Any], states: Sequence[dict[str, Any]], grads: list[Tensor]) -> list[Tensor]:
+        """g_t = ``grad.coalesce().to_dense()`` per parameter; J_t (1 at the coalesced indices) is kept for
+        :meth:`activity` of the same step. A dense gradient (SparseAdam itself rejects one) is taken as it is, every
+        coordinate touched."""
+        touched: dict[int, Tensor] = {}
+        dense = []
+        for st, grad in zip(states, grads):
+            if grad.is_sparse:
+                grad = grad.coalesce()
+                touched[id(st)] = self._indicator(grad)
+                dense.append(grad.to_dense())
+            else:
+                touched[id(st)] = torch.ones_like(grad, dtype=_work_dtype(grad))
+                dense.append(grad)
+        self._touched = touched
+        return dense
+
+    @staticmethod
+    def _indicator(grad: Tensor) -> Tensor:
+        """1 at the coordinates of a coalesced sparse gradient's indices (a hybrid one's dense dimensions included), 0
+        elsewhere, shaped like the gradient (the value of the gradient there does not matter)."""
+        sparse_dims = grad.sparse_dim()
+        mask = torch.zeros(grad.shape[:sparse_dims], dtype=_work_dtype(grad), device=grad.device)
+        mask[tuple(grad.indices())] = 1.0
+        return mask.reshape(*mask.shape, *([1] * grad.dense_dim())).expand(grad.shape)
+
+    def activity(self, group: dict[str, Any], states: Sequence[dict[str, Any]]) -> list[Tensor]:
+        """1 on J_t (the coordinates the step's sparse gradient touched), 0 elsewhere, as found by this step's
+        :meth:`consumed_gradients` (then released)."""
+        touched, self._touched = self._touched, {}
+        missing = [i for i, st in enumerate(states) if id(st) not in touched]
+        if missing:
+            raise RuntimeError(
+                "SparseAdam's touched coordinates come from the step's sparse gradient, which the tracker hands over in "
+                f"consumed_gradients(); it was not seen for parameter(s) {missing} (call activity only from the tracker)"
+            )
+        return [touched[id(st)] for st in states]
+
+    def effective_stepsizes(self, group: dict[str, Any], states: Sequence[dict[str, Any]]) -> list[Tensor]:
+        """η_t = s_t / (sqrt(v_t) + eps), s_t = lr·sqrt(1 − β2^t)/(1 − β1^t), v = ``exp_avg_sq`` (every coordinate)."""
+        beta1, beta2 = float(group["betas"][0]), float(group["betas"][1])
+        lr, eps = _lr(group), float(group["eps"])
+        scalars = []
+        for st in states:
+            t = step_value(st)
+            scalars.append((lr * math.sqrt(1 - beta2**t) / (1 - beta1**t), eps))  # type: ignore[operator,arg-type]
+        return _from_sqrt_form([st["exp_avg_sq"] for st in states], scalars)
+
+    def coupled_weight_decay(self, group: dict[str, Any]) -> float:
+        """0.0: SparseAdam has no weight decay."""
         return 0.0

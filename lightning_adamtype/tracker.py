@@ -487,11 +487,14 @@ class ConditionTracker:
         return self._group_step(state, group, keys, params, states, grads, found_inf, record, shards), keys, shards
 
     def _measurable(self, keys: list[Tensor], states: list[dict], grads: list[Tensor]) -> tuple[list, list, list]:
-        """Leave out (one warning per kind) parameters with sparse gradients, on the meta device or not real."""
+        """Leave out (one warning per kind) parameters with sparse gradients (unless the adapter declares
+        ``sparse_gradients = True``: its ``consumed_gradients`` densifies them), on the meta device or not real."""
         kept: tuple[list, list, list] = ([], [], [])
+        sparse_ok = getattr(self.adapter, "sparse_gradients", False) is True
         for p, st, grad in zip(keys, states, grads):
-            if grad.is_sparse or p.is_meta or not p.is_floating_point():
-                kind = "sparse gradients" if grad.is_sparse else "meta-device" if p.is_meta else f"{p.dtype}"
+            sparse = grad.is_sparse and not sparse_ok
+            if sparse or p.is_meta or not p.is_floating_point():
+                kind = "sparse gradients" if sparse else "meta-device" if p.is_meta else f"{p.dtype}"
                 self._warn_once(f"unmeasurable-{kind}", f"parameters with {kind} are not measured; they are left out")
                 continue
             for into, x in zip(kept, (p, st, grad)):

@@ -10,7 +10,8 @@ its step and torch's documented update rules. The training loop drives it explic
     optimizer.step()
     ref.after_step()       # read the state, compute η_t and g_t, accumulate
 
-Per group and observed step t (over the parameters that had a gradient):
+Per group and observed step t (over the parameters that had a gradient; a sparse gradient, SparseAdam's, is
+densified, and its coordinates counted at t are those in its coalesced indices: :func:`touched`):
 
     a  += min_j η_{t,j}                 b  += Σ_j (η_{t,j} g_{t,j})²
     c  += Σ_j |η_{t,j} − η_{t−1,j}|     c2 += Σ_j (η_{t,j} − η_{t−1,j})²   (parameters with an η at t−1 only)
@@ -170,6 +171,26 @@ def eta_adafactor(group: dict, before: dict, x: Tensor, g: Tensor) -> Tensor:
     return alpha / clip * inverse_root
 
 
+def touched(grad: Tensor) -> Tensor:
+    """Where a sparse gradient touched its parameter: True at the coordinates of its coalesced indices (all of a
+    hybrid tensor's dense dimensions there), whatever the values (an explicit 0 is touched)."""
+    mask = torch.zeros(grad.shape, dtype=torch.bool)
+    for index in grad.coalesce().indices().t().tolist():
+        mask[tuple(index)] = True
+    return mask
+
+
+def eta_sparse_adam(group: dict, before: dict, x: Tensor, g: Tensor, touched: Tensor) -> Tensor:
+    """SparseAdam's published (lazy) update: t = step + 1; at the touched coordinates only v ← β2·v + (1 − β2)·g²
+    (the others keep v); η = lr·sqrt(1 − β2^t)/(1 − β1^t) / (sqrt(v) + eps), eps not bias-corrected."""
+    lr, eps = num(group["lr"]), num(group["eps"])
+    beta1, beta2 = num(group["betas"][0]), num(group["betas"][1])
+    t = num(before.get("step", 0)) + 1.0
+    v_old = before.get("exp_avg_sq", torch.zeros_like(g))
+    v = torch.where(touched, beta2 * v_old + (1.0 - beta2) * g * g, v_old)
+    return lr * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t) / (v.sqrt() + eps)
+
+
 def active_adafactor(group: dict, state: dict, p: Tensor) -> Tensor:
     """Adafactor: active where V̂_t > 0 (from the state after the step)."""
     if p.dim() > 1:
@@ -213,6 +234,9 @@ ETA: dict[str, tuple[Callable, Callable]] = {
 
 
 REPLAY.update({"Adadelta": (eta_adadelta, wd_coupled), "Adafactor": (eta_adafactor, wd_none)})
+#: replays of optimizers with sparse gradients: (group, before, x_t, g_t densified, touched) -> η_t; the coordinates
+#: counted at t are the touched ones
+SPARSE_REPLAY: dict[str, tuple[Callable, Callable]] = {"SparseAdam": (eta_sparse_adam, wd_none)}
 
 
 def _positive(key: str) -> Callable:
@@ -243,7 +267,8 @@ def all_active(group: dict, state: dict, p: Tensor) -> Tensor:
 
 
 class Reference:
-    """Accumulates steps, a, b, c, c2, a_mean, c_mean, activations per group in float64 Python numbers.
+    """Accumulates steps, a, b, c, c2, a_mean, c_mean, activations per group in float64 Python numbers (and keeps
+    ``inactive``, the coordinates that stepped but were inactive at the group's latest step).
 
     ``coordinates="active"`` (the tracker's default): a, b, a_mean over the coordinates active at t (``ACTIVE``: the
     second moment > 0; SGD and unknown optimizers: all), c, c2, c_mean over those also active at t − 1;
@@ -259,8 +284,10 @@ class Reference:
         self.active_fn = active_fn or ACTIVE.get(type(optimizer).__name__, all_active)
         self.was_active: list[dict[int, Tensor]] = []
         self.replay_fn: Callable | None = None
-        if eta_fn is None and type(optimizer).__name__ in REPLAY:
-            self.replay_fn, default_wd = REPLAY[type(optimizer).__name__]
+        self.sparse = eta_fn is None and type(optimizer).__name__ in SPARSE_REPLAY
+        replays = SPARSE_REPLAY if self.sparse else REPLAY
+        if eta_fn is None and type(optimizer).__name__ in replays:
+            self.replay_fn, default_wd = replays[type(optimizer).__name__]
             wd_fn = wd_fn or default_wd
         elif eta_fn is None:
             eta_fn, default_wd = ETA[type(optimizer).__name__]
@@ -269,15 +296,21 @@ class Reference:
         self.wd_fn = wd_fn or wd_none
         self.observations = 0
         self.acc: list[dict[str, float]] = []
+        self.inactive: list[float] = []  # per group: coordinates that stepped but were inactive, at its latest step
         self.previous: list[dict[int, Tensor]] = []
         self.last_seen: list[dict[int, int]] = []
         self.seen: list[bool] = []
         self._snap: list[list[tuple[Tensor, Tensor] | None]] = []
         self._before: dict[int, dict] = {}  # (replayed optimizers) float64 copies of the state before the step
+        self._touched: dict[int, Tensor] = {}  # (sparse gradients) where this step's gradient touched its parameter
 
     def before_step(self) -> None:
+        self._touched = {
+            id(p): touched(p.grad) for group in self.optimizer.param_groups for p in group["params"]
+            if p.grad is not None and p.grad.is_sparse
+        }
         self._snap = [
-            [None if p.grad is None else (f64(p), f64(p.grad)) for p in group["params"]]
+            [None if p.grad is None else (f64(p), f64(p.grad.to_dense() if p.grad.is_sparse else p.grad)) for p in group["params"]]
             for group in self.optimizer.param_groups
         ]
         if self.replay_fn is not None:
@@ -290,6 +323,7 @@ class Reference:
         self.observations += 1
         while len(self.acc) < len(self.optimizer.param_groups):
             self.acc.append(dict.fromkeys(KEYS, 0.0))
+            self.inactive.append(0.0)
             self.previous.append({})
             self.was_active.append({})
             self.last_seen.append({})
@@ -308,20 +342,26 @@ class Reference:
                 wd = self.wd_fn(group)
                 if wd != 0.0:
                     g = g + wd * p_before
-                if self.replay_fn is not None:
+                if self.sparse:
+                    eta = self.replay_fn(group, self._before[id(p)], p_before, g, self._touched[id(p)])  # type: ignore[misc]
+                elif self.replay_fn is not None:
                     eta = self.replay_fn(group, self._before[id(p)], p_before, g)
                 else:
                     eta = self.eta_fn(group, state, p)
                 etas[pi] = eta
                 grads[pi] = g
                 known = state or self.active_fn is all_active
-                active[pi] = self.active_fn(group, state, p).reshape(eta.shape) if known else torch.zeros(eta.shape, dtype=torch.bool)
+                if self.sparse:
+                    active[pi] = self._touched[id(p)]
+                else:
+                    active[pi] = self.active_fn(group, state, p).reshape(eta.shape) if known else torch.zeros(eta.shape, dtype=torch.bool)
             if not etas:
                 continue
             counted = active if self.coordinates == "active" else {pi: torch.ones_like(m) for pi, m in active.items()}
             acc = self.acc[gi]
             self.seen[gi] = True
             acc["steps"] += 1.0
+            self.inactive[gi] = float(sum(int((~m).sum()) for m in active.values()))
             mins = [e[counted[pi]].min().item() for pi, e in etas.items() if counted[pi].any()]
             acc["a"] += min(mins) if mins else 0.0
             acc["b"] += sum(((etas[pi] * grads[pi])[counted[pi]] ** 2).sum().item() for pi in etas)
@@ -363,6 +403,7 @@ class Reference:
                 out.append(None)
                 continue
             values = dict(acc)
+            values["inactive"] = self.inactive[gi]
             a = values["a"]
             values["variance_ratio"] = values["b"] / a if a > 0 else math.nan
             values["bias_ratio"] = values["c"] / a if a > 0 else math.nan

@@ -1,8 +1,9 @@
-"""torch's Adadelta and Adafactor (measured), the declined optimizers (their reason in the warning), and the check
-of an adapter's first step (an adapter returning garbage is disabled with one warning, never trusted).
+"""torch's Adadelta, Adafactor and SparseAdam (measured), the declined optimizers (their reason in the warning), and
+the check of an adapter's first step (an adapter returning garbage is disabled with one warning, never trusted).
 
 The float64 comparisons of Adadelta and Adafactor are in tests/test_reference.py (their CONFIGS in tests/runs.py);
-here: training with the tracker is bitwise the training without it.
+here: training with the tracker is bitwise the training without it, and SparseAdam's float64 comparison (its sparse
+gradients need a model of its own: embeddings with ``sparse=True`` and a hand-made uncoalesced sparse gradient).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import pytest
 import torch
 
 from lightning_adamtype import ConditionTracker, register_adapter, unregister_adapter
+from reference import Reference
+from runs import RTOL
 from twins import run_twins
 
 MEASURED = [
@@ -41,11 +44,32 @@ def test_tracked_training_is_bitwise_the_untracked_one(name, make, kernel):
     assert all(math.isfinite(values[k]) and values[k] > 0 for k in ("a", "b", "c"))
 
 
+SPARSE = [
+    ("sparse-adam", lambda ps: torch.optim.SparseAdam(ps, lr=1e-2)),
+    ("sparse-adam-maximize-betas", lambda ps: torch.optim.SparseAdam(ps, lr=3e-2, betas=(0.5, 0.9), eps=1e-6, maximize=True)),
+]
+
+
+@pytest.mark.parametrize("kernel", ["auto", "foreach"])
+@pytest.mark.parametrize("name,make", SPARSE, ids=[m[0] for m in SPARSE])
+def test_sparse_adam_tracked_training_is_bitwise_the_untracked_one(name, make, kernel):
+    """SparseAdam on an ``nn.Embedding(sparse=True)``: measured (by the foreach backend, without a warning), and
+    the training bitwise that of its untracked twin (tests/twins.py asserts it after every step)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tracker = run_twins(make, sparse=True, tracker_kwargs=dict(kernel=kernel))
+        got = tracker.compute()
+    assert not _ours(caught), _ours(caught)
+    (values,) = got.values()
+    assert values["measured"] == 1.0 and values["steps"] == 11  # (12 steps, one without a gradient)
+    assert all(math.isfinite(values[k]) and values[k] > 0 for k in ("a", "b", "c", "activations", "inactive"))
+    assert tracker.backends() == {"SparseAdam/pg0": "foreach"}
+
+
 DECLINED = [
     ("LBFGS", lambda ps: torch.optim.LBFGS(ps, lr=0.1, max_iter=2), "not a diagonal Adam-type method"),
     ("Rprop", lambda ps: torch.optim.Rprop(ps, lr=1e-2), "sign(g)"),
     ("ASGD", lambda ps: torch.optim.ASGD(ps, lr=1e-2), "before the step"),
-    ("SparseAdam", lambda ps: torch.optim.SparseAdam(ps, lr=1e-2), "sparse"),
 ]
 if hasattr(torch.optim, "Muon"):
     DECLINED.append(("Muon", lambda ps: torch.optim.Muon([p for p in ps if p.dim() == 2], lr=1e-2), "not a diagonal Adam-type method"))
@@ -142,3 +166,82 @@ def test_non_finite_gradients_are_not_blamed_on_the_adapter():
             opt.step()
         (values,) = tracker.compute().values()
     assert values["measured"] == 1.0 and values["nonfinite_steps"] >= 1.0
+
+
+# ---------------------------------------------------------------------------------------------- SparseAdam's oracle
+
+SPARSE_STEPS = 14
+SPARSE_NONE_STEPS = {3, 7, 8}  # 1-based steps at which `table` has no gradient
+
+
+class _SparseModel(torch.nn.Module):
+    """Two sparse embeddings (row batches with repeats, so their gradients are uncoalesced) and a table whose sparse
+    gradient is made by hand: uncoalesced, with explicit zeros among its values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = torch.nn.Embedding(12, 3, sparse=True)
+        self.second = torch.nn.Embedding(7, 2, sparse=True)
+        self.table = torch.nn.Parameter(torch.randn(4, 3))
+
+    def forward(self, rows_first: torch.Tensor, rows_second: torch.Tensor) -> torch.Tensor:
+        # (the first embedding's last column is touched but gets a zero gradient: it steps all the same)
+        return torch.tanh(self.first(rows_first)[:, :2] + self.second(rows_second))
+
+
+def _table_gradient(gen: torch.Generator) -> torch.Tensor:
+    indices = torch.randint(0, 4, (1, 6), generator=gen), torch.randint(0, 3, (1, 6), generator=gen)
+    index = torch.cat(indices)
+    index[:, 5] = index[:, 0]  # a repeated index: coalesce adds them
+    values = torch.randn(6, generator=gen)
+    values[1] = 0.0  # an explicit zero: touched, so counted
+    return torch.sparse_coo_tensor(index, values, (4, 3))
+
+
+def _sparse_run(kernel: str, coordinates: str, maximize: bool):
+    torch.manual_seed(0)
+    model = _SparseModel()
+    groups = [{"params": [model.first.weight]}, {"params": [model.second.weight, model.table], "lr": 2e-2}]
+    opt = torch.optim.SparseAdam(groups, lr=4e-2, betas=(0.8, 0.9), maximize=maximize)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.9)
+    tracker = ConditionTracker(opt, kernel=kernel, coordinates=coordinates)
+    ref = Reference(opt, coordinates=coordinates)
+    gen = torch.Generator().manual_seed(1)
+    for t in range(1, SPARSE_STEPS + 1):
+        rows_first, rows_second = torch.randint(0, 12, (5,), generator=gen), torch.randint(0, 7, (4,), generator=gen)
+        rows_second[0] = rows_second[1]
+        y = torch.randn(5, 2, generator=gen)
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.mse_loss(model(rows_first, rows_second[torch.arange(5) % 4]), y).backward()
+        if t not in SPARSE_NONE_STEPS:
+            model.table.grad = _table_gradient(gen)
+        ref.before_step()
+        opt.step()
+        ref.after_step()
+        sched.step()
+    return tracker, ref
+
+
+@pytest.mark.parametrize("maximize", [False, True], ids=["minimize", "maximize"])
+@pytest.mark.parametrize("coordinates", ["active", "all"])
+@pytest.mark.parametrize("kernel", ["auto", "foreach"])
+def test_sparse_adam_matches_float64_reference(kernel, coordinates, maximize):
+    """SparseAdam against the oracle's replay of its lazy update (tests/reference.py, ``eta_sparse_adam``): two
+    groups, an lr schedule, a parameter without a gradient at some steps; the coordinates counted at a step are those
+    its sparse gradient touched (repeated indices, an explicit zero value and a zero-gradient column included)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tracker, ref = _sparse_run(kernel, coordinates, maximize)
+        got = tracker.compute()
+    assert not _ours(caught), _ours(caught)
+    expected = {f"SparseAdam/pg{i}": e for i, e in enumerate(ref.compute())}
+    assert set(got) == set(expected)
+    for name, exp in expected.items():
+        assert exp is not None and got[name]["steps"] == exp["steps"] == SPARSE_STEPS, name
+        for key, rtol in RTOL.items():
+            assert got[name][key] == pytest.approx(exp[key], rel=rtol, abs=1e-12), (name, key, got[name][key], exp[key])
+        assert got[name]["activations"] == exp["activations"] > 0, (name, got[name]["activations"], exp["activations"])
+        assert got[name]["inactive"] == exp["inactive"] > 0, (name, got[name]["inactive"], exp["inactive"])
+        assert got[name]["c"] > 0 and got[name]["c2"] > 0
+    # the last step's group 1 holds the table (its gradient is there at step 14) and the second embedding
+    assert got["SparseAdam/pg1"]["coordinates"] == 7 * 2 + 4 * 3
