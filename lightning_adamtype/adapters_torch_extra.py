@@ -206,7 +206,8 @@ class SparseAdamAdapter:
 
     and the coordinates off J_t do not step at t. The mapping: the coordinates counted at t are exactly J_t
     (``activity`` = 1 on J_t, 0 elsewhere, from the coalesced *indices*, not the values: a touched coordinate whose
-    gradient value is 0 still stepped, with its moments decayed), g_t is the gradient densified
+    gradient value is 0 still stepped, with its moments decayed; as for every optimizer, a coordinate with v_t = 0,
+    one whose gradients were all 0, is not counted), g_t is the gradient densified
     (``grad.coalesce().to_dense()``, 0 off J_t; maximize's sign is dropped, b squares it), so a and b run over the
     touched coordinates and c, c2 over those touched at t and at t − 1; ``activations`` counts the coordinates touched
     at t but not at t − 1 (a first touch, or a return after a gap) and ``inactive`` those untouched at t. η is given
@@ -248,8 +249,9 @@ class SparseAdamAdapter:
         return mask.reshape(*mask.shape, *([1] * grad.dense_dim())).expand(grad.shape)
 
     def activity(self, group: dict[str, Any], states: Sequence[dict[str, Any]]) -> list[Tensor]:
-        """1 on J_t (the coordinates the step's sparse gradient touched), 0 elsewhere, as found by this step's
-        :meth:`consumed_gradients` (then released)."""
+        """1 on J_t ∩ {v_t > 0} (the coordinates the step's sparse gradient touched, as found by this step's
+        :meth:`consumed_gradients`, then released; a touched coordinate whose gradients were all 0 has v = 0 and
+        η = s/eps, outside the theory as Adam's never-active coordinates are), 0 elsewhere."""
         touched, self._touched = self._touched, {}
         missing = [i for i, st in enumerate(states) if id(st) not in touched]
         if missing:
@@ -257,7 +259,7 @@ class SparseAdamAdapter:
                 "SparseAdam's touched coordinates come from the step's sparse gradient, which the tracker hands over in "
                 f"consumed_gradients(); it was not seen for parameter(s) {missing} (call activity only from the tracker)"
             )
-        return [touched[id(st)] for st in states]
+        return [touched[id(st)] * (st["exp_avg_sq"] > 0) for st in states]
 
     def effective_stepsizes(self, group: dict[str, Any], states: Sequence[dict[str, Any]]) -> list[Tensor]:
         """η_t = s_t / (sqrt(v_t) + eps), s_t = lr·sqrt(1 − β2^t)/(1 − β1^t), v = ``exp_avg_sq`` (every coordinate)."""

@@ -186,9 +186,15 @@ def eta_sparse_adam(group: dict, before: dict, x: Tensor, g: Tensor, touched: Te
     lr, eps = num(group["lr"]), num(group["eps"])
     beta1, beta2 = num(group["betas"][0]), num(group["betas"][1])
     t = num(before.get("step", 0)) + 1.0
-    v_old = before.get("exp_avg_sq", torch.zeros_like(g))
-    v = torch.where(touched, beta2 * v_old + (1.0 - beta2) * g * g, v_old)
+    v = sparse_adam_v(group, before, g, touched)
     return lr * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t) / (v.sqrt() + eps)
+
+
+def sparse_adam_v(group: dict, before: dict, g: Tensor, touched: Tensor) -> Tensor:
+    """SparseAdam's v_t: β2·v + (1 − β2)·g² at the touched coordinates, v_{t−1} elsewhere."""
+    beta2 = num(group["betas"][1])
+    v_old = before.get("exp_avg_sq", torch.zeros_like(g))
+    return torch.where(touched, beta2 * v_old + (1.0 - beta2) * g * g, v_old)
 
 
 def active_adafactor(group: dict, state: dict, p: Tensor) -> Tensor:
@@ -351,8 +357,9 @@ class Reference:
                 etas[pi] = eta
                 grads[pi] = g
                 known = state or self.active_fn is all_active
-                if self.sparse:
-                    active[pi] = self._touched[id(p)]
+                if self.sparse:  # touched at t, and v_t > 0 (a coordinate that only ever had 0 gradients is not)
+                    hit = self._touched[id(p)]
+                    active[pi] = hit & (sparse_adam_v(group, self._before[id(p)], g, hit) > 0)
                 else:
                     active[pi] = self.active_fn(group, state, p).reshape(eta.shape) if known else torch.zeros(eta.shape, dtype=torch.bool)
             if not etas:
