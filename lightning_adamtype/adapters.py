@@ -37,6 +37,11 @@ Scalar = float | Tensor
 SqrtForm = tuple[list[Tensor], Sequence[tuple[Scalar, Scalar]]]
 
 
+class NotMapped(ValueError):
+    """Raised by an adapter for a group whose settings it does not map onto the template (a known limit, not a
+    failure): the tracker stops measuring that group with one warning that gives the message, and training goes on."""
+
+
 class ScalarTable(Sequence):
     """The (s_i, e_i) of a square-root form held as one ``[n, 2]`` tensor: what an adapter returns when the step
     counters live on the device (fused or capturable optimizers), computed for all parameters in a few operations
@@ -621,11 +626,6 @@ def adapter_lookup(optimizer: torch.optim.Optimizer) -> tuple[OptimizerAdapter |
 
 class AdapterError(ValueError):
     """An adapter returned effective stepsizes that cannot be trusted (see :func:`validate_first_step`)."""
-
-
-class NotMapped(ValueError):
-    """Raised by an adapter for a group whose settings it does not map onto the template (a known limit, not a
-    failure): the tracker stops measuring that group with one warning that gives the message, and training goes on."""
 
 
 def validate_first_step(adapter: Any, step: Any) -> str | None:

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from .adapters import _from_sqrt_form, _lr, _work_dtype, step_value
+from .adapters import NotMapped, _from_sqrt_form, _lr, _work_dtype, step_value
 
 __all__ = ["AdadeltaAdapter", "AdafactorAdapter", "SparseAdamAdapter"]
 
@@ -26,7 +26,7 @@ __all__ = ["AdadeltaAdapter", "AdafactorAdapter", "SparseAdamAdapter"]
 _ITERATIONS, _TOLERANCE = 60, 1e-12
 
 
-class _StepGradients:
+class StepGradients:
     """The step's gradient and parameter per state dict, as weak references, set by ``consumed_gradients``."""
 
     def __init__(self) -> None:
@@ -59,7 +59,7 @@ class _StepGradients:
         return param
 
 
-class AdadeltaAdapter(_StepGradients):
+class AdadeltaAdapter(StepGradients):
     """Adadelta (Zeiler 2012; torch's for-loop and foreach implementations).
 
     torch steps v_t = ρ·v_{t−1} + (1 − ρ)·g_t², u_t = sqrt(Δ_{t−1} + ε)/sqrt(v_t + ε)·g_t,
@@ -110,7 +110,7 @@ class AdadeltaAdapter(_StepGradients):
             g = nxt
             if float(change) <= _TOLERANCE * max(float(g.abs().max()) if g.numel() else 0.0, 1e-30):
                 return factor(g) * lr
-        raise ValueError(
+        raise NotMapped(
             f"Adadelta with weight_decay={wd}: g_t = ∇ + λ·x_t could not be rebuilt from the state after the step "
             f"(the fixed point did not converge in {_ITERATIONS} iterations, λ·lr·D ≥ 1?)"
         )
@@ -123,7 +123,7 @@ class AdadeltaAdapter(_StepGradients):
         return float(group.get("weight_decay", 0.0))
 
 
-class AdafactorAdapter(_StepGradients):
+class AdafactorAdapter(StepGradients):
     """Adafactor as torch implements it (Shazeer & Stern 2018; torch ≥ 2.5, for-loop and foreach; no momentum).
 
     torch steps (t = ``step``, ρ_t = min(lr, 1/√t), n = the parameter's size, ε1 = eps[0] or the dtype's eps)

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-from .adapters_torch_extra import _StepGradients
+from .adapters import NotMapped
+from .adapters_torch_extra import StepGradients
 
 if TYPE_CHECKING:
     from .adapters import OptimizerAdapter
@@ -42,7 +43,7 @@ def _refuse(cls_name: str, group: dict[str, Any], options: Sequence[tuple[str, s
     """Raise ValueError when ``group`` sets one of ``options`` ((key, why it is not mapped)) to a true value."""
     for key, why in options:
         if group.get(key):
-            raise ValueError(
+            raise NotMapped(
                 f"{cls_name} with {key}={group[key]!r} is not mapped onto the template ({why}); "
                 f"set {key} to its default to measure this group, or register your own adapter with register_adapter"
             )
@@ -120,7 +121,7 @@ class LambAdapter:
         _refuse(self.name, group, [("rectify", "its RAdam-style branch switches between two update forms"),
                                    ("adanorm", "AdaNorm rescales the gradient fed to m only")])
         if not group.get("grad_averaging", True):
-            raise ValueError(f"{self.name} with grad_averaging=False is not mapped (m is then a sum, not an EMA); "
+            raise NotMapped(f"{self.name} with grad_averaging=False is not mapped (m is then a sum, not an EMA); "
                              "set grad_averaging=True to measure this group")
         beta1, lr, eps = _num(group["betas"][0]), _num(group["lr"]), _num(group["eps"])
         step_size = lr / (1 - beta1 ** max(_num(group["step"]), 1.0))
@@ -211,7 +212,7 @@ class ScheduleFreeAdapter:
 
     def _denominators(self, group: dict[str, Any], states: Sequence[dict[str, Any]]) -> list[Tensor]:
         if _num(group.get("weight_decay", 0.0)) != 0.0:
-            raise ValueError(f"{self.name} with weight_decay != 0 is not mapped (it adds λ·y into p.grad after "
+            raise NotMapped(f"{self.name} with weight_decay != 0 is not mapped (it adds λ·y into p.grad after "
                              "dividing it, so g_t cannot be read back); set weight_decay=0 to measure this group")
         root = math.sqrt(1 - _num(group["betas"][1]) ** max(_num(group["k"]), 1.0))
         return [_f(s["exp_avg_sq"]).sqrt().div_(root).add_(_num(group["eps"])) for s in states]
@@ -265,7 +266,7 @@ class RectifiedAdaBeliefAdapter(AdamLikeAdapter):
 _HF_FLOOR_MARGIN = 2.0**-10
 
 
-class HFAdafactorAdapter(_StepGradients):
+class HFAdafactorAdapter(StepGradients):
     """transformers' ``Adafactor`` (Shazeer & Stern 2018, fairseq's port). Per parameter, with t = ``state["step"]``
     (its own count of steps with a gradient), (ε1, ε2) = ``eps``, β̂2_t = 1 − t^decay_rate:
 
