@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .adapters import NotMapped, OptimizerAdapter, find_adapter, register_adapter, registered_adapters, unregister_adapter
+from .adapter_kit import NotMapped, OptimizerAdapter
+from .adapters import find_adapter, register_adapter, registered_adapters, unregister_adapter
 from .options import TrackerOptions
 from .row import ACCUMULATOR_KEYS
 from .tracker import ConditionTracker

@@ -17,10 +17,18 @@ from __future__ import annotations
 import inspect
 import math
 import operator
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
+
+from . import third_party
+from .adapter_kit import (
+    NotMapped, OptimizerAdapter, Scalar, ScalarTable, SqrtForm, device_steps, from_sqrt_form, group_lr,
+    host_or_device_sqrt, host_steps, min_from_sqrt_form, scale_over_denominator, sqrt_plus_eps, step_value,
+    upcast, work_dtype,
+)
+from .adapters_torch_extra import AdadeltaAdapter, AdafactorAdapter, SparseAdamAdapter
 
 __all__ = [
     "NotMapped",
@@ -31,213 +39,6 @@ __all__ = [
     "unregister_adapter",
     "step_value",
 ]
-
-Scalar = float | Tensor
-#: (v per parameter, (s, e) per parameter) with η = s / (sqrt(v) + e): see ``sqrt_form`` on the adapters.
-SqrtForm = tuple[list[Tensor], Sequence[tuple[Scalar, Scalar]]]
-
-
-class NotMapped(ValueError):
-    """Raised by an adapter for a group whose settings it does not map onto the template (a known limit, not a
-    failure): the tracker stops measuring that group with one warning that gives the message, and training goes on."""
-
-
-class ScalarTable(Sequence):
-    """The (s_i, e_i) of a square-root form held as one ``[n, 2]`` tensor: what an adapter returns when the step
-    counters live on the device (fused or capturable optimizers), computed for all parameters in a few operations
-    instead of several per parameter. Reads as a sequence of (s, e) pairs of 0-dim views; :func:`scalar_table`
-    returns the tensor itself."""
-
-    def __init__(self, table: Tensor) -> None:
-        self.table = table
-
-    def __len__(self) -> int:
-        return self.table.shape[0]
-
-    def __getitem__(self, index):  # type: ignore[override]
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        row = self.table[index]
-        return (row[0], row[1])
-
-
-def device_steps(states: Sequence[dict[str, Any]]) -> Tensor | None:
-    """The step counters of ``states`` as one float32 vector, clamped to ≥ 1 as :func:`step_value` does, when every
-    one is a tensor on one accelerator; None otherwise (host counters are read as floats, one by one)."""
-    first = states[0]["step"] if states else None
-    if not isinstance(first, Tensor) or first.is_cpu:  # host counters (the common case), decided on the first one
-        return None
-    steps = [s["step"] for s in states]
-    if not all(isinstance(t, Tensor) and not t.is_cpu for t in steps):
-        return None
-    if len({t.device for t in steps}) != 1:
-        return None
-    return torch.stack(steps).to(torch.float32).clamp_min(1.0)
-
-
-class OptimizerAdapter(Protocol):
-    """What the tracker needs to know about one optimizer family."""
-
-    def effective_stepsizes(self, group: dict[str, Any], states: Sequence[dict[str, Any]]) -> list[Tensor]:
-        """η_t for each parameter (same shape as the parameter), read from the state after the step.
-
-        Returned tensors may be freshly allocated; the tracker owns them afterwards.
-        """
-
-    def coupled_weight_decay(self, group: dict[str, Any]) -> float:
-        """The weight decay λ that the optimizer adds to the gradient (g = ∇ + λ·p), 0.0 if none or decoupled."""
-
-    # Optional: ``scalars_by_step = True``: the (s, e) of ``sqrt_form`` depend on a parameter's state only through its
-    # step count t (and on the group), so a group's repeat step may take them from one state per distinct t
-    # (:mod:`lightning_adamtype.backends.steady`).
-    # Optional: ``activity(group, states) -> list[Tensor]``: per parameter, a tensor whose entries are > 0 exactly
-    # where the coordinate has had a non-zero gradient (its second moment, say). Adapters with ``sqrt_form`` need
-    # none (v > 0 is used); without either, every coordinate counts as active.
-    # Optional: ``consumed_gradients(group, states, grads) -> list[Tensor]``: g_t per parameter from the gradients the
-    # tracker gathered (``p.grad``), called once per step before ``activity`` and ``effective_stepsizes``.
-    # Optional: ``sparse_gradients = True``: parameters with sparse gradients (``p.grad.is_sparse``) are measured
-    # (else the tracker leaves them out, with one warning); the adapter's ``consumed_gradients`` must return them dense
-    # (every backend reads dense g), and its ``activity`` says which coordinates stepped (see SparseAdamAdapter).
-
-
-def step_value(state: dict[str, Any]) -> Scalar:
-    """The optimizer step count t of one parameter's state, as a Python float when it lives on the CPU.
-
-    A CPU scalar is read without a device synchronisation; a device tensor (fused or capturable optimizers)
-    is returned as a tensor so that the arithmetic stays on the device.
-    """
-    step = state["step"]
-    # A state still at step 0 (its first step was skipped by a GradScaler inside a fused optimizer) reads as step 1:
-    # the bias corrections 1 − β^t stay finite, and that step is masked out of every sum anyway.
-    if isinstance(step, Tensor):
-        if step.is_cpu:
-            return max(float(step), 1.0)
-        return (step.to(torch.float32) if not step.is_floating_point() else step).clamp_min(1.0)
-    return max(float(step), 1.0)
-
-
-_step_of = operator.itemgetter("step")
-_is_cpu = operator.attrgetter("is_cpu")
-
-
-def host_steps(states: Sequence[dict[str, Any]]) -> list[float] | None:
-    """The step counts t (clamped to ≥ 1, as :func:`step_value`) of states whose counters are numbers or CPU tensors,
-    read in C-level passes; None when some counter lives on an accelerator (reading it would synchronise)."""
-    steps = list(map(_step_of, states))
-    kinds = set(map(type, steps))
-    if kinds <= {float, int} or (kinds == {Tensor} and all(map(_is_cpu, steps))):
-        values = list(map(float, steps))
-        if values and min(values) < 1.0:
-            values = [max(v, 1.0) for v in values]
-        return values
-    return None
-
-
-def _lr(group: dict[str, Any]) -> Scalar:
-    lr = group["lr"]
-    if isinstance(lr, Tensor):
-        return float(lr) if lr.device.type == "cpu" else lr
-    return float(lr)
-
-
-def _work_dtype(t: Tensor) -> torch.dtype:
-    """Effective stepsizes are computed in at least float32 (bf16/fp16 state is upcast)."""
-    return torch.promote_types(t.dtype, torch.float32)
-
-
-def _upcast(tensors: Sequence[Tensor]) -> list[Tensor]:
-    return [t.to(_work_dtype(t)) if t.dtype != _work_dtype(t) else t for t in tensors]
-
-
-def _scale_over_denominator(
-    numerators: Sequence[Scalar], denominators: list[Tensor]
-) -> list[Tensor]:
-    """η_i = s_i / d_i for per-parameter scalars s_i (floats or 0-dim tensors), in place on ``denominators``."""
-    torch._foreach_reciprocal_(denominators)
-    if all(isinstance(s, float) for s in numerators):
-        torch._foreach_mul_(denominators, list(numerators))  # type: ignore[arg-type]
-    else:
-        device = denominators[0].device
-        torch._foreach_mul_(
-            denominators,
-            [s if isinstance(s, Tensor) else to_device(s, None, device) for s in numerators],
-        )
-    return denominators
-
-
-def _sqrt_plus_eps(tensors: Sequence[Tensor], eps: float, divisors: Sequence[Scalar] | None = None) -> list[Tensor]:
-    """sqrt(v_i) / c_i + eps with fresh output tensors (the optimizer's state is never written)."""
-    out = torch._foreach_sqrt(_upcast(tensors))
-    if divisors is not None:
-        if all(isinstance(c, float) for c in divisors):
-            torch._foreach_div_(out, list(divisors))  # type: ignore[arg-type]
-        else:
-            device = out[0].device
-            torch._foreach_div_(out, [c if isinstance(c, Tensor) else to_device(c, None, device) for c in divisors])
-    torch._foreach_add_(out, eps)
-    return out  # type: ignore[return-value,arg-type]
-
-
-def _from_sqrt_form(vs: Sequence[Tensor], scalars: Sequence[tuple[Scalar, Scalar]]) -> list[Tensor]:
-    """η_i = s_i / (sqrt(v_i) + e_i) with fresh output tensors: sqrt, + e, 1/·, × s (4 multi-tensor passes)."""
-    out = torch._foreach_sqrt(_upcast(vs))
-    offsets = [e for _, e in scalars]
-    scales = [s for s, _ in scalars]
-    if all(isinstance(e, float) for e in offsets) and len(set(offsets)) == 1:
-        torch._foreach_add_(out, offsets[0])
-    elif all(isinstance(e, float) for e in offsets):
-        torch._foreach_add_(out, offsets)  # type: ignore[arg-type]
-    else:
-        device = out[0].device
-        torch._foreach_add_(out, [e if isinstance(e, Tensor) else to_device(e, None, device) for e in offsets])
-    torch._foreach_reciprocal_(out)
-    if all(isinstance(s, float) for s in scales) and len(set(scales)) == 1:
-        torch._foreach_mul_(out, scales[0])
-        return out  # type: ignore[return-value,arg-type]
-    return _times(out, scales)  # type: ignore[return-value,arg-type]
-
-
-def _times(tensors: list[Tensor], scales: Sequence[Scalar]) -> list[Tensor]:
-    if all(isinstance(s, float) for s in scales):
-        torch._foreach_mul_(tensors, list(scales))  # type: ignore[arg-type]
-    else:
-        device = tensors[0].device
-        torch._foreach_mul_(tensors, [s if isinstance(s, Tensor) else to_device(s, None, device) for s in scales])
-    return tensors
-
-
-def _min_from_sqrt_form(vs: Sequence[Tensor], scalars: Sequence[tuple[Scalar, Scalar]], dtype: torch.dtype) -> Tensor:
-    """min_i s_i / (sqrt(max_j v_ij) + e_i), in ``dtype``, from one ``_foreach_max`` and a few tiny ops."""
-    vmax = torch.stack(torch._foreach_max(list(vs))).to(dtype)
-    table = scalar_table(scalars, dtype, vmax.device)
-    return (table[:, 0] / (vmax.sqrt() + table[:, 1])).min()
-
-
-def to_device(values: Any, dtype: torch.dtype | None, device: torch.device) -> Tensor:
-    """``torch.tensor(values)`` on ``device`` without a host synchronisation on the step path: built on the host
-    and, on an accelerator, copied from pinned memory with ``non_blocking=True`` (a copy from pageable memory
-    waits for the stream; the caching host allocator keeps the pinned block until the copy has run)."""
-    host = torch.tensor(values, dtype=dtype)
-    if device.type == "cpu":
-        return host
-    return host.pin_memory().to(device, non_blocking=True)
-
-
-def scalar_table(scalars: Sequence[tuple[Scalar, Scalar]], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """The (s, e) pairs of a square-root form as one [n, 2] tensor: one asynchronous host→device copy when they
-    are floats (:func:`to_device`), a stack of the 0-dim tensors otherwise (device step counters or lr)."""
-    if isinstance(scalars, ScalarTable):
-        return scalars.table.to(device=device, dtype=dtype)
-    if all(type(s) is float and type(e) is float for s, e in scalars):
-        return to_device(scalars, dtype, device)
-    return torch.stack(
-        [torch.stack([torch.as_tensor(x, device=device).to(dtype).reshape(()) for x in pair]) for pair in scalars]
-    )
-
-
-def _sqrt(x: Scalar) -> Scalar:
-    return x.sqrt() if isinstance(x, Tensor) else math.sqrt(x)
-
 
 class AdamAdapter:
     """Adam and AdamW (for-loop, foreach and fused implementations).
@@ -254,17 +55,17 @@ class AdamAdapter:
 
     def effective_stepsizes(self, group: dict[str, Any], states: Sequence[dict[str, Any]]) -> list[Tensor]:
         vs, scalars = self.sqrt_form(group, states)
-        return _from_sqrt_form(vs, scalars)
+        return from_sqrt_form(vs, scalars)
 
     def min_effective_stepsize(self, group: dict[str, Any], states: Sequence[dict[str, Any]], dtype: torch.dtype) -> Tensor:
         """min_j η_j = min_i s_i / (sqrt(max_j v_ij) + e_i): η is decreasing in v, so one read-only max pass
         over v gives the same value as the min over η, without a full-size copy."""
-        return _min_from_sqrt_form(*self.sqrt_form(group, states), dtype)
+        return min_from_sqrt_form(*self.sqrt_form(group, states), dtype)
 
     def sqrt_form(self, group: dict[str, Any], states: Sequence[dict[str, Any]]) -> SqrtForm:
         """η = s / (sqrt(v) + e) with s = lr·sqrt(1 − β2^t)/(1 − β1^t), e = eps·sqrt(1 − β2^t) (same η as above)."""
         beta1, beta2 = float(group["betas"][0]), float(group["betas"][1])
-        lr, eps = _lr(group), float(group["eps"])
+        lr, eps = group_lr(group), float(group["eps"])
         key = "max_exp_avg_sq" if group.get("amsgrad", False) else "exp_avg_sq"
         steps = device_steps(states)
         if steps is not None:  # fused / capturable: all parameters at once, on the device
@@ -283,7 +84,7 @@ class AdamAdapter:
             t = step_value(s)
             pair = by_step.get(t) if isinstance(t, float) else None
             if pair is None:
-                root = _sqrt(1 - beta2**t)  # type: ignore[assignment]
+                root = host_or_device_sqrt(1 - beta2**t)  # type: ignore[assignment]
                 pair = (lr * root / (1 - beta1**t), eps * root)
                 if isinstance(t, float):
                     by_step[t] = pair
@@ -337,15 +138,15 @@ class AdagradAdapter:
 
     def effective_stepsizes(self, group: dict[str, Any], states: Sequence[dict[str, Any]]) -> list[Tensor]:
         vs, scalars = self.sqrt_form(group, states)
-        return _from_sqrt_form(vs, scalars)
+        return from_sqrt_form(vs, scalars)
 
     def min_effective_stepsize(self, group: dict[str, Any], states: Sequence[dict[str, Any]], dtype: torch.dtype) -> Tensor:
         """min_j η_j = min_i s_i / (sqrt(max_j sum_ij) + eps): one read-only max pass over ``sum``, no copy."""
-        return _min_from_sqrt_form(*self.sqrt_form(group, states), dtype)
+        return min_from_sqrt_form(*self.sqrt_form(group, states), dtype)
 
     def sqrt_form(self, group: dict[str, Any], states: Sequence[dict[str, Any]]) -> SqrtForm:
         """η = s / (sqrt(sum) + e) with s = lr / (1 + (t − 1)·lr_decay), e = eps."""
-        lr, lr_decay, eps = _lr(group), float(group["lr_decay"]), float(group["eps"])
+        lr, lr_decay, eps = group_lr(group), float(group["lr_decay"]), float(group["eps"])
         return [s["sum"] for s in states], [(lr / (1 + (step_value(s) - 1) * lr_decay), eps) for s in states]
 
     def second_moment_update(self, group: dict[str, Any]) -> tuple[float, float] | None:
@@ -370,30 +171,30 @@ class RMSpropAdapter:
     def effective_stepsizes(self, group: dict[str, Any], states: Sequence[dict[str, Any]]) -> list[Tensor]:
         form = self.sqrt_form(group, states)
         if form is not None:
-            return _from_sqrt_form(*form)
-        lr, momentum = _lr(group), float(group.get("momentum", 0.0))
+            return from_sqrt_form(*form)
+        lr, momentum = group_lr(group), float(group.get("momentum", 0.0))
         if group.get("centered", False):
             second = [
-                torch.addcmul(sa.to(_work_dtype(sa)), ga.to(_work_dtype(ga)), ga.to(_work_dtype(ga)), value=-1)
+                torch.addcmul(sa.to(work_dtype(sa)), ga.to(work_dtype(ga)), ga.to(work_dtype(ga)), value=-1)
                 for sa, ga in ((s["square_avg"], s["grad_avg"]) for s in states)
             ]
         else:
             second = [s["square_avg"] for s in states]
-        denominators = _sqrt_plus_eps(second, group["eps"])
-        return _scale_over_denominator([lr / (1 - momentum)] * len(states), denominators)
+        denominators = sqrt_plus_eps(second, group["eps"])
+        return scale_over_denominator([lr / (1 - momentum)] * len(states), denominators)
 
     def min_effective_stepsize(
         self, group: dict[str, Any], states: Sequence[dict[str, Any]], dtype: torch.dtype
     ) -> Tensor | None:
         """min_j η_j from one max pass over ``square_avg`` (not centered); None when centered."""
         form = self.sqrt_form(group, states)
-        return None if form is None else _min_from_sqrt_form(*form, dtype)
+        return None if form is None else min_from_sqrt_form(*form, dtype)
 
     def sqrt_form(self, group: dict[str, Any], states: Sequence[dict[str, Any]]) -> SqrtForm | None:
         """η = s / (sqrt(square_avg) + e) with s = lr / (1 − μ), e = eps; None when centered (v is a difference)."""
         if group.get("centered", False):
             return None
-        scale = _lr(group) / (1 - float(group.get("momentum", 0.0)))
+        scale = group_lr(group) / (1 - float(group.get("momentum", 0.0)))
         return [s["square_avg"] for s in states], [(scale, float(group["eps"]))] * len(states)
 
     def second_moment_update(self, group: dict[str, Any]) -> tuple[float, float] | None:
@@ -445,7 +246,7 @@ class SGDAdapter:
     def uniform_stepsize(self, group: dict[str, Any]) -> Scalar:
         """The single η_t shared by every coordinate of the group."""
         momentum = float(group.get("momentum", 0.0))
-        lr = _lr(group)
+        lr = group_lr(group)
         if momentum == 0.0:
             return lr
         return lr * (1 - float(group.get("dampening", 0.0))) / (1 - momentum)
@@ -462,10 +263,10 @@ class AdamaxAdapter:
 
     def effective_stepsizes(self, group: dict[str, Any], states: Sequence[dict[str, Any]]) -> list[Tensor]:
         beta1 = float(group["betas"][0])
-        lr = _lr(group)
+        lr = group_lr(group)
         steps = [step_value(s) for s in states]
-        denominators = [t.clone() for t in _upcast([s["exp_inf"] for s in states])]
-        return _scale_over_denominator([lr / (1 - beta1**t) for t in steps], denominators)
+        denominators = [t.clone() for t in upcast([s["exp_inf"] for s in states])]
+        return scale_over_denominator([lr / (1 - beta1**t) for t in steps], denominators)
 
     def activity(self, group: dict[str, Any], states: Sequence[dict[str, Any]]) -> list[Tensor]:
         """u − eps (u = ``exp_inf`` = max(β2·u, |g| + eps) is eps exactly until a first non-zero gradient)."""
@@ -491,7 +292,7 @@ class NAdamAdapter:
     def effective_stepsizes(self, group: dict[str, Any], states: Sequence[dict[str, Any]]) -> list[Tensor]:
         beta1, beta2 = (float(b) for b in group["betas"])
         psi = float(group["momentum_decay"])
-        lr = _lr(group)
+        lr = group_lr(group)
         steps = [step_value(s) for s in states]
         numerators: list[Scalar] = []
         for s, t in zip(states, steps):
@@ -500,8 +301,8 @@ class NAdamAdapter:
             mu = beta1 * (1.0 - 0.5 * 0.96 ** (t * psi))
             mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((t + 1) * psi))
             numerators.append(lr * ((1 - mu) / (1 - prod) + mu_next / (1 - prod * mu_next)))
-        denominators = _sqrt_plus_eps([s["exp_avg_sq"] for s in states], group["eps"], [_sqrt(1 - beta2**t) for t in steps])
-        return _scale_over_denominator(numerators, denominators)
+        denominators = sqrt_plus_eps([s["exp_avg_sq"] for s in states], group["eps"], [host_or_device_sqrt(1 - beta2**t) for t in steps])
+        return scale_over_denominator(numerators, denominators)
 
     def activity(self, group: dict[str, Any], states: Sequence[dict[str, Any]]) -> list[Tensor]:
         """v = ``exp_avg_sq``: > 0 exactly where a coordinate has had a non-zero gradient."""
@@ -528,7 +329,7 @@ class RAdamAdapter:
 
     def effective_stepsizes(self, group: dict[str, Any], states: Sequence[dict[str, Any]]) -> list[Tensor]:
         beta1, beta2 = (float(b) for b in group["betas"])
-        lr = _lr(group)
+        lr = group_lr(group)
         rho_inf = 2 / (1 - beta2) - 1
         out: list[Tensor] = []
         for s in states:
@@ -540,12 +341,12 @@ class RAdamAdapter:
             if isinstance(rho_t, float):
                 if rho_t > 5.0:
                     rect = math.sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
-                    eta = v.to(_work_dtype(v)).sqrt().add_(group["eps"]).reciprocal_().mul_(plain * rect * math.sqrt(bc2))
+                    eta = v.to(work_dtype(v)).sqrt().add_(group["eps"]).reciprocal_().mul_(plain * rect * math.sqrt(bc2))
                 else:
-                    eta = torch.full_like(v, plain, dtype=_work_dtype(v))  # type: ignore[arg-type]
+                    eta = torch.full_like(v, plain, dtype=work_dtype(v))  # type: ignore[arg-type]
             else:
                 rect = ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)).clamp_min(0).sqrt()  # type: ignore[assignment]
-                adaptive = v.to(_work_dtype(v)).sqrt().add_(group["eps"]).reciprocal_().mul_(plain * rect * bc2.sqrt())
+                adaptive = v.to(work_dtype(v)).sqrt().add_(group["eps"]).reciprocal_().mul_(plain * rect * bc2.sqrt())
                 eta = torch.where(rho_t > 5.0, adaptive, plain.to(adaptive.dtype).expand_as(adaptive))
             out.append(eta)
         return out
@@ -562,7 +363,6 @@ class RAdamAdapter:
 
 _REGISTRY: dict[type, OptimizerAdapter] = {}
 
-from .adapters_torch_extra import AdadeltaAdapter, AdafactorAdapter, SparseAdamAdapter  # noqa: E402  (they use the helpers above)
 
 
 def register_adapter(optimizer_cls: type, adapter: OptimizerAdapter) -> None:
@@ -616,8 +416,6 @@ def adapter_lookup(optimizer: torch.optim.Optimizer) -> tuple[OptimizerAdapter |
                     f"lightning_adamtype.find_adapter({cls.__qualname__}(...)))"
                 )
             return _REGISTRY[cls], ""
-    from . import third_party  # a known class of another package, recognised by name (no import of that package)
-
     known = third_party.lookup(type(optimizer))
     if known is not None:
         return known
@@ -646,7 +444,7 @@ def validate_first_step(adapter: Any, step: Any) -> str | None:
         shapes = [tuple(v.shape) for v in step.form[0]]
         if len(shapes) != len(params) or any(s != tuple(p.shape) for s, p in zip(shapes, params)):
             return f"adapter {name}.sqrt_form returned v of shapes {shapes} for parameters of shapes {[tuple(p.shape) for p in params]}; return one v per parameter, shaped like it"
-        return _stepsize_problem(f"adapter {name}.sqrt_form", _from_sqrt_form(*step.form), params, step.grads)
+        return _stepsize_problem(f"adapter {name}.sqrt_form", from_sqrt_form(*step.form), params, step.grads)
     etas = step.effective_stepsizes()
     step.effective_stepsizes = lambda: etas
     return _stepsize_problem(f"adapter {name}.effective_stepsizes", etas, params, step.grads)

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from .adapters import NotMapped, _from_sqrt_form, _lr, _work_dtype, step_value
+from .adapter_kit import NotMapped, from_sqrt_form, group_lr, step_value, work_dtype
 
 __all__ = ["AdadeltaAdapter", "AdafactorAdapter", "SparseAdamAdapter"]
 
@@ -75,20 +75,20 @@ class AdadeltaAdapter(StepGradients):
     """
 
     def effective_stepsizes(self, group: dict[str, Any], states: Sequence[dict[str, Any]]) -> list[Tensor]:
-        lr, rho, eps = _lr(group), float(group["rho"]), float(group["eps"])
+        lr, rho, eps = group_lr(group), float(group["rho"]), float(group["eps"])
         wd = float(group.get("weight_decay", 0.0))
         out = []
         for st in states:
             delta, v = st["acc_delta"], st["square_avg"]
             grad = self._grad_of(st, "Adadelta")[0]
             if wd == 0.0:
-                dtype = _work_dtype(v)
+                dtype = work_dtype(v)
                 g2 = grad.to(dtype).square()
                 numerator = delta.to(dtype).add(rho * eps)
                 out.append(numerator.div_(v.to(dtype).add(eps).mul_(rho).add_(g2, alpha=1 - rho)).sqrt_().mul_(lr))
             else:
                 param = self._param_of(st, "Adadelta", "coupled weight decay")
-                out.append(self._with_decay(group, delta, v, grad, param).to(_work_dtype(v)))
+                out.append(self._with_decay(group, delta, v, grad, param).to(work_dtype(v)))
         return out
 
     @staticmethod
@@ -158,8 +158,8 @@ class AdafactorAdapter(StepGradients):
         """V̂_t = R C / max(mean(R), ε1) (≥ 2-D, torch's operations), else ``variance`` (a fresh tensor)."""
         if grad.dim() > 1:
             row, col = state["row_var"], state["col_var"]
-            return (row @ col).div_(row.mean(dim=-2, keepdim=True).clamp_(min=eps1)).to(_work_dtype(row))
-        return state["variance"].to(_work_dtype(state["variance"]), copy=True)
+            return (row @ col).div_(row.mean(dim=-2, keepdim=True).clamp_(min=eps1)).to(work_dtype(row))
+        return state["variance"].to(work_dtype(state["variance"]), copy=True)
 
     def _scale(self, group: dict[str, Any], state: dict[str, Any], grad: Tensor, inverse_root: Tensor) -> float:
         """α_t/d_t: d_t from U = g·inverse_root, α_t from RMS(x_t) rebuilt from x_{t+1} (float64)."""
@@ -234,7 +234,7 @@ class SparseAdamAdapter:
                 touched[id(st)] = self._indicator(grad)
                 dense.append(grad.to_dense())
             else:
-                touched[id(st)] = torch.ones_like(grad, dtype=_work_dtype(grad))
+                touched[id(st)] = torch.ones_like(grad, dtype=work_dtype(grad))
                 dense.append(grad)
         self._touched = touched
         return dense
@@ -244,7 +244,7 @@ class SparseAdamAdapter:
         """1 at the coordinates of a coalesced sparse gradient's indices (a hybrid one's dense dimensions included), 0
         elsewhere, shaped like the gradient (the value of the gradient there does not matter)."""
         sparse_dims = grad.sparse_dim()
-        mask = torch.zeros(grad.shape[:sparse_dims], dtype=_work_dtype(grad), device=grad.device)
+        mask = torch.zeros(grad.shape[:sparse_dims], dtype=work_dtype(grad), device=grad.device)
         mask[tuple(grad.indices())] = 1.0
         return mask.reshape(*mask.shape, *([1] * grad.dense_dim())).expand(grad.shape)
 
@@ -264,12 +264,12 @@ class SparseAdamAdapter:
     def effective_stepsizes(self, group: dict[str, Any], states: Sequence[dict[str, Any]]) -> list[Tensor]:
         """η_t = s_t / (sqrt(v_t) + eps), s_t = lr·sqrt(1 − β2^t)/(1 − β1^t), v = ``exp_avg_sq`` (every coordinate)."""
         beta1, beta2 = float(group["betas"][0]), float(group["betas"][1])
-        lr, eps = _lr(group), float(group["eps"])
+        lr, eps = group_lr(group), float(group["eps"])
         scalars = []
         for st in states:
             t = step_value(st)
             scalars.append((lr * math.sqrt(1 - beta2**t) / (1 - beta1**t), eps))  # type: ignore[operator,arg-type]
-        return _from_sqrt_form([st["exp_avg_sq"] for st in states], scalars)
+        return from_sqrt_form([st["exp_avg_sq"] for st in states], scalars)
 
     def coupled_weight_decay(self, group: dict[str, Any]) -> float:
         """0.0: SparseAdam has no weight decay."""

@@ -15,7 +15,8 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor
 
-from .adapters import _scale_over_denominator, _sqrt_plus_eps, _lr, register_adapter
+from .adapter_kit import group_lr, scale_over_denominator, sqrt_plus_eps
+from .adapters import register_adapter
 
 __all__ = ["AdaFom", "AdaFomAdapter"]
 
@@ -112,8 +113,8 @@ class AdaFomAdapter:
     """AdaFom: η_t = lr / (sqrt(Σ_{s≤t} g_s²) + eps) (α_t = lr/√t, v̂_t = mean of g²); weight decay is coupled."""
 
     def effective_stepsizes(self, group: dict[str, Any], states: list[dict[str, Any]]) -> list[Tensor]:
-        denominators = _sqrt_plus_eps([s["sum"] for s in states], group["eps"])
-        return _scale_over_denominator([_lr(group)] * len(states), denominators)
+        denominators = sqrt_plus_eps([s["sum"] for s in states], group["eps"])
+        return scale_over_denominator([group_lr(group)] * len(states), denominators)
 
     def coupled_weight_decay(self, group: dict[str, Any]) -> float:
         return float(group.get("weight_decay", 0.0))

@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-from .adapters import NotMapped
+from .adapter_kit import NotMapped
 from .adapters_torch_extra import StepGradients
 
 if TYPE_CHECKING:
-    from .adapters import OptimizerAdapter
+    from .adapter_kit import OptimizerAdapter
 
 __all__ = ["lookup", "known_classes"]
 

@@ -21,7 +21,8 @@ from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
 from . import backends, sharding
-from .adapters import AdapterError, NotMapped, adapter_lookup, validate_first_step
+from .adapter_kit import NotMapped
+from .adapters import AdapterError, adapter_lookup, validate_first_step
 from .backends.one_pass import PARTIAL
 from .backends.steady import SteadyPlan
 from .checkpoint import load_tracker_state, tracker_state

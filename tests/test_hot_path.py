@@ -193,7 +193,7 @@ def test_persistent_memory_does_not_grow_through_trend_samples():
 
 
 def test_to_device_builds_the_values_on_the_cpu():
-    from lightning_adamtype.adapters import to_device
+    from lightning_adamtype.adapter_kit import to_device
 
     got = to_device([[1.5, 2.0], [3.0, 4.25]], torch.float64, torch.device("cpu"))
     assert got.dtype == torch.float64 and got.tolist() == [[1.5, 2.0], [3.0, 4.25]]
@@ -202,7 +202,7 @@ def test_to_device_builds_the_values_on_the_cpu():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_to_device_does_not_synchronise_on_cuda():
-    from lightning_adamtype.adapters import to_device
+    from lightning_adamtype.adapter_kit import to_device
 
     torch.cuda.set_sync_debug_mode("error")
     try:

@@ -26,7 +26,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from ..adapters import _from_sqrt_form, _min_from_sqrt_form, scalar_table, to_device
+from ..adapter_kit import from_sqrt_form, min_from_sqrt_form, scalar_table, to_device
 from . import GroupStep, StepResult
 from .one_pass import RECOMPUTED_ZERO  # (one definition for every backend)
 
@@ -148,8 +148,8 @@ class ForeachBackend:
             return self._uniform(step)
         dtype, device = step.dtype, step.device
         if step.form is not None:
-            etas = _from_sqrt_form(*step.form)
-            eta_min: Tensor | None = _min_from_sqrt_form(*step.form, dtype)  # (the largest v is active when any is)
+            etas = from_sqrt_form(*step.form)
+            eta_min: Tensor | None = min_from_sqrt_form(*step.form, dtype)  # (the largest v is active when any is)
         else:
             etas = list(step.effective_stepsizes())
             eta_min = step.min_stepsize(dtype) if step.min_stepsize is not None else None

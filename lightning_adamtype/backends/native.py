@@ -21,7 +21,7 @@ from itertools import chain
 import torch
 from torch import Tensor
 
-from ..adapters import Scalar, scalar_table
+from ..adapter_kit import Scalar, scalar_table
 from ..row import ACCUMULATOR_KEYS, TERM_KEYS
 from . import native_build
 from .one_pass import RECOMPUTED_ZERO, SHARES, FlatEtaLayout, OnePassBackend, addresses

@@ -33,7 +33,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from ..adapters import scalar_table
+from ..adapter_kit import scalar_table
 from . import GroupStep, StepResult
 
 __all__ = [

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..adapters import Scalar, scalar_table, to_device
+from ..adapter_kit import Scalar, scalar_table, to_device
 from ..row import ACCUMULATOR_KEYS, TERM_KEYS
 from .one_pass import RECOMPUTED_ZERO, SHARES, FlatEtaLayout, OnePassBackend, addresses
 
