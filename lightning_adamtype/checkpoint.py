@@ -41,15 +41,15 @@ def tracker_state(tracker: Any) -> dict[str, Any]:
         shares = {id(p): values for p, values in state.tensors.read()}
         for key, p in _keys(tracker, state.group or {"params": []}):
             i = id(p)
-            if i not in tracker._seen:
+            if i not in tracker.memory.seen:
                 continue
-            entry: dict[str, Any] = {"seen": tracker._seen[i], "shape": list(p.shape)}  # (a DTensor's: global)
+            entry: dict[str, Any] = {"seen": tracker.memory.seen[i], "shape": list(p.shape)}  # (a DTensor's: global)
             if i in shares:
                 entry["shares"] = shares[i]
-            if i in tracker._previous and not state.sharded:  # a sharded η_{t−1} differs per rank: not saved
-                entry["eta"] = _cpu(tracker._previous[i])
-            if i in tracker._scales:
-                entry["scales"] = _cpu(tracker._scales[i])
+            if i in tracker.memory.previous and not state.sharded:  # a sharded η_{t−1} differs per rank: not saved
+                entry["eta"] = _cpu(tracker.memory.previous[i])
+            if i in tracker.memory.scales:
+                entry["scales"] = _cpu(tracker.memory.scales[i])
             parameters[key] = entry
         groups.append({
             "accumulators": None if state.accumulators is None else state.accumulators.detach().cpu().clone(),
@@ -80,10 +80,7 @@ def load_tracker_state(tracker: Any, state_dict: dict[str, Any]) -> None:
     """Restore :func:`tracker_state`'s output into ``tracker`` (its optimizer's groups, by position)."""
     tracker.observations = int(state_dict.get("observations", 0))
     tracker.switched = {str(k): int(v) for k, v in state_dict.get("switched", {}).items()}
-    tracker._params.clear()
-    tracker._previous.clear()
-    tracker._scales.clear()
-    tracker._seen.clear()
+    tracker.memory.clear()
     groups = tracker.optimizer.param_groups
     tracker._groups = []
     for gi, saved in enumerate(state_dict.get("groups", [])):
@@ -126,12 +123,12 @@ def _restore_parameters(tracker: Any, state: GroupState, group: dict[str, Any], 
             dropped += 1
             continue
         i = id(p)
-        tracker._params[i] = p
-        tracker._seen[i] = int(entry["seen"])
+        tracker.memory.params[i] = p
+        tracker.memory.seen[i] = int(entry["seen"])
         if eta is not None:
-            tracker._previous[i] = eta.to(local.device).clone() if isinstance(eta, Tensor) else eta
+            tracker.memory.previous[i] = eta.to(local.device).clone() if isinstance(eta, Tensor) else eta
         if entry.get("scales") is not None:
-            tracker._scales[i] = entry["scales"].to(local.device).clone()
+            tracker.memory.scales[i] = entry["scales"].to(local.device).clone()
         if entry.get("shares") is not None:
             shares.append((p, [float(x) for x in entry["shares"]]))
     if shares:

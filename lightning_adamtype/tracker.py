@@ -28,6 +28,7 @@ from .backends.steady import SteadyPlan
 from .checkpoint import load_tracker_state, tracker_state
 from .group_state import GroupState
 from .options import TrackerOptions
+from .parameter_memory import ParameterMemory
 from .row import ACCUMULATOR_KEYS, add_step, new_accumulators
 from .summary import TOP_K, VerdictWatch, summary_text, top_shares
 from .switch import agreed_violation, reason as switch_reason, switch_to_amsgrad
@@ -41,7 +42,6 @@ JOINED = object()
 #: the two verdicts and the accumulated sum each compares with A: variance (B/A → 0) and bias (C/A → 0)
 VERDICTS = {"variance": "b", "bias": "c"}
 
-_shape = operator.attrgetter("shape")
 _is_sparse = operator.attrgetter("is_sparse")
 _is_meta = operator.attrgetter("is_meta")
 
@@ -135,13 +135,7 @@ class ConditionTracker:
         #: (group name, step, reason) for every switch, in order; readers may pop them (the callback does).
         self.switch_events: list[tuple[str, int, str]] = []
         self._groups: list[GroupState] = []
-        # Per-parameter state, keyed by id(parameter) (a tensor's own __hash__ is a Python call, 10× an int's), with
-        # the parameter held in _params so that its id stays its own while an entry exists.
-        self._params: dict[int, Tensor] = {}
-        self._previous: dict[int, Any] = {}  # η_{t−1} (a tensor of the parameter's local shape, or a float)
-        self._scales: dict[int, Tensor] = {}  # (s', e') of η_{t−1} (recomputed mode)
-        self._seen: dict[int, int] = {}  # the observation the parameter's η was taken at
-        self._snapshots: dict[int, Tensor] = {}  # x_t (coupled weight decay)
+        self.memory = ParameterMemory()  # each parameter's η_{t−1}, keyed by the parameter
         self._failed_backends: set[str] = set()
         self._watch = VerdictWatch()
         self._handles: list[RemovableHandle] = []
@@ -192,7 +186,7 @@ class ConditionTracker:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._snapshots.clear()
+        self.memory.snapshots.clear()
         for state in self._groups:
             self._drop_steady(state)  # (it holds the optimizer's state tensors)
 
@@ -243,7 +237,7 @@ class ConditionTracker:
 
     def _wrap_closure(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> tuple[Any, Any] | None:
         assert self.adapter is not None
-        self._snapshots.clear()
+        self.memory.snapshots.clear()
         if self._phase(self.observations + 1) == "skip":
             return None
         if not any(self.adapter.coupled_weight_decay(group) != 0.0 for group in optimizer.param_groups):
@@ -252,13 +246,15 @@ class ConditionTracker:
         in_args = len(args) > first and callable(args[first])
         closure = args[first] if in_args else kwargs.get("closure")
         if not callable(closure):
-            self._take_snapshots(optimizer)
+            self.memory.take_snapshots(optimizer, self.adapter.coupled_weight_decay)
             return None
+
+        coupled_weight_decay = self.adapter.coupled_weight_decay
 
         def closure_then_snapshot() -> Any:
             loss = closure()  # the user's closure: its errors are the user's
             try:
-                self._take_snapshots(optimizer)
+                self.memory.take_snapshots(optimizer, coupled_weight_decay)
             except Exception as error:  # the boundary
                 self._give_up("snapshot of the parameters", error)
             return loss
@@ -267,23 +263,13 @@ class ConditionTracker:
             return (*args[:first], closure_then_snapshot, *args[first + 1 :]), kwargs
         return args, {**kwargs, "closure": closure_then_snapshot}
 
-    @torch.no_grad()
-    def _take_snapshots(self, optimizer: torch.optim.Optimizer) -> None:
-        assert self.adapter is not None
-        self._snapshots.clear()
-        for group in optimizer.param_groups:
-            if self.adapter.coupled_weight_decay(group) != 0.0:
-                for p in group["params"]:
-                    if p.grad is not None:
-                        self._snapshots[id(p)] = p.detach().clone()
-
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         try:
             self._observe_step(optimizer)
         except Exception as error:  # the boundary
             self._give_up("post-step hook", error)
         finally:
-            self._snapshots.clear()
+            self.memory.snapshots.clear()
 
     def _observe_step(self, optimizer: torch.optim.Optimizer) -> None:
         found_inf = getattr(optimizer, "found_inf", None)
@@ -346,9 +332,7 @@ class ConditionTracker:
             self._warn_once("group-removed", "a param group was removed from the optimizer; its numbers are dropped")
         self._groups = aligned
         live = {id(p) for group in groups for p in group["params"]}
-        for store in (self._params, self._previous, self._scales, self._seen):
-            for key in [k for k in store if k not in live]:
-                del store[key]
+        self.memory.release(live)
 
     # ------------------------------------------------------------------ one group
     def _observe_group(self, state: GroupState, found_inf: Tensor | None, record: bool) -> bool:
@@ -373,7 +357,7 @@ class ConditionTracker:
             if problem is not None:
                 raise AdapterError(problem)  # (the per-group boundary disables the group, with one warning)
         result = self._compute(state, step)
-        self._keep(state, keys, step.params, result)
+        self.memory.keep(state, keys, result.etas, result.scales, self.observations)
         if not record:
             return False
         if result.terms is None:  # the backend added the row itself
@@ -421,7 +405,7 @@ class ConditionTracker:
         """Forget the group's plan; its parameters' η_{t−1} were taken at the plan's last step."""
         plan = state.cache.pop("steady", None)
         if plan is not None:
-            self._seen.update(dict.fromkeys(map(id, plan.keys), plan.last))
+            self.memory.taken(plan.keys, plan.last)
 
     def _optimizer_step(self, states: list[dict[str, Any]]) -> int:
         """The optimizer's own step count t of a group (its first parameter's ``state["step"]``, read once per
@@ -511,7 +495,7 @@ class ConditionTracker:
         wd = self.adapter.coupled_weight_decay(group)
         if wd == 0.0:
             return grads
-        snaps = [self._snapshots.get(id(k)) for k in keys]
+        snaps = [self.memory.snapshots.get(id(k)) for k in keys]
         if any(x is None for x in snaps):
             self._warn_once(
                 "snapshot",
@@ -541,7 +525,7 @@ class ConditionTracker:
                     "centered, β2 = 0 or no linear second-moment update) cannot rebuild η_{t−1} from its state; "
                     "η_{t−1} is stored for it (4 bytes per coordinate)",
                 )
-        previous, scales = self._previous_of(state, keys, params, update is not None)
+        previous, scales = self.memory.previous_of(state, keys, params, update is not None, self.observations, self._warn_once)
         min_fn = getattr(adapter, "min_effective_stepsize", None)
         activity_fn = getattr(adapter, "activity", None)
         activity = form[0] if form is not None else activity_fn(group, states) if uniform is None and callable(activity_fn) else None
@@ -554,34 +538,6 @@ class ConditionTracker:
             fuse=record and shards is None and found_inf is None, cache=state.cache, activity=activity,
             coordinates=self.options.coordinates,
         )
-
-    def _previous_of(self, state: GroupState, keys: list[Tensor], params: list[Tensor], recomputed: bool) -> tuple[list[Any], list[Any]]:
-        """η_{t−1} (or its (s', e') in recomputed mode) of each parameter, None where it was not taken at the
-        previous observation or the parameter's shape changed since. When the group's parameters, their shapes
-        and the mode are those of the previous observation, that is what it kept (no per-parameter look-up)."""
-        last = self.observations - 1
-        shapes = state.shapes = list(map(_shape, params))
-        kept = state.kept
-        if kept is not None and kept[0] == last and kept[1] == recomputed and len(kept[2]) == len(keys) and all(
-            map(operator.is_, kept[2], keys)
-        ) and kept[3] == shapes:
-            olds = kept[4]
-            return ([None] * len(keys), olds) if recomputed else (olds, [None] * len(keys))
-        return self._look_up_previous(keys, params, recomputed, last)
-
-    def _look_up_previous(self, keys: list[Tensor], params: list[Tensor], recomputed: bool, last: int) -> tuple[list[Any], list[Any]]:
-        seen, store = self._seen, (self._scales if recomputed else self._previous)
-        previous: list[Any] = []
-        for k, p in zip(keys, params):
-            i = id(k)
-            old = store.get(i) if seen.get(i) == last else None
-            if not recomputed and isinstance(old, Tensor) and old.shape != p.shape:
-                self._warn_once("resized", "a parameter changed shape; its η_{t−1} is dropped and it starts over")
-                old = None
-            previous.append(old)
-        if recomputed:
-            return [None] * len(keys), previous
-        return previous, [None] * len(keys)
 
     def _compute(self, state: GroupState, step: backends.GroupStep) -> backends.StepResult:
         """The step through the group's best backend that takes it; a backend that fails is never used again."""
@@ -607,21 +563,6 @@ class ConditionTracker:
             state.backend = name
             return result
         raise RuntimeError("no backend took the step")  # pragma: no cover - foreach takes every step
-
-    def _keep(self, state: GroupState, keys: list[Tensor], params: list[Tensor], result: backends.StepResult) -> None:
-        """This step's η_t (or (s, e)) becomes each parameter's η_{t−1}."""
-        ids = list(map(id, keys))
-        if result.scales is not None:
-            rows = result.scales.unbind(0)
-            self._scales.update(zip(ids, rows))
-            for i in ids:
-                self._previous.pop(i, None)
-            state.kept = (self.observations, True, keys, state.shapes, list(rows))
-        elif result.etas is not None:
-            self._previous.update(zip(ids, result.etas))
-            state.kept = (self.observations, False, keys, state.shapes, list(result.etas))
-        self._seen.update(dict.fromkeys(ids, self.observations))
-        self._params.update(zip(ids, keys))
 
     # ------------------------------------------------------------------ verdicts and the switch
     def _update_verdicts(self, state: GroupState) -> bool:
@@ -678,9 +619,7 @@ class ConditionTracker:
             if callable(activity_fn):  # kept as −η where inactive (lightning_adamtype.row)
                 etas = [torch.where(a > 0, e, -e) for a, e in zip(activity_fn(group, states), etas)]
             for p, eta in zip(with_state, etas):
-                self._previous[id(p)] = eta
-                self._params[id(p)] = p
-                self._scales.pop(id(p), None)
+                self.memory.store(p, eta)
 
     # ------------------------------------------------------------------ reading
     def group_names(self) -> list[str]:
@@ -701,8 +640,8 @@ class ConditionTracker:
             pieces = []
             params = [p for p in (state.group or {}).get("params", [])]
             for p in params:
-                eta = self._previous.get(id(p))
-                if eta is None and id(p) in self._scales and self.adapter is not None and self.optimizer.state.get(p):
+                eta = self.memory.previous.get(id(p))
+                if eta is None and id(p) in self.memory.scales and self.adapter is not None and self.optimizer.state.get(p):
                     with torch.no_grad():
                         eta = self.adapter.effective_stepsizes(state.group or {}, [self.optimizer.state[p]])[0]
                 if isinstance(eta, Tensor) and eta.numel() > 1:  # (kept as −η where inactive)
@@ -768,7 +707,8 @@ class ConditionTracker:
         trend-detector buffers, coupled-decay copies). For memory accounting."""
         from .readout import tensors_in
 
-        return tensors_in([self._previous, self._scales, self._snapshots, [
+        memory = self.memory
+        return tensors_in([memory.previous, memory.scales, memory.snapshots, [
             # (the one-pass backends' "eligible" entry and the steady plan hold the optimizer's own state tensors, not
             # the tracker's; the plan's η buffer is the "buffer" entry)
             (s.accumulators, {k: v for k, v in s.cache.items() if k not in ("eligible", "steady")}, s.detectors, s.last_finite)
