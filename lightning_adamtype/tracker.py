@@ -26,24 +26,21 @@ from .adapters import AdapterError, adapter_lookup, validate_first_step
 from .backends.one_pass import PARTIAL
 from .backends.steady import SteadyPlan
 from .checkpoint import load_tracker_state, tracker_state
+from .gather import EmptyShard, StepGatherer
 from .group_state import GroupState
 from .options import TrackerOptions
 from .parameter_memory import ParameterMemory
-from .row import ACCUMULATOR_KEYS, add_step, new_accumulators
+from .row import ACCUMULATOR_KEYS, add_step
 from .summary import TOP_K, VerdictWatch, summary_text, top_shares
 from .switch import agreed_violation, reason as switch_reason, switch_to_amsgrad
 from .trend import TrendDetector, TrendOptions
 
 __all__ = ["ACCUMULATOR_KEYS", "VERDICTS", "ConditionTracker", "group_names"]
 
-#: what :meth:`ConditionTracker._gather` returns for a sharded group of which this rank holds no coordinate
-JOINED = object()
 
 #: the two verdicts and the accumulated sum each compares with A: variance (B/A → 0) and bias (C/A → 0)
 VERDICTS = {"variance": "b", "bias": "c"}
 
-_is_sparse = operator.attrgetter("is_sparse")
-_is_meta = operator.attrgetter("is_meta")
 
 REPORT = (
     "training goes on untouched. Please report it (the message, the optimizer class and its param-group settings) "
@@ -140,6 +137,7 @@ class ConditionTracker:
         self._watch = VerdictWatch()
         self._handles: list[RemovableHandle] = []
         self._warned: set[str] = set()
+        self.gatherer = StepGatherer(optimizer, self.adapter, self.options, self.memory, self._warn_once)
         if self.adapter is None:
             warnings.warn(
                 f"lightning_adamtype: no adapter for optimizer class {type(optimizer).__qualname__!r} "
@@ -346,11 +344,11 @@ class ConditionTracker:
     @torch.no_grad()
     def _general_step(self, state: GroupState, found_inf: Tensor | None, record: bool) -> bool:
         """The group's step through the general path: gather, validate, choose a backend, compute, keep."""
-        gathered = self._gather(state, found_inf, record)
+        gathered = self.gatherer.gather(state, found_inf, record, self.observations)
         if gathered is None:
             return False
-        if gathered is JOINED:
-            return True
+        if isinstance(gathered, EmptyShard):
+            return self._join_empty(state, gathered)
         step, keys, shards = gathered
         if state.count == 0 and state.kept is None:  # an adapter's η is checked on its group's first observed step
             problem = validate_first_step(self.adapter, step)
@@ -407,6 +405,17 @@ class ConditionTracker:
         if plan is not None:
             self.memory.taken(plan.keys, plan.last)
 
+    def _join_empty(self, state: GroupState, empty: EmptyShard) -> bool:
+        """A sharded group of which this rank holds nothing joins the reduction with neutral terms and counts as
+        observed: the verdicts and the switch run on every rank alike."""
+        assert state.accumulators is not None
+        terms, n = sharding.combine(None, 0, empty.process_group, empty.device, state.accumulators.dtype)
+        state.last_finite = add_step(state.accumulators, terms, n, float(self.observe_every))
+        if state.count == 0:
+            state.clock_offset = self._optimizer_step(empty.states) - self.observe_every
+        state.count += 1
+        return True
+
     def _optimizer_step(self, states: list[dict[str, Any]]) -> int:
         """The optimizer's own step count t of a group (its first parameter's ``state["step"]``, read once per
         group: a device counter costs one synchronisation then), else this tracker's observations."""
@@ -414,130 +423,6 @@ class ConditionTracker:
         if counter is None:
             return self.observations
         return int(round(float(sharding.local_view(counter))))
-
-    def _gather(self, state: GroupState, found_inf: Tensor | None, record: bool):
-        """(:class:`GroupStep`, parameter keys, shards) of the parameters that stepped, or None when none did."""
-        assert self.adapter is not None and state.group is not None
-        group, adapter = state.group, self.adapter
-        uniform_fn = getattr(adapter, "uniform_stepsize", None)
-        needs_state = not callable(uniform_fn)
-        opt_state = self.optimizer.state  # read every step: a state may be deleted, replaced or cleared
-        keys, params, states, grads = [], [], [], []
-        for p in group["params"]:
-            grad = p.grad
-            if grad is None:
-                continue
-            st = opt_state.get(p)
-            if needs_state and not st:
-                continue
-            keys.append(p)
-            states.append(st or {})
-            grads.append(grad)
-        if any(map(_is_sparse, grads)) or any(map(_is_meta, keys)) or not all(map(Tensor.is_floating_point, keys)):
-            keys, states, grads = self._measurable(keys, states, grads)
-        params = list(keys)
-        all_states = states  # (before a sharded group's local filtering)
-        shards = None
-        if keys and sharding.is_dtensor(keys[0]):
-            measurable, process_group = sharding.shard_group(keys[0])
-            if not measurable:
-                self._warn_once("mesh", f"parameters sharded over several mesh dimensions ({keys[0].placements}) are not measured")
-                return None
-            shards = (True, process_group)
-            state.sharded = process_group is not None
-            local = [(k, sharding.local_view(p), {n: sharding.local_view(v) for n, v in st.items()}, sharding.local_view(g))
-                     for k, p, st, g in zip(keys, params, states, grads)]
-            local = [entry for entry in local if entry[1].numel() > 0]
-            keys, params, states, grads = (list(x) for x in zip(*local)) if local else ([], [], [], [])
-            device = keys[0].to_local().device if keys else group["params"][0].to_local().device
-        else:
-            if 0 in map(Tensor.numel, params):
-                keep = [i for i, p in enumerate(params) if p.numel() > 0]
-                keys, params, states, grads = ([x[i] for i in keep] for x in (keys, params, states, grads))
-            if not keys:
-                return None
-            device = params[0].device
-        if state.accumulators is None:
-            state.accumulators = new_accumulators(device)
-        if not keys:  # a sharded group of which this rank holds nothing: it still joins the reduction
-            if record and shards is not None:
-                terms, n = sharding.combine(None, 0, shards[1], device, state.accumulators.dtype)
-                state.last_finite = add_step(state.accumulators, terms, n, float(self.observe_every))
-                if state.count == 0:
-                    state.clock_offset = self._optimizer_step(all_states) - self.observe_every
-                state.count += 1
-                return JOINED  # observed: the verdicts and the switch run on every rank alike
-            return None
-        grads = self._consumed(group, keys, states, grads)
-        return self._group_step(state, group, keys, params, states, grads, found_inf, record, shards), keys, shards
-
-    def _measurable(self, keys: list[Tensor], states: list[dict], grads: list[Tensor]) -> tuple[list, list, list]:
-        """Leave out (one warning per kind) parameters with sparse gradients (unless the adapter declares
-        ``sparse_gradients = True``: its ``consumed_gradients`` densifies them), on the meta device or not real."""
-        kept: tuple[list, list, list] = ([], [], [])
-        sparse_ok = getattr(self.adapter, "sparse_gradients", False) is True
-        for p, st, grad in zip(keys, states, grads):
-            sparse = grad.is_sparse and not sparse_ok
-            if sparse or p.is_meta or not p.is_floating_point():
-                kind = "sparse gradients" if sparse else "meta-device" if p.is_meta else f"{p.dtype}"
-                self._warn_once(f"unmeasurable-{kind}", f"parameters with {kind} are not measured; they are left out")
-                continue
-            for into, x in zip(kept, (p, st, grad)):
-                into.append(x)
-        return kept
-
-    def _consumed(self, group: dict[str, Any], keys: list[Tensor], states: list[dict], grads: list[Tensor]) -> list[Tensor]:
-        """g_t: the gradient the optimizer consumed (+ coupled weight decay λ·x_t with maximize's sign)."""
-        assert self.adapter is not None
-        consumed = getattr(self.adapter, "consumed_gradients", None)
-        if callable(consumed):
-            grads = consumed(group, states, grads)
-        wd = self.adapter.coupled_weight_decay(group)
-        if wd == 0.0:
-            return grads
-        snaps = [self.memory.snapshots.get(id(k)) for k in keys]
-        if any(x is None for x in snaps):
-            self._warn_once(
-                "snapshot",
-                "coupled weight decay: some gradients were set after optimizer.step() began and outside a closure, "
-                "so x_t was not seen before the update; λ·x_{t+1} is used in g_t for them",
-            )
-            snaps = [k.detach() if x is None else x for k, x in zip(keys, snaps)]
-        snaps = [sharding.local_view(x) for x in snaps]
-        sign = -1.0 if group.get("maximize", False) else 1.0
-        return list(torch._foreach_add(grads, snaps, alpha=sign * wd))  # type: ignore[arg-type]
-
-    def _group_step(self, state, group, keys, params, states, grads, found_inf, record, shards) -> backends.GroupStep:
-        assert self.adapter is not None and state.accumulators is not None
-        adapter = self.adapter
-        uniform_fn = getattr(adapter, "uniform_stepsize", None)
-        uniform = uniform_fn(group) if callable(uniform_fn) else None
-        form_fn = getattr(adapter, "sqrt_form", None)
-        form = form_fn(group, states) if uniform is None and callable(form_fn) else None
-        update = None
-        if self.previous_stepsize == "recomputed" and uniform is None:
-            update_fn = getattr(adapter, "second_moment_update", None)
-            update = update_fn(group) if form is not None and callable(update_fn) else None
-            if update is None:
-                self._warn_once(
-                    "recompute",
-                    f"previous_stepsize='recomputed': {type(self.optimizer).__name__} with these settings (AMSGrad, "
-                    "centered, β2 = 0 or no linear second-moment update) cannot rebuild η_{t−1} from its state; "
-                    "η_{t−1} is stored for it (4 bytes per coordinate)",
-                )
-        previous, scales = self.memory.previous_of(state, keys, params, update is not None, self.observations, self._warn_once)
-        min_fn = getattr(adapter, "min_effective_stepsize", None)
-        activity_fn = getattr(adapter, "activity", None)
-        activity = form[0] if form is not None else activity_fn(group, states) if uniform is None and callable(activity_fn) else None
-        return backends.GroupStep(
-            group=group, params=params, states=states, grads=grads, form=form, uniform=uniform,
-            effective_stepsizes=lambda: adapter.effective_stepsizes(group, states),
-            min_stepsize=(lambda dtype: min_fn(group, states, dtype)) if callable(min_fn) else None,
-            update=update, previous=previous, previous_scales=scales, found_inf=found_inf,
-            accumulators=state.accumulators, weight=float(self.observe_every),
-            fuse=record and shards is None and found_inf is None, cache=state.cache, activity=activity,
-            coordinates=self.options.coordinates,
-        )
 
     def _compute(self, state: GroupState, step: backends.GroupStep) -> backends.StepResult:
         """The step through the group's best backend that takes it; a backend that fails is never used again."""
