@@ -23,10 +23,21 @@ from .options import TrackerOptions
 from .parameter_memory import ParameterMemory
 from .row import new_accumulators
 
-__all__ = ["EmptyShard", "StepGatherer"]
+__all__ = ["EmptyShard", "Shards", "StepGatherer"]
 
 _is_sparse = operator.attrgetter("is_sparse")
 _is_meta = operator.attrgetter("is_meta")
+
+
+@dataclass
+class Shards:
+    """A sharded group's step on this rank: the process group of its sharded mesh dimension (None: only
+    replicated), the group's parameters that stepped (on every rank the same list, in order) and the positions in
+    it of those of which this rank holds coordinates (the step's keys)."""
+
+    process_group: Any
+    keys: list[Tensor]
+    positions: list[int]
 
 
 @dataclass
@@ -34,7 +45,7 @@ class EmptyShard:
     """A sharded group of which this rank holds no coordinate: it joins the group's reductions with neutral terms."""
 
     device: torch.device
-    process_group: Any
+    shards: Shards
     states: list[dict[str, Any]]  # the optimizer states of the group's parameters (their global step counts)
 
 
@@ -76,11 +87,12 @@ class StepGatherer:
             if not measurable:
                 self._warn_once("mesh", f"parameters sharded over several mesh dimensions ({keys[0].placements}) are not measured")
                 return None
-            shards = (True, process_group)
             state.sharded = process_group is not None
             local = [(k, sharding.local_view(p), {n: sharding.local_view(v) for n, v in st.items()}, sharding.local_view(g))
                      for k, p, st, g in zip(keys, params, states, grads)]
-            local = [entry for entry in local if entry[1].numel() > 0]
+            held = [i for i, entry in enumerate(local) if entry[1].numel() > 0]
+            shards = Shards(process_group, list(keys), held)
+            local = [local[i] for i in held]
             keys, params, states, grads = (list(x) for x in zip(*local)) if local else ([], [], [], [])
             device = keys[0].to_local().device if keys else group["params"][0].to_local().device
         else:
@@ -93,7 +105,7 @@ class StepGatherer:
         if state.accumulators is None:
             state.accumulators = new_accumulators(device)
         if not keys:  # a sharded group of which this rank holds nothing: it still joins the reduction
-            return EmptyShard(device, shards[1], all_states) if record and shards is not None else None
+            return EmptyShard(device, shards, all_states) if record and shards is not None else None
         grads = self._consumed(group, keys, states, grads)
         return self._group_step(state, group, keys, params, states, grads, found_inf, record, shards, observation), keys, shards
 

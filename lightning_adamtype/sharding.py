@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["combine", "is_dtensor", "local_view", "shard_group"]
+__all__ = ["combine", "combine_shares", "is_dtensor", "local_view", "shard_group"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -63,3 +63,18 @@ def combine(terms: Tensor | None, n: int, group: Any, device: torch.device, dtyp
         torch.distributed.all_reduce(sums, op=torch.distributed.ReduceOp.SUM, group=group)
         torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN, group=group)
     return torch.cat([low, sums[:-1]]), sums[-1]
+
+
+def combine_shares(per_tensor: Tensor | None, positions: list[int], total: int, group: Any, device: torch.device,
+                   dtype: torch.dtype) -> Tensor:
+    """Each parameter's share of a sharded step, (b_i, c_i, activations_i, inactive_i) for i < ``total`` (the group's
+    parameters that stepped, in order), summed over the ranks of ``group``: this rank's rows (``per_tensor``, for
+    the parameters at ``positions``) in place, zeros elsewhere (``per_tensor`` None: this rank holds nothing or its
+    backend gave no shares), then one all-reduce. Every share is a sum over coordinates, so the sum over shards
+    is the parameter's share of the unsharded step."""
+    table = torch.zeros(total, 4, dtype=dtype, device=device)
+    if per_tensor is not None and positions:
+        table[torch.tensor(positions, device=device)] = per_tensor.to(device=device, dtype=dtype)
+    if group is not None:
+        torch.distributed.all_reduce(table, op=torch.distributed.ReduceOp.SUM, group=group)
+    return table

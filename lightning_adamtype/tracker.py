@@ -363,9 +363,13 @@ class ConditionTracker:
         else:
             terms, n = result.terms, result.n
             if shards is not None:
-                terms, n = sharding.combine(terms, n, shards[1], step.device, step.dtype)
+                terms, n = sharding.combine(terms, n, shards.process_group, step.device, step.dtype)
             state.last_finite = add_step(step.accumulators, terms, n, step.weight, step.found_inf)
-        if result.per_tensor is not None and shards is None:
+        if shards is not None:  # every rank joins the shares' reduction, as the terms'
+            table = sharding.combine_shares(result.per_tensor, shards.positions, len(shards.keys),
+                                            shards.process_group, step.device, step.dtype)
+            state.tensors.add(shards.keys, table, step.weight, state.last_finite)
+        elif result.per_tensor is not None:
             state.tensors.add(keys, result.per_tensor, step.weight, state.last_finite)
         if state.count == 0:
             state.clock_offset = self._optimizer_step(step.states) - self.observe_every
@@ -409,8 +413,11 @@ class ConditionTracker:
         """A sharded group of which this rank holds nothing joins the reduction with neutral terms and counts as
         observed: the verdicts and the switch run on every rank alike."""
         assert state.accumulators is not None
-        terms, n = sharding.combine(None, 0, empty.process_group, empty.device, state.accumulators.dtype)
+        shards, dtype = empty.shards, state.accumulators.dtype
+        terms, n = sharding.combine(None, 0, shards.process_group, empty.device, dtype)
         state.last_finite = add_step(state.accumulators, terms, n, float(self.observe_every))
+        table = sharding.combine_shares(None, [], len(shards.keys), shards.process_group, empty.device, dtype)
+        state.tensors.add(shards.keys, table, float(self.observe_every), state.last_finite)
         if state.count == 0:
             state.clock_offset = self._optimizer_step(empty.states) - self.observe_every
         state.count += 1

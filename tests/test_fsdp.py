@@ -98,7 +98,8 @@ def _train_sharded(rank: int, case: str, option: str) -> dict:
     tracker = ConditionTracker(opt, **TRACKER_OPTIONS[option])
     _train(model, opt)
     local_rows = [p.to_local().shape[0] if p.dim() else 1 for p in model.parameters()]
-    return {"compute": tracker.compute(), "local_rows": local_rows, "attached": tracker.attached}
+    return {"compute": tracker.compute(), "local_rows": local_rows, "attached": tracker.attached,
+            "shares": tracker.tensor_shares()}
 
 
 def _train_resumed(rank: int) -> dict:
@@ -194,7 +195,14 @@ def test_fsdp2_sharded_run_matches_the_unsharded_run(tmp_path, case, option):
         assert values["c"] > 0 and math.isfinite(values["bias_ratio"]) and values["measured"] == 1.0
         assert math.isfinite(values["bias_window_ratio"]) and values["coordinates"] == 70  # 5·7+7 + 7·3+3 + 3+1
         assert math.isnan(values["bias_violation"]) and values["bias_steps_needed"] > 0  # unknown inside the warm-up
+        # each parameter's share of b and c (summed over the shards; the empty shard adds nothing) is its share in
+        # the unsharded run
+        shares, expected_shares = got["shares"][f"{cls.__name__}/pg0"], tracker.tensor_shares()[f"{cls.__name__}/pg0"]
+        assert [n for n, _ in shares] == [n for n, _ in expected_shares]
+        for (name, row), (_, expected_row) in zip(shares, expected_shares):
+            assert row == pytest.approx(expected_row, rel=1e-3, abs=1e-12), (r, name, row, expected_row)
     _assert_same_on_every_rank(ranks)  # one combined number, the same on every rank
+    assert ranks[0]["shares"] == ranks[1]["shares"]
 
 
 # ---------------------------------------------------------------------------------------------- through Lightning
