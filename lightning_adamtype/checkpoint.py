@@ -61,7 +61,8 @@ def tracker_state(tracker: Any) -> dict[str, Any]:
             "disabled": state.disabled,
             "parameters": parameters,
         })
-    return {"version": VERSION, "observations": tracker.observations, "switched": dict(tracker.switched), "groups": groups}
+    return {"version": VERSION, "observations": tracker.observations, "switched": dict(tracker.switched), "groups": groups,
+            "verdicts_seen": tracker.verdict_watch.state_dict()}
 
 
 def _version1_parameters(saved: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -80,6 +81,7 @@ def load_tracker_state(tracker: Any, state_dict: dict[str, Any]) -> None:
     """Restore :func:`tracker_state`'s output into ``tracker`` (its optimizer's groups, by position)."""
     tracker.observations = int(state_dict.get("observations", 0))
     tracker.switched = {str(k): int(v) for k, v in state_dict.get("switched", {}).items()}
+    tracker.verdict_watch.load_state_dict(state_dict.get("verdicts_seen", []))
     tracker.memory.clear()
     groups = tracker.optimizer.param_groups
     tracker._groups = []

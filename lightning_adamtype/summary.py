@@ -59,6 +59,14 @@ class VerdictWatch:
     def __init__(self) -> None:
         self.seen: dict[tuple[str, str], float] = {}
 
+    def state_dict(self) -> list[list[Any]]:
+        """``[[group name, kind, verdict], ...]``: the verdicts last read (a resumed run does not warn again about
+        a turn it already announced)."""
+        return [[name, kind, value] for (name, kind), value in self.seen.items()]
+
+    def load_state_dict(self, rows: Sequence[Sequence[Any]]) -> None:
+        self.seen = {(str(name), str(kind)): float(value) for name, kind, value in rows}
+
     def check(self, owner: str, groups: dict[str, dict[str, float]]) -> None:
         for name, row in groups.items():
             for kind in ADVICE:

@@ -134,7 +134,7 @@ class ConditionTracker:
         self._groups: list[GroupState] = []
         self.memory = ParameterMemory()  # each parameter's η_{t−1}, keyed by the parameter
         self._failed_backends: set[str] = set()
-        self._watch = VerdictWatch()
+        self.verdict_watch = VerdictWatch()  # the verdicts last read, for the warning on a turn
         self._handles: list[RemovableHandle] = []
         self._warned: set[str] = set()
         self.gatherer = StepGatherer(optimizer, self.adapter, self.options, self.memory, self._warn_once)
@@ -571,7 +571,7 @@ class ConditionTracker:
                     f"{name}: {int(row['nonfinite_steps'])} step(s) had non-finite (NaN/Inf) gradients or optimizer "
                     "state; they are left out of a, b, c, c2 and counted under 'nonfinite_steps'",
                 )
-        self._watch.check(self.name, out)
+        self.verdict_watch.check(self.name, out)
         return out
 
     def tensor_shares(self) -> dict[str, list[tuple[str, list[float]]]]:

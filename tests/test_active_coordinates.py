@@ -192,6 +192,30 @@ def test_unknown_is_its_own_state_and_says_what_it_needs():
     assert "bias condition (C/A → 0): unknown" in text and "more steps" in text
 
 
+def test_a_resumed_tracker_does_not_announce_a_turn_again():
+    """The verdicts last read are part of state_dict(): a tracker resumed after the warning does not warn again for
+    the same turn, and still warns for one it has not read."""
+    param = dp.make_param()
+    opt, _ = dp.make_optimizer("adam", param)
+    tracker = ConditionTracker(opt)
+    indices = dp.draw_indices(1200, 0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dp.train(param, opt, indices[:1000])
+        assert tracker.compute()["Adam/pg0"]["bias_violation"] == 1.0
+        saved = tracker.state_dict()
+        tracker.remove()
+        resumed = ConditionTracker(opt)
+        resumed.load_state_dict(saved)
+        dp.train(param, opt, indices[1000:])
+        assert resumed.compute()["Adam/pg0"]["bias_violation"] == 1.0
+        fresh = ConditionTracker(opt)
+        fresh.load_state_dict({**saved, "verdicts_seen": []})  # (a checkpoint of the previous version)
+        fresh.compute()
+    bias = [str(w.message) for w in caught if "the bias verdict of Adam/pg0 turned to" in str(w.message)]
+    assert len(bias) == 2, bias  # the first reading, and the tracker that had not read it; not the resumed one
+
+
 def test_turning_to_violation_warns_once_with_advice():
     param = dp.make_param()
     opt, _ = dp.make_optimizer("adam", param)
