@@ -12,7 +12,6 @@ measurement fails is reported once and no longer measured; training goes on bitw
 from __future__ import annotations
 
 import math
-import operator
 import warnings
 from typing import Any
 
@@ -393,11 +392,9 @@ class ConditionTracker:
     def _plan_steady(self, state: GroupState, step: backends.GroupStep, keys: list[Tensor]) -> None:
         """Keep what this native step found, for the group's next steps (when :meth:`SteadyPlan.build` can)."""
         buffer = state.cache.get("buffer")
-        shares = state.tensors.values if len(state.tensors.params) == len(keys) and all(
-            map(operator.is_, state.tensors.params, keys)) else None
         plan = SteadyPlan.build(
             step.group, self.optimizer.state, self.adapter, keys, step.states, step.form, state.cache.get(state.backend),
-            buffer[0] if buffer else None, step.accumulators, step.weight, shares, self.options.coordinates,
+            buffer[0] if buffer else None, step.accumulators, step.weight, state.tensors, self.options.coordinates,
             self.observations,
         )
         if plan is not None:

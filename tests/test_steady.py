@@ -1,8 +1,8 @@
-"""The native backend's repeat step (:class:`lightning_adamtype.backends.steady.SteadyPlan`) against the reference
-multi-tensor backend, across everything that may change between two optimizer steps.
+"""The one-pass backends' repeat step (:class:`lightning_adamtype.backends.steady.SteadyPlan`) against the
+reference multi-tensor backend, across everything that may change between two optimizer steps.
 
-Each case trains two identical models side by side, one tracked with ``kernel="native"`` (after its first full
-step the group runs through the plan) and one with ``kernel="foreach"``, and applies the same change to both
+Each case trains two identical models side by side, one tracked with ``kernel="native"`` or ``"triton"`` (Triton's
+interpreter on the CPU; after its first full step the group runs through the plan) and one with ``kernel="foreach"``, and applies the same change to both
 between two steps: a gradient missing, a state dict swapped or replaced, a state tensor replaced, the optimizer's
 ``load_state_dict``, an AMSGrad switch, coupled weight decay turned on, a parameter replaced in the group, a
 non-contiguous gradient, step counts that differ within the group. The two trackers must give the same numbers
@@ -19,10 +19,16 @@ import torch
 from torch import nn
 
 from lightning_adamtype import ConditionTracker
-from lightning_adamtype.backends import native_build
+from lightning_adamtype.backends import backend
 from lightning_adamtype.backends.steady import SteadyPlan
 
-pytestmark = pytest.mark.skipif(native_build.availability()[0] is None, reason="the native library is unavailable")
+CPU = torch.device("cpu")
+#: the one-pass backends that run here: native (the C library), triton (Triton's interpreter, without CUDA)
+KERNELS = [
+    pytest.param(name, marks=pytest.mark.skipif(backend(name).unavailable(CPU) is not None,
+                                                reason=f"{name}: {backend(name).unavailable(CPU)}"))
+    for name in ("native", "triton")
+]
 
 STEPS, CHANGE_AT = 10, 5
 KEYS = ("a", "b", "c", "c2", "a_mean", "c_mean", "activations", "inactive", "coordinates", "steps", "nonfinite_steps")
@@ -142,15 +148,16 @@ def _assert_same_numbers(native: ConditionTracker, foreach: ConditionTracker) ->
         assert row == pytest.approx(expected_row, rel=1e-4, abs=1e-12), name
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("name", list(CHANGES))
-def test_a_change_between_steps_gives_the_reference_numbers(name, monkeypatch):
+def test_a_change_between_steps_gives_the_reference_numbers(name, kernel, monkeypatch):
     counted = _Counted(monkeypatch)
-    native, params_native = _train("native", change=CHANGES[name])
+    native, params_native = _train(kernel, change=CHANGES[name])
     taken, declined = counted.taken, counted.declined
     foreach, params_foreach = _train("foreach", change=CHANGES[name])
     assert counted.taken == taken and counted.declined == declined  # (no plan on the foreach backend)
     assert all(torch.equal(a, b) for a, b in zip(params_native, params_foreach))
-    assert native.backends() == {"Adam/pg0": "native"}
+    assert native.backends() == {"Adam/pg0": kernel}
     _assert_same_numbers(native, foreach)
     if name in ("none", "lr"):
         assert (taken, declined) == (STEPS - 1, 0)  # every step after the first
@@ -165,30 +172,33 @@ def test_a_change_between_steps_gives_the_reference_numbers(name, monkeypatch):
         assert (taken, declined) == (STEPS - 2, 1)  # declined at the change; the general step there builds a new one
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("name", list(GRAD_CHANGES))
-def test_a_gradient_change_gives_the_reference_numbers(name, monkeypatch):
+def test_a_gradient_change_gives_the_reference_numbers(name, kernel, monkeypatch):
     counted = _Counted(monkeypatch)
-    native, _ = _train("native", grad_change=GRAD_CHANGES[name])
+    native, _ = _train(kernel, grad_change=GRAD_CHANGES[name])
     foreach, _ = _train("foreach", grad_change=GRAD_CHANGES[name])
     _assert_same_numbers(native, foreach)
     assert counted.declined >= 1 and counted.taken >= STEPS - 5
 
 
-def test_step_counts_that_differ_within_the_group(monkeypatch):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_step_counts_that_differ_within_the_group(kernel, monkeypatch):
     """A parameter without a gradient at the first two steps lags two steps behind the others: its (s, e) row is
     that of its own t."""
     counted = _Counted(monkeypatch)
-    native, _ = _train("native", skip_first_steps_of="bias")
+    native, _ = _train(kernel, skip_first_steps_of="bias")
     foreach, _ = _train("foreach", skip_first_steps_of="bias")
     _assert_same_numbers(native, foreach)
     assert counted.taken >= STEPS - 4
 
 
-def test_checkpoint_between_plan_steps_resumes_with_the_same_numbers():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_checkpoint_between_plan_steps_resumes_with_the_same_numbers(kernel):
     """state_dict() taken while the plan runs carries every parameter's η_{t−1} as of the latest step."""
     model = _model()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    tracker = ConditionTracker(opt, kernel="native")
+    tracker = ConditionTracker(opt, kernel=kernel)
     gen = torch.Generator().manual_seed(1)
     batches = [(torch.randn(8, 6, generator=gen), torch.randn(8, 3, generator=gen)) for _ in range(STEPS)]
     resumed = None
@@ -207,7 +217,7 @@ def test_checkpoint_between_plan_steps_resumes_with_the_same_numbers():
         nn.functional.mse_loss(model2(x), y).backward()
         opt2.step()
     opt2.load_state_dict(resumed_opt_state)
-    resumed = ConditionTracker(opt2, kernel="native")
+    resumed = ConditionTracker(opt2, kernel=kernel)
     resumed.load_state_dict(saved)
     for x, y in batches[CHANGE_AT:]:
         opt2.zero_grad(set_to_none=True)

@@ -1,26 +1,29 @@
-"""A group's repeat step on the native backend: the launch of the previous step, its inputs re-read and revalidated.
+"""A group's repeat step on a one-pass backend: the launch of the previous step, its inputs re-read and revalidated.
 
-Once a group has taken a full step through the native backend (gather, form, checks, launch: the tracker's general
-path), most of what that step found holds at the next one: the same parameters stepped, with the same optimizer
-state dicts, the same v tensors and step counters, the same η buffer. :class:`SteadyPlan` keeps what that step
-found and, at the next optimizer step, re-reads only what changes (the gradients and the step counts) and
-re-checks, in C-level passes over the lists (no Python code per tensor), that the rest still holds:
+Once a group has taken a full step through the native (CPU) or Triton (CUDA) backend (gather, form, checks,
+launch: the tracker's general path), most of what that step found holds at the next one: the same parameters
+stepped, with the same optimizer state dicts, the same v tensors and step counters, the same η buffer.
+:class:`SteadyPlan` keeps what that step found and, at the next optimizer step, re-reads only what changes (the
+gradients and the step counts) and re-checks, in C-level passes over the lists (no Python code per tensor), that
+the rest still holds:
 
 - the group's parameters are the same objects, and the same ones have a gradient;
 - ``optimizer.state`` is the same dict, with the same state dict objects in the same order (a state replaced,
   added or removed, ``load_state_dict``: another dict or other values);
 - each v (read again from its state under the same key) still starts at the same address, and each step counter
-  is the same object; the plan holds them, so an address seen again is the same live allocation;
+  is the same object, a host number or a CPU tensor (device counters, of fused or capturable optimizers, take the
+  general path); the plan holds them, so an address seen again is the same live allocation;
 - each gradient is a contiguous tensor of the bytes its v has (float32 of the same count);
 - the adapter's square-root form still reads that v (an AMSGrad switch changes the key) and gives host floats;
 - the group's coupled weight decay is still 0 and η_{t−1} is the previous optimizer step's.
 
 Then (s_i, e_i) = the adapter's ``sqrt_form`` at one state per distinct step count (adapters that declare
-``scalars_by_step``: s and e depend on the state only through t), the (s, e) table is written in one slice
-assignment, and one C call computes the step, adds it to the accumulators and each tensor's share to its table
-(:class:`lightning_adamtype.tensor_shares.TensorShares`), and writes η_t over η_{t−1} in the group's buffer. The
-result is the general path's: the same C function on the same inputs. When any check fails the plan is dropped and
-the general path runs the step (and may build a new plan).
+``scalars_by_step``: s and e depend on the state only through t) and the launch runs in STORED mode, writing η_t
+over η_{t−1} in the group's buffer and adding the step to the accumulators and each tensor's share to its
+:class:`lightning_adamtype.tensor_shares.TensorShares`: on the CPU one C call with its argument list kept (the
+shares accumulated in C), on CUDA the Triton launch's own call (the (s, e) table copied to the device, the shares
+added there). The result is the general path's: the same kernels on the same inputs. When any check fails the
+plan is dropped and the general path runs the step (and may build a new plan).
 """
 
 from __future__ import annotations
@@ -33,7 +36,9 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from .native import GroupLaunch
+from ..adapter_kit import to_device
+from ..tensor_shares import TensorShares
+from . import native
 from .one_pass import STORED
 
 __all__ = ["SteadyPlan"]
@@ -49,12 +54,68 @@ def _same(a: Sequence[Any], b: Sequence[Any]) -> bool:
     return len(a) == len(b) and all(map(operator.is_, a, b))
 
 
+class _NativeCall:
+    """The native launch of a plan: the C call's argument list and address tables kept; each step writes the
+    gradients' addresses and the (s, e) table and calls it (the shares are accumulated in C)."""
+
+    def __init__(self, launch: native.GroupLaunch, vs: list[Tensor], eta: Tensor, accumulators: Tensor, weight: float,
+                 shares: TensorShares, coordinates: str) -> None:
+        values = shares.values
+        if values is None or values.dtype != torch.float64 or not values.is_contiguous() or values.device.type != "cpu":
+            raise ValueError("the shares are not a contiguous float64 CPU table")
+        n = len(vs)
+        self.launch = launch
+        self._g_ptrs = (ctypes.c_int64 * n)()
+        self._v_ptrs = (ctypes.c_int64 * n)(*map(Tensor.data_ptr, vs))
+        table = launch.scalar_table([(0.0, 0.0)] * n)  # the launch's host table (float32 [n, 2]), written each step
+        self._table = launch.host_table()
+        self._args = launch.arguments(STORED, coordinates, self._v_ptrs, self._g_ptrs, eta, table, 1.0, 0.0,
+                                      accumulators.data_ptr(), float(weight), values.data_ptr())
+
+    def step(self, grads: list[Tensor], table: list[float]) -> Tensor:
+        self._g_ptrs[:] = list(map(Tensor.data_ptr, grads))
+        self._table[:] = table
+        args = self._args
+        args[-1] = self.launch.threads()
+        self.launch.call(*args)
+        return self.launch.finite_flag
+
+
+class _TritonCall:
+    """The Triton launch of a plan: the launch's own call (its address tables are rebuilt only when an address
+    changed), the (s, e) table copied to the device, the shares added on the device."""
+
+    def __init__(self, launch: Any, vs: list[Tensor], eta: Tensor, accumulators: Tensor, weight: float,
+                 shares: TensorShares, coordinates: str, keys: list[Tensor]) -> None:
+        self.launch, self.vs, self.eta, self.shares, self.keys = launch, vs, eta, shares, keys
+        self.accumulate, self.weight, self.coordinates = (accumulators, float(weight)), float(weight), coordinates
+
+    def step(self, grads: list[Tensor], table: list[float]) -> Tensor:
+        launch = self.launch
+        device_table = to_device(table, torch.float32, launch.device).view(-1, 2)
+        launch.terms(self.vs, grads, self.eta, device_table, STORED, accumulate=self.accumulate,
+                     coordinates=self.coordinates)
+        self.shares.add(self.keys, launch.per_tensor, self.weight, launch.finite_flag)
+        return launch.finite_flag
+
+
+def _call_for(launch: Any, vs: list[Tensor], eta: Tensor, accumulators: Tensor, weight: float, shares: TensorShares,
+              coordinates: str, keys: list[Tensor]) -> _NativeCall | _TritonCall:
+    if isinstance(launch, native.GroupLaunch):
+        return _NativeCall(launch, vs, eta, accumulators, weight, shares, coordinates)
+    from . import triton  # (imported only for a group the Triton backend already ran)
+
+    if isinstance(launch, triton.GroupLaunch):
+        return _TritonCall(launch, vs, eta, accumulators, weight, shares, coordinates, keys)
+    raise ValueError(f"no plan for a {type(launch).__name__}")
+
+
 class SteadyPlan:
-    """What one full native step of a group found, to run the group's next steps without the general path."""
+    """What one full one-pass step of a group found, to run the group's next steps without the general path."""
 
     def __init__(self, group: dict[str, Any], opt_state: dict, adapter: Any, params: list[Tensor], keys: list[Tensor],
-                 states: list[dict], v_key: str, launch: GroupLaunch, eta: Tensor, accumulators: Tensor,
-                 weight: float, shares: Tensor, coordinates: str, observation: int) -> None:
+                 states: list[dict], v_key: str, launch: Any, eta: Tensor, accumulators: Tensor,
+                 weight: float, shares: TensorShares, coordinates: str, observation: int) -> None:
         self.group, self.opt_state, self.adapter = group, opt_state, adapter
         self.params, self.keys, self.states, self.v_key = list(params), keys, states, v_key
         self.mask = list(map(operator.is_not, map(_grad, params), repeat(None)))
@@ -65,15 +126,8 @@ class SteadyPlan:
         self.nbytes = list(map(_nbytes, self.vs))
         self.steps = list(map(_step, states))
         self.step_cells = self._step_cells(self.steps)
-        self.launch, self.eta, self.accumulators, self.shares = launch, eta, accumulators, shares
         self.last = observation
-        n = len(keys)
-        self._g_ptrs = (ctypes.c_int64 * n)()
-        self._v_ptrs = (ctypes.c_int64 * n)(*self.v_ptrs)
-        table = launch.scalar_table([(0.0, 0.0)] * n)  # the launch's host table (float32 [n, 2]), written each step
-        self._table = launch.host_table()
-        self._args = launch.arguments(STORED, coordinates, self._v_ptrs, self._g_ptrs, eta, table, 1.0, 0.0,
-                                      accumulators.data_ptr(), float(weight), shares.data_ptr())
+        self.call = _call_for(launch, self.vs, eta, accumulators, weight, shares, coordinates, keys)
 
     @staticmethod
     def _step_cells(steps: list[Any]) -> list[Any] | None:
@@ -92,15 +146,15 @@ class SteadyPlan:
     @classmethod
     def build(cls, group: dict[str, Any], opt_state: dict, adapter: Any, keys: list[Tensor], states: list[dict],
               form: Any, launch: Any, eta: Tensor | None, accumulators: Tensor, weight: float,
-              shares: Tensor | None, coordinates: str, observation: int) -> SteadyPlan | None:
+              shares: TensorShares, coordinates: str, observation: int) -> SteadyPlan | None:
         """A plan from a full step just taken (its parameters ``keys`` and their ``states``, the
         adapter's square-root ``form``, the launch and its η buffer ``eta``), or None when the group's next step
         cannot be taken this way (then the general path keeps running it)."""
-        if not getattr(adapter, "scalars_by_step", False) or not isinstance(launch, GroupLaunch) or eta is None:
+        if not getattr(adapter, "scalars_by_step", False) or launch is None or eta is None:
             return None
         if callable(getattr(adapter, "consumed_gradients", None)) or adapter.coupled_weight_decay(group) != 0.0:
             return None
-        if shares is None or shares.dtype != torch.float64 or not shares.is_contiguous() or shares.shape[0] != len(keys):
+        if not _same(shares.params, keys):
             return None
         params = group["params"]
         if not _same(list(compress(params, map(operator.is_not, map(_grad, params), repeat(None)))), keys):
@@ -125,15 +179,12 @@ class SteadyPlan:
         grads = self._gradients(group)
         if grads is None or not self._state_holds(opt_state):
             return None
-        scalars = self._table_row(group)
-        if scalars is None:
+        table = self._table(group)
+        if table is None:
             return None
-        self._g_ptrs[:] = list(map(Tensor.data_ptr, grads))
-        args = self._args
-        args[-1] = self.launch.threads()
-        self.launch.call(*args)
+        finite = self.call.step(grads, table)
         self.last = observation
-        return self.launch.finite_flag
+        return finite
 
     def _gradients(self, group: dict[str, Any]) -> list[Tensor] | None:
         params = group["params"]
@@ -162,8 +213,9 @@ class SteadyPlan:
             return False
         return _same(list(map(_step, self.states)), self.steps)
 
-    def _table_row(self, group: dict[str, Any]) -> bool | None:
-        """Write the (s, e) table for this step's counts; None when the form no longer applies."""
+    def _table(self, group: dict[str, Any]) -> list[float] | None:
+        """The (s, e) table of this step's counts, flat ([s_0, e_0, s_1, ...]); None when the form no longer
+        applies."""
         if self.adapter.coupled_weight_decay(group) != 0.0:
             return None
         values = list(map(_value, self.step_cells)) if self.step_cells is not None else list(map(float, self.steps))
@@ -173,8 +225,7 @@ class SteadyPlan:
             s, e = pairs[0]
             if vs[0] is not self.vs[0] or type(s) is not float or type(e) is not float:
                 return None  # the form reads another v now (an AMSGrad switch), or gives tensors
-            self._table[:] = [s, e] * n
-            return True
+            return [s, e] * n
         distinct = list(dict.fromkeys(values))
         first = [values.index(t) for t in distinct]
         vs, pairs = self.adapter.sqrt_form(group, [self.states[i] for i in first])
@@ -182,5 +233,4 @@ class SteadyPlan:
         if not all(v is self.vs[i] for v, i in zip(vs, first)) or set(map(type, chain.from_iterable(pairs))) != {float}:
             return None
         by_step = dict(zip(distinct, pairs))
-        self._table[:] = list(chain.from_iterable(map(by_step.__getitem__, values)))
-        return True
+        return list(chain.from_iterable(map(by_step.__getitem__, values)))
