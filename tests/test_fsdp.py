@@ -91,15 +91,27 @@ def _sharded_model() -> nn.Module:
     return model
 
 
-def _train_sharded(rank: int, case: str, option: str) -> dict:
+def _train_sharded(rank: int, case: str) -> dict:
+    """One sharded run of ``case`` with a tracker of every option of TRACKER_OPTIONS on its optimizer."""
     model = _sharded_model()
     cls, kwargs = CASES[case]
     opt = cls(model.parameters(), **kwargs)
-    tracker = ConditionTracker(opt, **TRACKER_OPTIONS[option])
+    trackers = {option: ConditionTracker(opt, **options) for option, options in TRACKER_OPTIONS.items()}
     _train(model, opt)
     local_rows = [p.to_local().shape[0] if p.dim() else 1 for p in model.parameters()]
-    return {"compute": tracker.compute(), "local_rows": local_rows, "attached": tracker.attached,
-            "shares": tracker.tensor_shares()}
+    return {"local_rows": local_rows, **{option: {"compute": t.compute(), "attached": t.attached,
+                                                    "shares": t.tensor_shares()} for option, t in trackers.items()}}
+
+
+_sharded_runs: dict[str, list[dict]] = {}
+
+
+def _sharded_run(tmp_path, case: str) -> list[dict]:
+    """The ranks' results of one sharded run of ``case`` (one spawn per case, shared by its options' tests)."""
+    if case not in _sharded_runs:
+        _sharded_runs.clear()
+        _sharded_runs[case] = _spawn(tmp_path, "train", case)
+    return _sharded_runs[case]
 
 
 def _train_resumed(rank: int) -> dict:
@@ -173,7 +185,8 @@ def _assert_same_on_every_rank(ranks: list[dict]) -> None:
 @pytest.mark.parametrize("option", list(TRACKER_OPTIONS))
 @pytest.mark.parametrize("case", list(CASES))
 def test_fsdp2_sharded_run_matches_the_unsharded_run(tmp_path, case, option):
-    ranks = _spawn(tmp_path, "train", case, option)
+    runs = _sharded_run(tmp_path, case)
+    ranks = [{"local_rows": run["local_rows"], **run[option]} for run in runs]
     assert all(r["attached"] for r in ranks)
     # really sharded, unevenly, with an empty shard
     assert ranks[0]["local_rows"] != ranks[1]["local_rows"] and 0 in ranks[1]["local_rows"], ranks
