@@ -9,8 +9,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import Tensor
 
-__all__ = ["agreed_violation", "switch_to_amsgrad"]
+__all__ = ["agreed_violation", "current_stepsizes", "switch_to_amsgrad"]
 
 
 def agreed_violation(detector: Any) -> bool:
@@ -40,3 +41,17 @@ def reason(slope: float, margin: float, patience: int) -> str:
     return (
         f"bias ratio C/A is not going to 0: log-log slope {slope:.3f} > -{margin} for {patience} samples in a row"
     )
+
+
+def current_stepsizes(optimizer: torch.optim.Optimizer, adapter: Any, group: dict[str, Any]) -> list[tuple[Any, Tensor]]:
+    """(parameter, signed η_t) for every parameter of ``group`` with optimizer state, read now through the adapter:
+    η_t where the coordinate is active, −η_t where it is not (the sign convention of :mod:`lightning_adamtype.row`)."""
+    with_state = [p for p in group["params"] if optimizer.state.get(p)]
+    if not with_state:
+        return []
+    states = [optimizer.state[p] for p in with_state]
+    etas = adapter.effective_stepsizes(group, states)
+    activity_fn = getattr(adapter, "activity", None)
+    if callable(activity_fn):
+        etas = [torch.where(a > 0, e, -e) for a, e in zip(activity_fn(group, states), etas)]
+    return list(zip(with_state, etas))

@@ -31,14 +31,11 @@ from .options import TrackerOptions
 from .parameter_memory import ParameterMemory
 from .row import ACCUMULATOR_KEYS, add_step
 from .summary import TOP_K, VerdictWatch, summary_text, top_shares
-from .switch import agreed_violation, reason as switch_reason, switch_to_amsgrad
-from .trend import TrendDetector, TrendOptions
+from .switch import agreed_violation, current_stepsizes, reason as switch_reason, switch_to_amsgrad
+from .trend import TrendOptions
+from .verdicts import VERDICTS, update_verdicts
 
 __all__ = ["ACCUMULATOR_KEYS", "VERDICTS", "ConditionTracker", "group_names"]
-
-
-#: the two verdicts and the accumulated sum each compares with A: variance (B/A → 0) and bias (C/A → 0)
-VERDICTS = {"variance": "b", "bias": "c"}
 
 
 REPORT = (
@@ -455,25 +452,9 @@ class ConditionTracker:
 
     # ------------------------------------------------------------------ verdicts and the switch
     def _update_verdicts(self, state: GroupState) -> bool:
-        """Feed the detectors at their sample steps (host ints decide) with the windowed increment ratios
-        (:mod:`lightning_adamtype.increments`) on the optimizer's own step clock (so that a tracker attached at
-        step 300 reads, from step 600 on, the windows a tracker attached at step 1 reads); True when a sample was
+        """Feed the group's detectors (:func:`lightning_adamtype.verdicts.update_verdicts`); True when a sample was
         taken and the switch may act."""
-        acc = state.accumulators
-        assert acc is not None
-        clock = state.clock = state.clock_offset + self.observe_every * state.count
-        state.window.observe(clock, acc)
-        if not state.detectors:
-            state.detectors = {k: TrendDetector(self.trend_options, device=acc.device, dtype=acc.dtype) for k in VERDICTS}
-        sampled = False
-        for kind, key in VERDICTS.items():
-            detector = state.detectors[kind]
-            if clock >= detector.next_sample_step and clock > detector.last_step:
-                ratio = state.window.increment_ratio(clock, acc, ACCUMULATOR_KEYS.index(key), ACCUMULATOR_KEYS.index("a"))
-                if state.last_finite is not None:  # a non-finite step is an invalid sample, not a frozen ratio
-                    ratio = torch.where(state.last_finite, ratio, torch.full_like(ratio, float("nan")))
-                sampled |= detector.update(clock, ratio)
-        return sampled and self.switch_to_amsgrad
+        return update_verdicts(state, self.observe_every, self.trend_options) and self.switch_to_amsgrad
 
     def _maybe_switch(self, state: GroupState, name: str) -> None:
         if name in self.switched or state.group is None:
@@ -499,16 +480,8 @@ class ConditionTracker:
 
     def _seed_stored_stepsizes(self, group: dict[str, Any]) -> None:
         """After a switch in recomputed mode the group stores η_{t−1} (a running max cannot be undone): η_t now."""
-        assert self.adapter is not None
-        with_state = [p for p in group["params"] if self.optimizer.state.get(p)]
-        if with_state:
-            states = [self.optimizer.state[p] for p in with_state]
-            etas = self.adapter.effective_stepsizes(group, states)
-            activity_fn = getattr(self.adapter, "activity", None)
-            if callable(activity_fn):  # kept as −η where inactive (lightning_adamtype.row)
-                etas = [torch.where(a > 0, e, -e) for a, e in zip(activity_fn(group, states), etas)]
-            for p, eta in zip(with_state, etas):
-                self.memory.store(p, eta)
+        for p, eta in current_stepsizes(self.optimizer, self.adapter, group):
+            self.memory.store(p, eta)
 
     # ------------------------------------------------------------------ reading
     def group_names(self) -> list[str]:
