@@ -233,3 +233,69 @@ def test_checkpoint_between_plan_steps_resumes_with_the_same_numbers(kernel):
     got, expected = resumed.compute()["Adam/pg0"], tracker.compute()["Adam/pg0"]
     for key in KEYS:
         assert got[key] == pytest.approx(expected[key], rel=1e-9, abs=1e-15), key
+
+
+class _HostStepAdam(torch.optim.Optimizer):
+    """v ← β·v + (1 − β)·g², x ← x − lr·√(1 − β^t)·g/(√v + eps), with the step count t a Python int in the state."""
+
+    def __init__(self, params, lr=1e-2, beta=0.99, eps=1e-8):
+        super().__init__(params, dict(lr=lr, beta=beta, eps=eps))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"], state["v"] = 0, torch.zeros_like(p)
+                state["step"] += 1
+                state["v"].mul_(group["beta"]).addcmul_(p.grad, p.grad, value=1 - group["beta"])
+                scale = group["lr"] * (1 - group["beta"] ** state["step"]) ** 0.5
+                p.addcdiv_(p.grad, state["v"].sqrt().add_(group["eps"]), value=-scale)
+
+
+class _HostStepAdapter:
+    """η = s / (√v + e), s = lr·√(1 − β^t), e = eps: (s, e) depend on the state only through t."""
+
+    scalars_by_step = True
+
+    def sqrt_form(self, group, states):
+        pairs = [(group["lr"] * (1 - group["beta"] ** max(float(s["step"]), 1.0)) ** 0.5, group["eps"]) for s in states]
+        return [s["v"] for s in states], pairs
+
+    def effective_stepsizes(self, group, states):
+        vs, pairs = self.sqrt_form(group, states)
+        return [se[0] / (v.sqrt() + se[1]) for v, se in zip(vs, pairs)]
+
+    def coupled_weight_decay(self, group):
+        return 0.0
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_host_number_step_counts_are_read_afresh(kernel, monkeypatch):
+    """An optimizer whose step counts are Python ints (a new object every step): the plan reads them from the state
+    at each step and runs every step after the first, with the reference numbers."""
+    from lightning_adamtype import register_adapter, unregister_adapter
+
+    register_adapter(_HostStepAdam, _HostStepAdapter())
+    try:
+        counted = _Counted(monkeypatch)
+        trackers = {}
+        for name in (kernel, "foreach"):
+            model = _model()
+            opt = _HostStepAdam(model.parameters())
+            trackers[name] = ConditionTracker(opt, kernel=name)
+            gen = torch.Generator().manual_seed(1)
+            for _ in range(STEPS):
+                x, y = torch.randn(8, 6, generator=gen), torch.randn(8, 3, generator=gen)
+                opt.zero_grad(set_to_none=True)
+                nn.functional.mse_loss(model(x), y).backward()
+                opt.step()
+        assert (counted.taken, counted.declined) == (STEPS - 1, 0)
+        got, expected = (trackers[k].compute()["_HostStepAdam/pg0"] for k in (kernel, "foreach"))
+        for key in KEYS:
+            assert got[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-12), key
+    finally:
+        unregister_adapter(_HostStepAdam)

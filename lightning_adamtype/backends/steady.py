@@ -211,14 +211,16 @@ class SteadyPlan:
             return False
         if list(map(Tensor.data_ptr, map(operator.itemgetter(self.v_key), self.states))) != self.v_ptrs:
             return False
-        return _same(list(map(_step, self.states)), self.steps)
+        # (host-number counters are read afresh each step; tensor counters through their cells, so they must be the same)
+        return self.step_cells is None or _same(list(map(_step, self.states)), self.steps)
 
     def _table(self, group: dict[str, Any]) -> list[float] | None:
         """The (s, e) table of this step's counts, flat ([s_0, e_0, s_1, ...]); None when the form no longer
         applies."""
         if self.adapter.coupled_weight_decay(group) != 0.0:
             return None
-        values = list(map(_value, self.step_cells)) if self.step_cells is not None else list(map(float, self.steps))
+        cells = self.step_cells
+        values = list(map(_value, cells)) if cells is not None else list(map(float, map(_step, self.states)))
         n = len(values)
         if values.count(values[0]) == n:  # the common case: one step count in the group
             vs, pairs = self.adapter.sqrt_form(group, self.states[:1])
