@@ -64,7 +64,10 @@ class _NativeCall:
         if values is None or values.dtype != torch.float64 or not values.is_contiguous() or values.device.type != "cpu":
             raise ValueError("the shares are not a contiguous float64 CPU table")
         n = len(vs)
-        self.launch = launch
+        self.launch, self.shares = launch, shares
+        # the C call writes through these addresses: the call holds what they belong to (memory that stays valid),
+        # and a shares table replaced since (a realignment) declines the step
+        self._held = (eta, accumulators, values)
         self._g_ptrs = (ctypes.c_int64 * n)()
         self._v_ptrs = (ctypes.c_int64 * n)(*map(Tensor.data_ptr, vs))
         table = launch.scalar_table([(0.0, 0.0)] * n)  # the launch's host table (float32 [n, 2]), written each step
@@ -72,7 +75,9 @@ class _NativeCall:
         self._args = launch.arguments(STORED, coordinates, self._v_ptrs, self._g_ptrs, eta, table, 1.0, 0.0,
                                       accumulators.data_ptr(), float(weight), values.data_ptr())
 
-    def step(self, grads: list[Tensor], table: list[float]) -> Tensor:
+    def step(self, grads: list[Tensor], table: list[float]) -> Tensor | None:
+        if self.shares.values is not self._held[2]:
+            return None
         self._g_ptrs[:] = list(map(Tensor.data_ptr, grads))
         self._table[:] = table
         args = self._args
@@ -90,7 +95,7 @@ class _TritonCall:
         self.launch, self.vs, self.eta, self.shares, self.keys = launch, vs, eta, shares, keys
         self.accumulate, self.weight, self.coordinates = (accumulators, float(weight)), float(weight), coordinates
 
-    def step(self, grads: list[Tensor], table: list[float]) -> Tensor:
+    def step(self, grads: list[Tensor], table: list[float]) -> Tensor | None:
         launch = self.launch
         device_table = to_device(table, torch.float32, launch.device).view(-1, 2)
         launch.terms(self.vs, grads, self.eta, device_table, STORED, accumulate=self.accumulate,
@@ -183,7 +188,8 @@ class SteadyPlan:
         if table is None:
             return None
         finite = self.call.step(grads, table)
-        self.last = observation
+        if finite is not None:
+            self.last = observation
         return finite
 
     def _gradients(self, group: dict[str, Any]) -> list[Tensor] | None:
