@@ -192,13 +192,17 @@ def test_unknown_is_its_own_state_and_says_what_it_needs():
     assert "bias condition (C/A → 0): unknown" in text and "more steps" in text
 
 
+def _tracked_adam(steps: int):
+    """(parameter, Adam, its tracker, the index stream of ``steps`` steps) of the paper's problem, seed 0."""
+    param = dp.make_param()
+    opt, _ = dp.make_optimizer("adam", param)
+    return param, opt, ConditionTracker(opt), dp.draw_indices(steps, 0)
+
+
 def test_a_resumed_tracker_does_not_announce_a_turn_again():
     """The verdicts last read are part of state_dict(): a tracker resumed after the warning does not warn again for
     the same turn, and still warns for one it has not read."""
-    param = dp.make_param()
-    opt, _ = dp.make_optimizer("adam", param)
-    tracker = ConditionTracker(opt)
-    indices = dp.draw_indices(1200, 0)
+    param, opt, tracker, indices = _tracked_adam(1200)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         dp.train(param, opt, indices[:1000])
@@ -217,10 +221,7 @@ def test_a_resumed_tracker_does_not_announce_a_turn_again():
 
 
 def test_turning_to_violation_warns_once_with_advice():
-    param = dp.make_param()
-    opt, _ = dp.make_optimizer("adam", param)
-    tracker = ConditionTracker(opt)
-    indices = dp.draw_indices(2000, 0)
+    param, opt, tracker, indices = _tracked_adam(2000)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         dp.train(param, opt, indices[:300])
