@@ -161,25 +161,25 @@ class AdafactorAdapter(StepGradients):
             return (row @ col).div_(row.mean(dim=-2, keepdim=True).clamp_(min=eps1)).to(work_dtype(row))
         return state["variance"].to(work_dtype(state["variance"]), copy=True)
 
-    def _scale(self, group: dict[str, Any], state: dict[str, Any], grad: Tensor, inverse_root: Tensor) -> float:
-        """α_t/d_t: d_t from U = g·inverse_root, α_t from RMS(x_t) rebuilt from x_{t+1} (float64)."""
+    def _scale(self, group: dict[str, Any], state: dict[str, Any], grad: Tensor, inverse_root: Tensor) -> Tensor:
+        """α_t/d_t as a 0-dim float64 tensor on the parameter's device (no host read): d_t = max(1, RMS(U)/d) with
+        U = g·inverse_root, α_t = ρ_t·max(ε2, RMS(x_t)), RMS(x_t) = r/√n from x_t = x_{t+1}/k + (c/k)·U, i.e. the
+        positive root r of (k² − c²ΣU²)·r² − 2c(x_{t+1}·U)·r − Σx_{t+1}² = 0 (c = ρ_t/(√n·d_t), k = 1 − lr·λ);
+        ρ_t·ε2/d_t where that root is not positive or below ε2."""
         lr = float(group["lr"])
-        t = float(state["step"])
+        t = float(step_value(state))
         rho = min(lr, 1 / (t**0.5))
         sign = -1.0 if group.get("maximize", False) else 1.0
         update = inverse_root.double() * grad.double() * sign
-        n = max(update.numel(), 1)
-        denom = max(1.0, float(update.norm()) / (math.sqrt(n) * float(group["d"])))
+        root_n = math.sqrt(max(update.numel(), 1))
+        denom = (update.norm() / (root_n * float(group["d"]))).clamp_min(1.0)
         eps2, k = float(group["eps"][1]), 1.0 - lr * float(group.get("weight_decay", 0.0))
         x_next = self._param_of(state, "Adafactor", "its relative step size").detach().double()
-        c = rho / (math.sqrt(n) * denom)
-        quad = k * k - c * c * float(update.square().sum())
-        dot, norm2 = float((x_next * update).sum()), float(x_next.square().sum())
-        if quad > 0:
-            r = (c * dot + math.sqrt(max(c * c * dot * dot + quad * norm2, 0.0))) / quad
-            if r / math.sqrt(n) >= eps2:
-                return rho * r / math.sqrt(n) / denom
-        return rho * eps2 / denom
+        c = rho / (root_n * denom)
+        quad = k * k - c * c * update.square().sum()
+        dot, norm2 = (x_next * update).sum(), x_next.square().sum()
+        rms = (c * dot + (c * c * dot * dot + quad * norm2).clamp_min(0.0).sqrt()) / quad / root_n
+        return torch.where((quad > 0) & (rms >= eps2), rho * rms / denom, rho * eps2 / denom)
 
     def activity(self, group: dict[str, Any], states: Sequence[dict[str, Any]]) -> list[Tensor]:
         """V̂_t (unclamped): > 0 where the coordinate's row and column (or itself, 1-D) have had a gradient."""
