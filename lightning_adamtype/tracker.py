@@ -377,7 +377,13 @@ class ConditionTracker:
     def _steady_step(self, state: GroupState) -> bool:
         """The group's step through its :class:`SteadyPlan` (nothing it checks changed since the last step); False
         when the plan no longer applies (nothing was computed)."""
-        finite = state.cache["steady"].run(state.group, self.optimizer.state, self.observations)
+        try:
+            finite = state.cache["steady"].run(state.group, self.optimizer.state, self.observations)
+        except Exception as error:  # as a backend that fails: not used again, the general path takes the step
+            self._failed_backends.add(state.backend)
+            self._warn_once(f"{state.backend}-failed", f"the {state.backend} backend failed ({type(error).__name__}: "
+                            f"{error}); the foreach backend runs instead")
+            return False
         if finite is None:
             return False
         assert state.kept is not None

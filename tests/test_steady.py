@@ -299,3 +299,35 @@ def test_host_number_step_counts_are_read_afresh(kernel, monkeypatch):
             assert got[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-12), key
     finally:
         unregister_adapter(_HostStepAdam)
+
+
+def test_a_plan_whose_call_fails_hands_the_step_to_the_general_path(monkeypatch):
+    """An error inside the plan's launch (here the C call raising from the third step on) is a backend failure: one
+    warning, the native backend is not used again, the foreach backend takes that step and the next ones with the
+    kept η_{t−1}, and the numbers are the foreach tracker's; training is untouched."""
+    from lightning_adamtype.backends import native
+
+    if backend("native").unavailable(CPU) is not None:
+        pytest.skip(backend("native").unavailable(CPU))
+    original, calls = native.GroupLaunch.call, []
+
+    def failing(launch, *args):
+        calls.append(1)
+        if len(calls) >= 3:
+            raise OSError("simulated failure of the C call")
+        original(launch, *args)
+
+    monkeypatch.setattr(native.GroupLaunch, "call", failing)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tracked, params_tracked = _train("native")
+    monkeypatch.setattr(native.GroupLaunch, "call", original)
+    reference, params_reference = _train("foreach")
+    ours = [str(w.message) for w in caught if "lightning_adamtype" in str(w.message)]
+    assert len(ours) == 1 and "the native backend failed (OSError: simulated failure" in ours[0], ours
+    assert len(calls) == 3  # never called again after the failure
+    assert tracked.backends() == {"Adam/pg0": "foreach"}
+    assert all(torch.equal(a, b) for a, b in zip(params_tracked, params_reference))
+    _assert_same_numbers(tracked, reference)
