@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .adapter_kit import to_device
+
 __all__ = ["combine", "combine_shares", "is_dtensor", "local_view", "shard_group"]
 
 
@@ -72,9 +74,13 @@ def combine_shares(per_tensor: Tensor | None, positions: list[int], total: int, 
     the parameters at ``positions``) in place, zeros elsewhere (``per_tensor`` None: this rank holds nothing or its
     backend gave no shares), then one all-reduce. Every share is a sum over coordinates, so the sum over shards
     is the parameter's share of the unsharded step."""
-    table = torch.zeros(total, 4, dtype=dtype, device=device)
-    if per_tensor is not None and positions:
-        table[torch.tensor(positions, device=device)] = per_tensor.to(device=device, dtype=dtype)
+    rows = per_tensor.to(device=device, dtype=dtype) if per_tensor is not None and positions else None
+    if rows is not None and len(positions) == total:  # this rank holds a piece of every parameter (the usual case)
+        table = rows.clone()
+    else:
+        table = torch.zeros(total, 4, dtype=dtype, device=device)
+        if rows is not None:  # (the index is copied from pinned memory without waiting: no host synchronisation)
+            table.index_copy_(0, to_device(positions, torch.int64, device), rows)
     if group is not None:
         torch.distributed.all_reduce(table, op=torch.distributed.ReduceOp.SUM, group=group)
     return table
