@@ -26,6 +26,8 @@ import numpy as np
 import pytest
 import torch
 
+from example_modules import load_example  # noqa: E402
+
 pytest.importorskip("pytorch_lightning")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
@@ -53,10 +55,7 @@ def _needs_torchvision():
 
 
 def _load_example():
-    spec = importlib.util.spec_from_file_location("cifar10_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example(EXAMPLE, "cifar10_example")
 
 
 # ------------------------------------------------------------------ CIFAR-10's on-disk format

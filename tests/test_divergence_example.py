@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+
+from example_modules import example_module  # noqa: E402
 
 pytest.importorskip("pytorch_lightning")
 pytest.importorskip("matplotlib")
@@ -32,12 +32,8 @@ INV_SQRT_RUNS = ("variance_amsgrad_inv_sqrt", "variance_adagrad_inv_sqrt")
 
 @pytest.fixture(scope="module")
 def divergence():
-    spec = importlib.util.spec_from_file_location("divergence_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    with example_module(EXAMPLE, "divergence_example") as module:
+        yield module
 
 
 @pytest.fixture(scope="module")

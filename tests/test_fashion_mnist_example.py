@@ -8,16 +8,16 @@ both layouts the example accepts (``DIR/FashionMNIST/raw/`` and ``DIR`` itself),
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import logging
 import math
 import struct
-import sys
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+
+from example_modules import example_module  # noqa: E402
 
 pytest.importorskip("pytorch_lightning")
 pytest.importorskip("matplotlib")
@@ -31,12 +31,8 @@ LABELS = ("Adam", "AMSGrad", "Adam + switch")
 
 @pytest.fixture(scope="module")
 def fm():
-    spec = importlib.util.spec_from_file_location("fashion_mnist_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    with example_module(EXAMPLE, "fashion_mnist_example") as module:
+        yield module
 
 
 def idx_images(images: torch.Tensor) -> bytes:

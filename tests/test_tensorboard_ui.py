@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -28,6 +27,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from lightning_adamtype import AdamTypeMonitor  # noqa: E402
 from lightning_adamtype.tensorboard_layout import custom_scalars_layout, stepsize_histograms  # noqa: E402
 from reference import eta_adam  # noqa: E402
+from example_modules import load_example  # noqa: E402
 from tiny_lightning import Tiny  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -163,9 +163,7 @@ def _get(port: int, path: str, **params):
 @pytest.fixture(scope="module")
 def example_logs(tmp_path_factory):
     """A short synthetic run of examples/cifar10.py (no torchvision needed)."""
-    spec = importlib.util.spec_from_file_location("cifar10_example_ui", EXAMPLE)
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    example = load_example(EXAMPLE, "cifar10_example_ui")
     logdir = tmp_path_factory.mktemp("tb_logs")
     example.main(
         ["--synthetic", "--synthetic-size", "128", "--arch", "resnet8", "--width", "0.25", "--batch-size", "16",
