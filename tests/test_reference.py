@@ -26,6 +26,7 @@ try:  # tests/ as a package or as plain sibling modules
 except ImportError:
     from reference import Reference, f64, radam_rectified
 
+from tiny_optimizers import TinyRMS  # noqa: E402
 from runs import (  # noqa: E402
     CONFIG_IDS, CONFIGS, STEPS, A, AW, assert_matches, assert_same, make_run, train,
 )
@@ -173,25 +174,6 @@ def test_unsupported_optimizer_warns_once_and_trains():
     assert "LBFGS" in message and "register_adapter" in message
     assert not torch.equal(p.detach(), before)  # training went on
     assert tracker.compute() == {}
-
-
-class TinyRMS(torch.optim.Optimizer):
-    """v ← βv + (1 − β)g², x ← x − lr·g/(sqrt(v) + eps): a minimal optimizer not known to the package."""
-
-    def __init__(self, params, lr=1e-2, beta=0.9, eps=1e-8):
-        super().__init__(params, dict(lr=lr, beta=beta, eps=eps))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["v"] = torch.zeros_like(p)
-                state["v"].mul_(group["beta"]).addcmul_(p.grad, p.grad, value=1 - group["beta"])
-                p.addcdiv_(p.grad, state["v"].sqrt().add_(group["eps"]), value=-group["lr"])
 
 
 class TinyRMSAdapter:

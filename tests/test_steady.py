@@ -21,6 +21,7 @@ from torch import nn
 from lightning_adamtype import ConditionTracker
 from lightning_adamtype.backends import backend
 from lightning_adamtype.backends.steady import SteadyPlan
+from tiny_optimizers import TinyRMS  # noqa: E402
 
 CPU = torch.device("cpu")
 #: the one-pass backends that run here: native (the C library), triton (Triton's interpreter, without CUDA)
@@ -235,25 +236,11 @@ def test_checkpoint_between_plan_steps_resumes_with_the_same_numbers(kernel):
         assert got[key] == pytest.approx(expected[key], rel=1e-9, abs=1e-15), key
 
 
-class _HostStepAdam(torch.optim.Optimizer):
-    """v ← β·v + (1 − β)·g², x ← x − lr·√(1 − β^t)·g/(√v + eps), with the step count t a Python int in the state."""
+class _HostStepAdam(TinyRMS):
+    """TinyRMS with α_t = lr·√(1 − β^t): (s, e) depend on its int step count (its own class: its own adapter)."""
 
-    def __init__(self, params, lr=1e-2, beta=0.99, eps=1e-8):
-        super().__init__(params, dict(lr=lr, beta=beta, eps=eps))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["step"], state["v"] = 0, torch.zeros_like(p)
-                state["step"] += 1
-                state["v"].mul_(group["beta"]).addcmul_(p.grad, p.grad, value=1 - group["beta"])
-                scale = group["lr"] * (1 - group["beta"] ** state["step"]) ** 0.5
-                p.addcdiv_(p.grad, state["v"].sqrt().add_(group["eps"]), value=-scale)
+    def __init__(self, params):
+        super().__init__(params, beta=0.99, corrected=True)
 
 
 class _HostStepAdapter:
