@@ -371,7 +371,10 @@ class ConditionTracker:
             state.clock_offset = self._optimizer_step(step.states) - self.observe_every
         state.count += 1
         if result.terms is None and result.etas is not None and shards is None and self.observe_every == 1:
-            self._plan_steady(state, step, keys)
+            try:
+                self._plan_steady(state, step, keys)
+            except Exception:  # a plan only saves host time: without one the general path keeps running the group
+                state.cache.pop("steady", None)
         return True
 
     def _steady_step(self, state: GroupState) -> bool:

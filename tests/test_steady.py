@@ -318,3 +318,24 @@ def test_a_plan_whose_call_fails_hands_the_step_to_the_general_path(monkeypatch)
     assert tracked.backends() == {"Adam/pg0": "foreach"}
     assert all(torch.equal(a, b) for a, b in zip(params_tracked, params_reference))
     _assert_same_numbers(tracked, reference)
+
+
+def test_a_plan_that_cannot_be_built_costs_nothing_but_time(monkeypatch):
+    """An error while building a plan (here SteadyPlan.build raising) leaves the group on the general path: no
+    warning, the group measured every step with the reference numbers."""
+    if backend("native").unavailable(CPU) is not None:
+        pytest.skip(backend("native").unavailable(CPU))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated failure while building a plan")
+
+    monkeypatch.setattr(SteadyPlan, "build", broken)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tracked, _ = _train("native")
+    assert not [str(w.message) for w in caught if "lightning_adamtype" in str(w.message)]
+    assert tracked.backends() == {"Adam/pg0": "native"}
+    reference, _ = _train("foreach")
+    _assert_same_numbers(tracked, reference)
