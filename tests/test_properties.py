@@ -225,10 +225,13 @@ class EtaRecorder:
         eta = self.fn(group, state, p)
         gi = next(i for i, g in enumerate(self.optimizer.param_groups) if g is group)
         wd = self.wd_fn(group)
-        if wd != 0.0:
+        # SGD's multi-tensor Nesterov step adds μ·buf into p.grad; the tracker takes it back out, g = p.grad − μ·buf
+        nesterov = float(group.get("momentum", 0.0)) if group.get("nesterov", False) else 0.0
+        if wd != 0.0 or nesterov:
             x, grad = self.snapshot[id(p)]
             g = (-grad if group.get("maximize", False) else grad) + wd * x
-            delta = 2.0 * UNIT_ROUNDOFF[p.dtype] * (grad.abs() + wd * x.abs())
+            buf = f64(state["momentum_buffer"]).abs() if nesterov and "momentum_buffer" in state else 0.0
+            delta = 2.0 * UNIT_ROUNDOFF[p.dtype] * (grad.abs() + wd * x.abs() + nesterov * buf)
             slack = (eta * eta * (2.0 * g.abs() * delta + delta * delta)).sum().item()
             self.b_slack[gi] = self.b_slack.get(gi, 0.0) + slack
         kappa = torch.ones_like(eta)
@@ -312,8 +315,8 @@ def tolerances(key: str, expected: dict, rec: EtaRecorder, gi: int, dtype: torch
     rtol: as in the brief (1e-4 for a and b, 1e-3 for c and c2); for centered RMSprop, where η carries the
     state's cancellation error κ·ε (see EtaRecorder), b may be off by 2κε relative, so rtol_b ≥ 3κε.
 
-    atol, for b: the rounding of g = ±∇ + λx in the parameters' dtype (EtaRecorder.b_slack; 0 without coupled
-    weight decay). For c and c2 (oscillation terms are differences, so their error is not relative to
+    atol, for b: the rounding of g = ±∇ + λx in the parameters' dtype, and of g = (∇ + μ·buf) − μ·buf for SGD's
+    Nesterov step (EtaRecorder.b_slack; 0 without either: a zero gradient rebuilt that way is a rounding, not 0). For c and c2 (oscillation terms are differences, so their error is not relative to
     themselves): each η the tracker computes is off by at most ε·κ·η (ε = ETA_REL_ERR), so each
     |η_t − η_{t−1}| is off by at most ε(κη_t + κη_{t−1}) and C by at most 2ε·Σ_t Σ_j κη_{t,j};
     C2 = Σ d² by at most Σ δ(2|d| + δ) ≤ 2ε·max κη·(2C + slack_C). These bounds are tiny next to C whenever η
