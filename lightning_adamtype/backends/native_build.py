@@ -1,53 +1,23 @@
 """Build and load the native CPU kernel's shared library safely: compile once per machine, trust only our own files.
 
-The C source (:data:`SOURCE`: the kernel of the former ``native_kernels._SOURCE``, its float32 sums now taken
-over blocks of 64 or 256 coordinates, plus ``int adamtype_abi_version(void)``) is compiled at run time with the
-system's C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``) and loaded with :mod:`ctypes`. Loading a shared
-library runs its code, so the loader follows one rule:
-
-    **a cached or compiled artefact is used only when the current user owns it and nobody else can write it.**
-
-- The cache root is ``$LIGHTNING_ADAMTYPE_CACHE`` or ``~/.cache/lightning_adamtype`` (symbolic links in the path
-  are resolved first). Missing folders are created with mode 0700 (chmod'ed again, as the umask may be 000). The
-  library is ``adamtype_native_<key>.so`` in the root, the key a hash of the source, the flags, the compiler's path
-  and the CPU's feature flags.
-- Before anything is read from the cache, the root must be a real folder owned by ``os.geteuid()`` and not writable
-  by group or others (``mode & 0o022 == 0``), and the file (seen with :func:`os.lstat`: a symbolic link is refused)
-  a regular file passing the same test. The folders above the root are not checked: whoever can replace the root
-  (the owner of its parent, or root) can replace the library anyway.
-- Where the cache is refused (or cannot be written), nothing is loaded from it: the library is built into a fresh
-  private folder (:func:`tempfile.mkdtemp`, mode 0700, created by this process, so no one else could have put a file
-  there), loaded, and the folder removed (the loaded mapping stays valid). Nothing is printed; :func:`build_info`
-  says why the cache was not used.
-- Files are written atomically: compiled into a temporary folder beside the destination, chmod'ed 0700, then
-  :func:`os.replace`'d, so a concurrent process sees either no file or a whole one.
-- After :class:`ctypes.CDLL` loads a file, ``adamtype_abi_version()`` must exist and return :data:`ABI_VERSION`
-  before anything else is called. A foreign library (no such symbol), a corrupt file (``CDLL`` raises) or a wrong
-  version is never called: the cached file is removed and the library rebuilt once into a fresh private folder.
-- Each compiler run is bounded by :data:`COMPILE_TIMEOUT_S` seconds (``$LIGHTNING_ADAMTYPE_COMPILE_TIMEOUT``), its
-  whole process group killed at the limit; a timeout stops the search through the optional flag sets. A build
-  that fails (a timeout, or an error on every flag set) is remembered in ``adamtype_native_<key>.failed`` in a
-  trusted cache root, and later processes (reading the marker only if it passes the same test) do not run the
-  compiler again until it is deleted. Not finding a compiler costs no compiler run, so it is not remembered.
-- ``LIGHTNING_ADAMTYPE_NATIVE=0`` disables the library.
-
-Without ``os.geteuid`` (Windows) the cache is never trusted and each process builds privately.
+The C source (:data:`SOURCE`: the kernel, its float32 sums taken over blocks of 64 or 256 coordinates, plus ``int
+adamtype_abi_version(void)``) is compiled at run time with the system's C compiler (``$CC``, else ``cc``, ``gcc``
+or ``clang``) and loaded with :mod:`ctypes`, by the rules of :mod:`.trusted_build` (a cached or compiled artefact
+is used only when the current user owns it and nobody else can write it; the compiler bounded by
+:data:`COMPILE_TIMEOUT_S` seconds and a failure remembered). The library is ``adamtype_native_<key>.so`` in the
+cache root, the key a hash of the source, the flags, the compiler's path and the CPU's feature flags. After
+:class:`ctypes.CDLL` loads a file, ``adamtype_abi_version()`` must exist and return :data:`ABI_VERSION` before
+anything else is called. ``LIGHTNING_ADAMTYPE_NATIVE=0`` disables the library.
 """
 
 from __future__ import annotations
 
 import ctypes
-import functools
-import hashlib
 import os
 import platform
-import shutil
-import signal
-import stat
-import subprocess
-import tempfile
-import threading
-from dataclasses import dataclass
+
+from . import trusted_build
+from .trusted_build import BuildInfo
 
 __all__ = [
     "ABI_VERSION",
@@ -262,178 +232,28 @@ _ABI_SOURCE = """
 int adamtype_abi_version(void) { return %d; }
 """
 
-#: the C source compiled: the kernel (the former ``native_kernels._SOURCE``, summing in blocks) and the ABI version
+#: the C source compiled: the kernel and the ABI version
 SOURCE = _KERNEL_SOURCE + _ABI_SOURCE % ABI_VERSION
 
-_FLAGS = ["-O3", "-fPIC", "-shared", "-fno-math-errno", "-ffp-contract=off"]
+_FLAGS = ("-O3", "-fPIC", "-shared", "-fno-math-errno", "-ffp-contract=off")
 #: the optional flags, tried in this order until one set compiles (a timeout ends the search): a compiler without
 #: OpenMP builds the single-threaded loop, one without ``-march=native`` the generic vector code
-_OPTIONAL_FLAGS: tuple[list[str], ...] = (["-march=native", "-fopenmp"], ["-march=native"], ["-fopenmp"], [])
+_OPTIONAL_FLAGS: tuple[tuple[str, ...], ...] = (("-march=native", "-fopenmp"), ("-march=native",), ("-fopenmp",), ())
+
+#: the library cannot be used (the message: one line saying why and what to do)
+NativeUnavailable = trusted_build.Unavailable
 
 
-class NativeUnavailable(RuntimeError):
-    """The native library cannot be used; the message is one line saying why and what to do."""
-
-
-@dataclass(frozen=True)
-class BuildInfo:
-    """What the latest attempt of this process did (see :func:`build_info`)."""
-
-    #: the library loaded ('' when none); a private build's folder is removed once the library is loaded
-    path: str = ""
-    #: whether it was loaded from the cache without running the compiler
-    from_cache: bool = False
-    #: why the cache was not used, or what was wrong with it ('' when nothing was)
-    cache_note: str = ""
-    #: why the library is unavailable ('' when it loaded)
-    reason: str = ""
-
-
-class _BuildError(Exception):
-    """The compiler could not build the library (``reason``: one line)."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-def _one_line(text: str, limit: int = 300) -> str:
-    return " ".join(text.split())[:limit]
-
-
-def _compiler() -> str | None:
-    """The compiler's path: ``$CC``, else the first of cc, gcc, clang on ``PATH`` (None when there is none)."""
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
-
-
-def _cpu_key() -> str:
+def _cpu_key() -> tuple[str, ...]:
     """What ``-march=native`` depends on: the CPU's feature flags (one build per kind of CPU sharing a cache)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith(("flags", "Features")):
-                    return line
+                    return line, platform.machine()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
-
-
-def _name(compiler: str) -> str:
-    """``adamtype_native_<key>``: the key hashes the source, the flags, the compiler's path and the CPU."""
-    flags = [*_FLAGS, *(flag for optional in _OPTIONAL_FLAGS for flag in optional)]
-    key = hashlib.sha256("\0".join([SOURCE, *flags, compiler, _cpu_key(), platform.machine()]).encode()).hexdigest()
-    return f"adamtype_native_{key[:16]}"
-
-
-def _timeout() -> float:
-    """Seconds per compiler run: ``$LIGHTNING_ADAMTYPE_COMPILE_TIMEOUT`` when a positive number, else the default."""
-    try:
-        value = float(os.environ.get("LIGHTNING_ADAMTYPE_COMPILE_TIMEOUT", COMPILE_TIMEOUT_S))
-    except ValueError:
-        return float(COMPILE_TIMEOUT_S)
-    return value if value > 0 else float(COMPILE_TIMEOUT_S)
-
-
-def _uid() -> int | None:
-    return os.geteuid() if hasattr(os, "geteuid") else None
-
-
-def _untrusted(path: str, folder: bool) -> str:
-    """Why ``path`` (not followed if a link) may not be trusted: '' when it is a folder (``folder``) or regular
-    file owned by the effective user that neither group nor others can write."""
-    try:
-        info = os.lstat(path)
-    except OSError as error:
-        return f"{path} cannot be examined ({error.strerror})"
-    kind_ok = stat.S_ISDIR(info.st_mode) if folder else stat.S_ISREG(info.st_mode)
-    if not kind_ok:
-        return f"{path} is not a {'folder' if folder else 'regular file'}"
-    if _uid() is None:
-        return "file ownership cannot be checked on this system"
-    if info.st_uid != _uid():
-        return f"{path} is owned by uid {info.st_uid}, not by this user (uid {_uid()})"
-    if info.st_mode & 0o022:
-        return f"{path} is writable by group or others (mode {stat.S_IMODE(info.st_mode):o}; chmod go-w it)"
-    return ""
-
-
-def _cache_root() -> str:
-    """``$LIGHTNING_ADAMTYPE_CACHE`` or ``~/.cache/lightning_adamtype``, links resolved."""
-    default = os.path.join(os.path.expanduser("~"), ".cache", "lightning_adamtype")
-    root = os.environ.get("LIGHTNING_ADAMTYPE_CACHE") or default
-    return os.path.realpath(root)
-
-
-def _prepare_root(root: str) -> str:
-    """Create the missing folders of ``root`` with mode 0700; '' when ``root`` may then be trusted, else why not."""
-    missing = []
-    folder = root
-    while not os.path.lexists(folder) and os.path.dirname(folder) != folder:
-        missing.append(folder)
-        folder = os.path.dirname(folder)
-    for folder in reversed(missing):
-        try:
-            os.mkdir(folder, 0o700)
-        except FileExistsError:  # made by a concurrent process: the check below decides
-            continue
-        except OSError as error:
-            return f"the cache folder {root} cannot be created ({error.strerror})"
-        os.chmod(folder, 0o700)  # the umask may have cleared bits only, but be sure of the mode
-    return _untrusted(root, folder=True)
-
-
-def _run(command: list[str], timeout: float) -> tuple[int, str]:
-    """Run ``command`` in its own process group with no input; (exit status, output). At ``timeout`` seconds the
-    whole group (the compiler driver and what it started) is killed and :class:`_BuildError` raised."""
-    with tempfile.TemporaryFile() as output:
-        try:
-            process = subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        except OSError as error:
-            raise _BuildError(f"the C compiler {command[0]} cannot be run ({error.strerror})") from None
-        try:
-            code = process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(process.pid, signal.SIGKILL)
-            except (AttributeError, OSError):  # no process groups (Windows), or already gone
-                process.kill()
-            process.wait()
-            raise _BuildError(
-                f"the C compiler {command[0]} timed out after {timeout:g} s "
-                f"(set LIGHTNING_ADAMTYPE_COMPILE_TIMEOUT higher, or CC to another compiler)"
-            ) from None
-        output.seek(0)
-        return code, output.read().decode(errors="replace")
-
-
-def _compile(compiler: str, path: str) -> None:
-    """Compile :data:`SOURCE` into ``path`` atomically, with the first optional flag set that works (a timeout ends
-    the search). Raises :class:`_BuildError` for the compiler's failures, OSError for the folder's."""
-    build = tempfile.mkdtemp(prefix=".build-", dir=os.path.dirname(path))
-    try:
-        source = os.path.join(build, "adamtype_native.c")
-        with open(source, "w") as f:
-            f.write(SOURCE)
-        built = os.path.join(build, "adamtype_native.so")
-        timeout = _timeout()
-        for optional in _OPTIONAL_FLAGS:
-            code, output = _run([compiler, *_FLAGS, *optional, source, "-o", built, "-lm"], timeout)
-            if code == 0:
-                break
-        else:
-            raise _BuildError(
-                f"{os.path.basename(compiler)} failed with every flag set: {_one_line(output)} "
-                f"(fix the compiler or set CC to another)"
-            )
-        os.chmod(built, 0o700)
-        os.replace(built, path)
-    finally:
-        shutil.rmtree(build, ignore_errors=True)
+    return platform.processor() or platform.machine(), platform.machine()
 
 
 def _load(path: str) -> tuple[ctypes.CDLL | None, str]:
@@ -441,7 +261,7 @@ def _load(path: str) -> tuple[ctypes.CDLL | None, str]:
     try:
         library = ctypes.CDLL(path)
     except OSError as error:
-        return None, f"cannot be loaded ({_one_line(str(error))})"
+        return None, f"cannot be loaded ({trusted_build.one_line(str(error))})"
     try:
         version = library.adamtype_abi_version
         function = library.adamtype_group_terms
@@ -457,127 +277,26 @@ def _load(path: str) -> tuple[ctypes.CDLL | None, str]:
     return library, ""
 
 
-def _read_marker(marker: str) -> str | None:
-    """The reason an earlier build failed, from a trusted marker file (None when there is none to trust)."""
-    if not os.path.lexists(marker) or _untrusted(marker, folder=False):
-        return None
-    try:
-        with open(marker, errors="replace") as f:
-            return _one_line(f.read()) or "no reason recorded"
-    except OSError:
-        return None
-
-
-def _remember(marker: str, reason: str) -> None:
-    """Write ``reason`` into ``marker`` atomically (mode 0600); a folder that cannot be written is let be."""
-    try:
-        handle, temporary = tempfile.mkstemp(prefix=".failed-", dir=os.path.dirname(marker))
-        with os.fdopen(handle, "w") as f:
-            f.write(reason + "\n")
-        os.chmod(temporary, 0o600)
-        os.replace(temporary, marker)
-    except OSError:
-        pass
-
-
-def _build_private(compiler: str, name: str, note: str, marker: str | None = None) -> tuple[ctypes.CDLL, BuildInfo]:
-    """Build into a fresh private folder (removed once loaded) and load; a compiler failure is remembered in
-    ``marker`` when given (a trusted cache root's)."""
-    try:
-        folder = tempfile.mkdtemp(prefix=f"lightning_adamtype-{_uid() if _uid() is not None else 'user'}-")
-    except OSError as error:
-        raise NativeUnavailable(
-            f"no private folder can be made in {tempfile.gettempdir()} ({error.strerror}; {note}); "
-            f"set TMPDIR to a writable folder"
-        ) from None
-    try:
-        path = os.path.join(folder, name + ".so")
-        try:
-            _compile(compiler, path)
-        except _BuildError as error:
-            if marker is not None:
-                _remember(marker, error.reason)
-            raise NativeUnavailable(error.reason) from None
-        library, problem = _load(path)
-        if library is None:
-            raise NativeUnavailable(
-                f"the library just built at {path} {problem} (a broken compiler? set CC to another, "
-                f"or LIGHTNING_ADAMTYPE_NATIVE=0 to skip it)"
-            )
-        return library, BuildInfo(path=path, from_cache=False, cache_note=note)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-def _build_cached(compiler: str, root: str, name: str) -> tuple[ctypes.CDLL, BuildInfo]:
-    """Load ``name`` from the trusted ``root``, or build it there; see the module's docstring for what is refused."""
-    path, marker = os.path.join(root, name + ".so"), os.path.join(root, name + ".failed")
-    if os.path.lexists(path):
-        problem = _untrusted(path, folder=False)
-        if problem:  # left in place: someone should look at it
-            return _build_private(compiler, name, f"cache refused: {problem} (delete it)", marker)
-        library, problem = _load(path)
-        if library is not None:
-            return library, BuildInfo(path=path, from_cache=True)
-        try:
-            os.unlink(path)  # ours and broken: the next process builds it again here
-        except OSError:
-            pass
-        return _build_private(compiler, name, f"the cached {path} {problem}: removed and rebuilt", marker)
-    earlier = _read_marker(marker)
-    if earlier is not None:
-        raise NativeUnavailable(f"an earlier build on this machine failed: {earlier}; delete {marker} to retry")
-    try:
-        _compile(compiler, path)
-    except _BuildError as error:
-        _remember(marker, error.reason)
-        raise NativeUnavailable(error.reason) from None
-    except OSError as error:
-        return _build_private(compiler, name, f"the cache folder {root} cannot be written ({error.strerror})")
-    library, problem = _load(path)
-    if library is None:
-        return _build_private(compiler, name, f"the library just built at {path} {problem}", marker)
-    return library, BuildInfo(path=path, from_cache=False)
-
-
-def _build() -> tuple[ctypes.CDLL, BuildInfo]:
-    """The library and how it was obtained; raises :class:`NativeUnavailable`."""
+def _disabled() -> str:
     if os.environ.get("LIGHTNING_ADAMTYPE_NATIVE", "1") == "0":
-        raise NativeUnavailable("disabled by LIGHTNING_ADAMTYPE_NATIVE=0 (unset it to use the native kernel)")
-    compiler = _compiler()
-    if compiler is None:
-        raise NativeUnavailable("no C compiler found (install gcc or clang, or set CC to one)")
-    name = _name(compiler)
-    root = _cache_root()
-    problem = _prepare_root(root)
-    if problem:
-        return _build_private(compiler, name, f"cache refused: {problem}")
-    return _build_cached(compiler, root, name)
+        return "disabled by LIGHTNING_ADAMTYPE_NATIVE=0 (unset it to use the native kernel)"
+    return ""
 
 
-_lock = threading.Lock()
-
-
-@functools.lru_cache(maxsize=1)
-def _attempt() -> tuple[ctypes.CDLL | None, BuildInfo]:
-    """One attempt per process (until :func:`reset`); never raises."""
-    try:
-        return _build()
-    except NativeUnavailable as error:
-        return None, BuildInfo(reason=str(error))
-    except Exception as error:  # noqa: BLE001 - availability() must never raise
-        return None, BuildInfo(reason=f"unexpected {type(error).__name__}: {_one_line(str(error))} (please report it)")
-
-
-def _result() -> tuple[ctypes.CDLL | None, BuildInfo]:
-    with _lock:  # threads asking at once share one build
-        return _attempt()
+RECIPE = trusted_build.Recipe(
+    prefix="adamtype_native", source=SOURCE, source_name="adamtype_native.c",
+    compilers=lambda: (os.environ.get("CC"), "cc", "gcc", "clang"), language="C",
+    flags=_FLAGS, optional_flags=_OPTIONAL_FLAGS, libraries=("-lm",), key=_cpu_key, load=_load,
+    disabled=_disabled, skip_hint="set CC to another compiler, or LIGHTNING_ADAMTYPE_NATIVE=0 to skip it",
+    timeout_s=COMPILE_TIMEOUT_S,
+)
+_attempt = trusted_build.Attempt(RECIPE)
 
 
 def library() -> ctypes.CDLL:
     """The loaded library, ``adamtype_group_terms``'s argtypes and restype set (compiled or loaded from the cache at
     the first call of the process; later calls return the same object). Raises :class:`NativeUnavailable`."""
-    loaded, info = _result()
+    loaded, info = _attempt.result()
     if loaded is None:
         raise NativeUnavailable(info.reason)
     return loaded
@@ -585,18 +304,17 @@ def library() -> ctypes.CDLL:
 
 def availability() -> tuple[ctypes.CDLL | None, str]:
     """(library, '') when the library can be used, else (None, the one-line reason); never raises."""
-    loaded, info = _result()
+    loaded, info = _attempt.result()
     return loaded, info.reason
 
 
 def build_info() -> BuildInfo:
     """How this process's attempt went: the path loaded, whether from the cache, why the cache was not used, why
     the library is unavailable (makes the attempt if none was made; never raises)."""
-    return _result()[1]
+    return _attempt.result()[1]
 
 
 def reset() -> None:
     """Forget this process's attempt, so the next call looks again (for tests, or after changing the environment
     variables). A library already loaded stays loaded."""
-    with _lock:
-        _attempt.cache_clear()
+    _attempt.reset()
