@@ -19,17 +19,47 @@ import torch
 from torch import nn
 
 from lightning_adamtype import ConditionTracker
-from lightning_adamtype.backends import backend
+from lightning_adamtype.backends import backend, steady_checks
 from lightning_adamtype.backends.steady import SteadyPlan
 from tiny_optimizers import TinyRMS  # noqa: E402
 
 CPU = torch.device("cpu")
 #: the one-pass backends that run here: native (the C library), triton (Triton's interpreter, without CUDA)
+#: the plans tested: the native launch with the checks compiled (steady_checks) or in Python, and Triton's (which
+#: checks in Python)
+PLANS = ("native-compiled", "native-python", "triton")
 KERNELS = [
-    pytest.param(name, marks=pytest.mark.skipif(backend(name).unavailable(CPU) is not None,
-                                                reason=f"{name}: {backend(name).unavailable(CPU)}"))
-    for name in ("native", "triton")
+    pytest.param(plan, marks=pytest.mark.skipif(backend(plan.split("-")[0]).unavailable(CPU) is not None,
+                                                reason=f"{plan}: {backend(plan.split('-')[0]).unavailable(CPU)}"))
+    for plan in PLANS
 ]
+
+
+class _CountedChecks:
+    """The compiled extension, its gather calls counted."""
+
+    def __init__(self, module):
+        self.module, self.calls = module, 0
+
+    def gather(self, *args):
+        self.calls += 1
+        return self.module.gather(*args)
+
+    def fill_pairs(self, *args):
+        return self.module.fill_pairs(*args)
+
+
+def _kernel(plan: str, monkeypatch) -> tuple[str, _CountedChecks | None]:
+    """The kernel of ``plan``, its checks set up: compiled (waiting for the build, counted) or Python."""
+    if plan == "native-compiled":
+        module = steady_checks.wait(600)
+        if module is None:
+            pytest.skip(f"the compiled checks are unavailable: {steady_checks.build_info().reason}")
+        counted = _CountedChecks(module)
+        monkeypatch.setattr(steady_checks, "compiled", lambda: counted)
+        return "native", counted
+    monkeypatch.setenv("LIGHTNING_ADAMTYPE_STEADY_CHECKS", "python")
+    return plan.split("-")[0], None
 
 STEPS, CHANGE_AT = 10, 5
 KEYS = ("a", "b", "c", "c2", "a_mean", "c_mean", "activations", "inactive", "coordinates", "steps", "nonfinite_steps")
@@ -98,7 +128,13 @@ def _non_contiguous_gradient(model):
     model[0].weight.grad = model[0].weight.grad.t().contiguous().t()  # same values, transposed strides
 
 
-GRAD_CHANGES = {"gradient-missing": _drop_gradient, "gradient-non-contiguous": _non_contiguous_gradient}
+def _expanded_gradient(model):
+    # as many elements as the weight, one float of memory: a launch reading n floats from it would read past it
+    model[0].weight.grad = torch.zeros(1).expand(model[0].weight.shape)
+
+
+GRAD_CHANGES = {"gradient-missing": _drop_gradient, "gradient-non-contiguous": _non_contiguous_gradient,
+                "gradient-expanded": _expanded_gradient}
 
 
 def _train(kernel: str, change=None, grad_change=None, skip_first_steps_of=None):
@@ -154,14 +190,17 @@ def _assert_same_numbers(native: ConditionTracker, foreach: ConditionTracker) ->
 TRITON_CASES = ("none", "v-replaced", "amsgrad-switch", "optimizer-load-state-dict")
 
 
-@pytest.mark.parametrize("name,kernel", [
-    pytest.param(name, kernel.values[0], marks=kernel.marks, id=f"{name}-{kernel.values[0]}")
-    for kernel in KERNELS for name in CHANGES if kernel.values[0] == "native" or name in TRITON_CASES
+@pytest.mark.parametrize("name,plan", [
+    pytest.param(name, plan.values[0], marks=plan.marks, id=f"{name}-{plan.values[0]}")
+    for plan in KERNELS for name in CHANGES if plan.values[0] != "triton" or name in TRITON_CASES
 ])
-def test_a_change_between_steps_gives_the_reference_numbers(name, kernel, monkeypatch):
+def test_a_change_between_steps_gives_the_reference_numbers(name, plan, monkeypatch):
+    kernel, checks = _kernel(plan, monkeypatch)
     counted = _Counted(monkeypatch)
     native, params_native = _train(kernel, change=CHANGES[name])
     taken, declined = counted.taken, counted.declined
+    if checks is not None:  # every step the plan took went through the compiled checks
+        assert checks.calls >= taken > 0
     foreach, params_foreach = _train("foreach", change=CHANGES[name])
     assert counted.taken == taken and counted.declined == declined  # (no plan on the foreach backend)
     assert all(torch.equal(a, b) for a, b in zip(params_native, params_foreach))
@@ -180,9 +219,10 @@ def test_a_change_between_steps_gives_the_reference_numbers(name, kernel, monkey
         assert (taken, declined) == (STEPS - 2, 1)  # declined at the change; the general step there builds a new one
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("plan", KERNELS)
 @pytest.mark.parametrize("name", list(GRAD_CHANGES))
-def test_a_gradient_change_gives_the_reference_numbers(name, kernel, monkeypatch):
+def test_a_gradient_change_gives_the_reference_numbers(name, plan, monkeypatch):
+    kernel, _ = _kernel(plan, monkeypatch)
     counted = _Counted(monkeypatch)
     native, _ = _train(kernel, grad_change=GRAD_CHANGES[name])
     foreach, _ = _train("foreach", grad_change=GRAD_CHANGES[name])
@@ -190,10 +230,11 @@ def test_a_gradient_change_gives_the_reference_numbers(name, kernel, monkeypatch
     assert counted.declined >= 1 and counted.taken >= STEPS - 5
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
-def test_step_counts_that_differ_within_the_group(kernel, monkeypatch):
+@pytest.mark.parametrize("plan", KERNELS)
+def test_step_counts_that_differ_within_the_group(plan, monkeypatch):
     """A parameter without a gradient at the first two steps lags two steps behind the others: its (s, e) row is
     that of its own t."""
+    kernel, _ = _kernel(plan, monkeypatch)
     counted = _Counted(monkeypatch)
     native, _ = _train(kernel, skip_first_steps_of="bias")
     foreach, _ = _train("foreach", skip_first_steps_of="bias")
@@ -201,9 +242,10 @@ def test_step_counts_that_differ_within_the_group(kernel, monkeypatch):
     assert counted.taken >= STEPS - 4
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
-def test_checkpoint_between_plan_steps_resumes_with_the_same_numbers(kernel):
+@pytest.mark.parametrize("plan", KERNELS)
+def test_checkpoint_between_plan_steps_resumes_with_the_same_numbers(plan, monkeypatch):
     """state_dict() taken while the plan runs carries every parameter's η_{t−1} as of the latest step."""
+    kernel, _ = _kernel(plan, monkeypatch)
     model = _model()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     tracker = ConditionTracker(opt, kernel=kernel)
@@ -260,10 +302,11 @@ class _HostStepAdapter:
         return 0.0
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
-def test_host_number_step_counts_are_read_afresh(kernel, monkeypatch):
+@pytest.mark.parametrize("plan", KERNELS)
+def test_host_number_step_counts_are_read_afresh(plan, monkeypatch):
     """An optimizer whose step counts are Python ints (a new object every step): the plan reads them from the state
     at each step and runs every step after the first, with the reference numbers."""
+    kernel, _ = _kernel(plan, monkeypatch)
     from lightning_adamtype import register_adapter, unregister_adapter
 
     register_adapter(_HostStepAdam, _HostStepAdapter())

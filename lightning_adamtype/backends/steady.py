@@ -38,7 +38,7 @@ from torch import Tensor
 
 from ..adapter_kit import to_device
 from ..tensor_shares import TensorShares
-from . import native
+from . import native, steady_checks
 from .one_pass import STORED
 
 __all__ = ["SteadyPlan"]
@@ -71,19 +71,38 @@ class _NativeCall:
         self._g_ptrs = (ctypes.c_int64 * n)()
         self._v_ptrs = (ctypes.c_int64 * n)(*map(Tensor.data_ptr, vs))
         table = launch.scalar_table([(0.0, 0.0)] * n)  # the launch's host table (float32 [n, 2]), written each step
-        self._table = launch.host_table()
+        self._table, self._table_address, self.n = launch.host_table(), table.data_ptr(), n
+        # for the compiled checks: the counts of the v tensors, and where the step counts are read to
+        self._numels = (ctypes.c_int64 * n)(*(v.numel() for v in vs))
+        self.steps = (ctypes.c_double * n)()
+        self._v_address, self._numels_address = ctypes.addressof(self._v_ptrs), ctypes.addressof(self._numels)
+        self._steps_address = ctypes.addressof(self.steps)
         self._args = launch.arguments(STORED, coordinates, self._v_ptrs, self._g_ptrs, eta, table, 1.0, 0.0,
                                       accumulators.data_ptr(), float(weight), values.data_ptr())
 
-    def step(self, grads: list[Tensor], table: list[float]) -> Tensor | None:
+    def step(self, grads: list[Tensor] | None, scalars: tuple[float, float] | list[float],
+             checks: Any = None) -> Tensor | None:
+        """Launch with ``grads``' addresses (None: :func:`steady_checks.gather` wrote them) and ``scalars``: one
+        (s, e) for every tensor, or the flat table; ``checks`` (the compiled extension) fills a uniform table."""
         if self.shares.values is not self._held[2]:
             return None
-        self._g_ptrs[:] = list(map(Tensor.data_ptr, grads))
-        self._table[:] = table
+        if grads is not None:
+            self._g_ptrs[:] = list(map(Tensor.data_ptr, grads))
+        if type(scalars) is tuple:
+            if checks is not None:
+                checks.fill_pairs(self._table_address, self.n, *scalars)
+            else:
+                self._table[:] = list(scalars) * self.n
+        else:
+            self._table[:] = scalars  # type: ignore[assignment]
         args = self._args
         args[-1] = self.launch.threads()
         self.launch.call(*args)
         return self.launch.finite_flag
+
+    def gather_arguments(self) -> tuple:
+        """The trailing arguments of :func:`steady_checks.gather` for this call's address tables."""
+        return (self._v_address, self._numels_address, ctypes.addressof(self._g_ptrs), self._steps_address)
 
 
 class _TritonCall:
@@ -95,7 +114,10 @@ class _TritonCall:
         self.launch, self.vs, self.eta, self.shares, self.keys = launch, vs, eta, shares, keys
         self.accumulate, self.weight, self.coordinates = (accumulators, float(weight)), float(weight), coordinates
 
-    def step(self, grads: list[Tensor], table: list[float]) -> Tensor | None:
+    def step(self, grads: list[Tensor] | None, scalars: tuple[float, float] | list[float],
+             checks: Any = None) -> Tensor | None:
+        assert grads is not None
+        table = list(scalars) * len(self.vs) if type(scalars) is tuple else scalars
         launch = self.launch
         device_table = to_device(table, torch.float32, launch.device).view(-1, 2)
         launch.terms(self.vs, grads, self.eta, device_table, STORED, accumulate=self.accumulate,
@@ -122,9 +144,10 @@ class SteadyPlan:
                  states: list[dict], v_key: str, launch: Any, eta: Tensor, accumulators: Tensor,
                  weight: float, shares: TensorShares, coordinates: str, observation: int) -> None:
         self.group, self.opt_state, self.adapter = group, opt_state, adapter
-        self.params, self.keys, self.states, self.v_key = list(params), keys, states, v_key
+        self.params, self.keys, self.states, self.v_key = list(params), keys, list(states), v_key
         self.mask = list(map(operator.is_not, map(_grad, params), repeat(None)))
         self.everyone = all(self.mask)
+        self.mask_bytes = None if self.everyone else bytes(self.mask)
         self.state_values = list(opt_state.values())
         self.vs = list(map(operator.itemgetter(v_key), states))
         self.v_ptrs = list(map(Tensor.data_ptr, self.vs))
@@ -179,15 +202,26 @@ class SteadyPlan:
     def run(self, group: dict[str, Any], opt_state: dict, observation: int) -> Tensor | None:
         """Take the group's step (add it to the accumulators and the shares, η_t over η_{t−1}); the launch's
         finite flag (a bool tensor), or None when something checked has changed (nothing was computed)."""
-        if observation != self.last + 1 or group is not self.group:
+        if observation != self.last + 1 or group is not self.group or opt_state is not self.opt_state:
             return None
-        grads = self._gradients(group)
-        if grads is None or not self._state_holds(opt_state):
+        call, checks = self.call, None
+        grads: list[Tensor] | None
+        if isinstance(call, _NativeCall) and (checks := steady_checks.compiled()) is not None:
+            # the checks and reads of _gradients, _state_holds and _step_values in one C++ call
+            answer = checks.gather(group["params"], self.params, self.mask_bytes, opt_state, self.state_values,
+                                   self.states, self.v_key, self.vs, *call.gather_arguments())
+            if answer == 0:
+                return None
+            grads, values = None, None if answer == 1 else list(call.steps)
+        else:
+            grads = self._gradients(group)
+            if grads is None or not self._state_holds(opt_state):
+                return None
+            values = self._step_values()
+        scalars = self._scalars(group, values)
+        if scalars is None:
             return None
-        table = self._table(group)
-        if table is None:
-            return None
-        finite = self.call.step(grads, table)
+        finite = call.step(grads, scalars, checks)
         if finite is not None:
             self.last = observation
         return finite
@@ -213,27 +247,30 @@ class SteadyPlan:
 
     def _state_holds(self, opt_state: dict) -> bool:
         values = self.state_values
-        if opt_state is not self.opt_state or len(opt_state) != len(values) or not all(map(operator.is_, opt_state.values(), values)):
+        if len(opt_state) != len(values) or not all(map(operator.is_, opt_state.values(), values)):
             return False
         if list(map(Tensor.data_ptr, map(operator.itemgetter(self.v_key), self.states))) != self.v_ptrs:
             return False
         # (host-number counters are read afresh each step; tensor counters through their cells, so they must be the same)
         return self.step_cells is None or _same(list(map(_step, self.states)), self.steps)
 
-    def _table(self, group: dict[str, Any]) -> list[float] | None:
-        """The (s, e) table of this step's counts, flat ([s_0, e_0, s_1, ...]); None when the form no longer
-        applies."""
-        if self.adapter.coupled_weight_decay(group) != 0.0:
-            return None
+    def _step_values(self) -> list[float] | None:
+        """The step counts read in Python; None when they are all equal."""
         cells = self.step_cells
         values = list(map(_value, cells)) if cells is not None else list(map(float, map(_step, self.states)))
-        n = len(values)
-        if values.count(values[0]) == n:  # the common case: one step count in the group
+        return None if values.count(values[0]) == len(values) else values
+
+    def _scalars(self, group: dict[str, Any], values: list[float] | None) -> tuple[float, float] | list[float] | None:
+        """(s, e) of the group's one step count (``values`` None), or the flat (s, e) table of the counts
+        ``values`` ([s_0, e_0, s_1, ...]); None when the form no longer applies."""
+        if self.adapter.coupled_weight_decay(group) != 0.0:
+            return None
+        if values is None:  # the common case: one step count in the group
             vs, pairs = self.adapter.sqrt_form(group, self.states[:1])
             s, e = pairs[0]
             if vs[0] is not self.vs[0] or type(s) is not float or type(e) is not float:
                 return None  # the form reads another v now (an AMSGrad switch), or gives tensors
-            return [s, e] * n
+            return s, e
         distinct = list(dict.fromkeys(values))
         first = [values.index(t) for t in distinct]
         vs, pairs = self.adapter.sqrt_form(group, [self.states[i] for i in first])

@@ -46,7 +46,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Attempt", "BuildInfo", "Recipe", "Unavailable", "one_line"]
+__all__ = ["Attempt", "BuildInfo", "Recipe", "Unavailable", "artefact_path", "build", "one_line"]
 
 
 class Unavailable(RuntimeError):
@@ -122,6 +122,12 @@ def _name(recipe: Recipe, compiler: str) -> str:
     flags = [*recipe.flags, *(flag for optional in recipe.optional_flags for flag in optional), *recipe.libraries]
     material = [recipe.source, *flags, compiler, *recipe.key()]
     return f"{recipe.prefix}_{hashlib.sha256(chr(0).join(material).encode()).hexdigest()[:16]}"
+
+
+def artefact_path(recipe: Recipe) -> str | None:
+    """Where the recipe's artefact is looked for in the cache root (None when no compiler is found)."""
+    compiler = _compiler(recipe)
+    return None if compiler is None else os.path.join(_cache_root(), _name(recipe, compiler) + ".so")
 
 
 def _timeout(recipe: Recipe) -> float:
