@@ -8,9 +8,10 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from . import sharding
 from .row import ACCUMULATOR_KEYS
 
-__all__ = ["read_groups", "tensors_in", "with_ratios"]
+__all__ = ["held_tensors", "read_groups", "stepsizes", "storage_bytes", "tensor_shares", "tensors_in", "with_ratios"]
 
 
 def with_ratios(values: dict[str, float]) -> dict[str, float]:
@@ -104,3 +105,61 @@ def tensors_in(obj: Any) -> list[Tensor]:
 
     walk(obj)
     return list(found.values())
+
+
+def stepsizes(names: Sequence[str], groups: Sequence[Any], memory: Any, adapter: Any,
+              optimizer: torch.optim.Optimizer) -> dict[str, Tensor]:
+    """``{group name: |η| of every coordinate}`` (flat float32 CPU): each parameter's kept η (stored as −η where
+    inactive), or, for a parameter whose η is recomputed, η read now from the optimizer state through the adapter;
+    a scalar η is repeated over the parameter's coordinates."""
+    out: dict[str, Tensor] = {}
+    for name, state in zip(names, groups):
+        pieces = []
+        for p in (state.group or {}).get("params", []):
+            eta = memory.previous.get(id(p))
+            if eta is None and id(p) in memory.scales and adapter is not None and optimizer.state.get(p):
+                with torch.no_grad():
+                    eta = adapter.effective_stepsizes(state.group or {}, [optimizer.state[p]])[0]
+            if isinstance(eta, Tensor) and eta.numel() > 1:
+                pieces.append(sharding.local_view(eta).detach().reshape(-1).abs().to("cpu", torch.float32))
+            elif eta is not None:
+                pieces.append(torch.full((sharding.local_view(p).numel(),), abs(float(eta)), dtype=torch.float32))
+        if pieces:
+            out[name] = torch.cat(pieces)
+    return out
+
+
+def tensor_shares(names: Sequence[str], groups: Sequence[Any],
+                  parameter_names: dict[Tensor, str]) -> dict[str, list[tuple[str, list[float]]]]:
+    """``{group name: [(parameter name, [B_i, C_i, activations_i, inactive_i]), ...]}`` from each group's
+    :class:`lightning_adamtype.tensor_shares.TensorShares`; a parameter is named by ``parameter_names``, else
+    ``<group>[i]`` (its position in the group)."""
+    out = {}
+    named = {id(p): n for p, n in parameter_names.items()}
+    for name, state in zip(names, groups):
+        rows = state.tensors.read()
+        if rows:
+            index = {id(p): i for i, p in enumerate((state.group or {}).get("params", []))}
+            out[name] = [(named.get(id(p), f"{name}[{index.get(id(p), '?')}]"), values) for p, values in rows]
+    return out
+
+
+def held_tensors(memory: Any, groups: Sequence[Any]) -> list[Tensor]:
+    """Every tensor a tracker keeps between steps: each parameter's η_{t−1}, (s, e) and coupled-decay copy, and per
+    group the accumulators, the backends' buffers, the detectors and the finite flag. (The one-pass backends'
+    "eligible" entry and the steady plan hold the optimizer's own state tensors, not the tracker's; the plan's η
+    buffer is the "buffer" entry.)"""
+    return tensors_in([memory.previous, memory.scales, memory.snapshots, [
+        (s.accumulators, {k: v for k, v in s.cache.items() if k not in ("eligible", "steady")}, s.detectors, s.last_finite)
+        for s in groups
+    ]])
+
+
+def storage_bytes(tensors: Sequence[Tensor]) -> int:
+    """Σ bytes of the distinct storages behind ``tensors`` (a storage shared by several views counts once)."""
+    storages = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        storages[(storage.data_ptr(), storage.nbytes())] = storage.nbytes()
+    return sum(storages.values())
+

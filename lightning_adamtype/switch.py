@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["agreed_violation", "current_stepsizes", "switch_to_amsgrad"]
+__all__ = ["agreed_violation", "current_stepsizes", "maybe_switch", "switch_to_amsgrad"]
 
 
 def agreed_violation(detector: Any) -> bool:
@@ -55,3 +55,34 @@ def current_stepsizes(optimizer: torch.optim.Optimizer, adapter: Any, group: dic
     if callable(activity_fn):
         etas = [torch.where(a > 0, e, -e) for a, e in zip(activity_fn(group, states), etas)]
     return list(zip(with_state, etas))
+
+
+def maybe_switch(optimizer: torch.optim.Optimizer, adapter: Any, state: Any, name: str, switched: dict[str, int],
+                 events: list[tuple[str, int, str]], options: Any, memory: Any) -> str | None:
+    """Switch group ``name`` (its :class:`lightning_adamtype.group_state.GroupState` ``state``) to AMSGrad when its
+    bias verdict, agreed across ranks, says violation and it was not switched before: ``switched[name]`` = the first
+    optimizer step run as AMSGrad (the verdicts' clock), an event (name, step, reason) appended to ``events``; in
+    recomputed mode the group then stores η_{t−1} in ``memory`` (a running max cannot be undone), seeded with η_t.
+    Returns why it cannot switch (``switched[name]`` = −1 then), else None."""
+    if name in switched or state.group is None:
+        return None
+    detector = state.detectors["bias"]
+    if not agreed_violation(detector):
+        return None
+    was_amsgrad = state.group.get("amsgrad", False)
+    why_not = switch_to_amsgrad(optimizer, adapter, state.group)
+    if why_not is not None:
+        switched[name] = -1
+        return why_not
+    if was_amsgrad:
+        return None
+    if options.previous_stepsize == "recomputed":
+        state.kept = None
+        for p, eta in current_stepsizes(optimizer, adapter, state.group):
+            memory.store(p, eta)
+    step = state.clock + 1
+    switched[name] = step
+    trend = options.trend
+    events.append((name, step, reason(float(detector.slope), trend.margin, trend.patience)))
+    return None
+

@@ -19,19 +19,16 @@ import torch
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
-from . import backends, sharding
 from .adapter_kit import NotMapped
-from .adapters import AdapterError, adapter_lookup, validate_first_step
-from .backends.one_pass import PARTIAL
-from .backends.steady import SteadyPlan
+from .adapters import adapter_lookup
 from .checkpoint import load_tracker_state, tracker_state
-from .gather import EmptyShard, StepGatherer
+from .group_step import GroupStepper
 from .group_state import GroupState
 from .options import TrackerOptions
 from .parameter_memory import ParameterMemory
-from .row import ACCUMULATOR_KEYS, add_step
+from .row import ACCUMULATOR_KEYS
 from .summary import TOP_K, VerdictWatch, summary_text, top_shares
-from .switch import agreed_violation, current_stepsizes, reason as switch_reason, switch_to_amsgrad
+from .switch import maybe_switch
 from .trend import TrendOptions
 from .verdicts import VERDICTS, update_verdicts
 
@@ -129,11 +126,10 @@ class ConditionTracker:
         self.switch_events: list[tuple[str, int, str]] = []
         self._groups: list[GroupState] = []
         self.memory = ParameterMemory()  # each parameter's η_{t−1}, keyed by the parameter
-        self._failed_backends: set[str] = set()
         self.verdict_watch = VerdictWatch()  # the verdicts last read, for the warning on a turn
         self._handles: list[RemovableHandle] = []
         self._warned: set[str] = set()
-        self.gatherer = StepGatherer(optimizer, self.adapter, self.options, self.memory, self._warn_once)
+        self.stepper = GroupStepper(optimizer, self.adapter, self.options, self.memory, self._warn_once)
         if self.adapter is None:
             warnings.warn(
                 f"lightning_adamtype: no adapter for optimizer class {type(optimizer).__qualname__!r} "
@@ -182,7 +178,7 @@ class ConditionTracker:
         self._handles.clear()
         self.memory.snapshots.clear()
         for state in self._groups:
-            self._drop_steady(state)  # (it holds the optimizer's state tensors)
+            self.stepper.drop_steady(state)  # (it holds the optimizer's state tensors)
 
     def __deepcopy__(self, memo: dict) -> Any:
         raise TypeError(
@@ -284,7 +280,7 @@ class ConditionTracker:
             if state.disabled:
                 continue
             try:
-                observed = self._observe_group(state, found_inf, record=phase == "record")
+                observed = self.stepper.observe(state, found_inf, phase == "record", self.observations)
                 if observed and self._update_verdicts(state):
                     names = names or self.group_names()
                     self._maybe_switch(state, names[gi])
@@ -328,137 +324,6 @@ class ConditionTracker:
         live = {id(p) for group in groups for p in group["params"]}
         self.memory.release(live)
 
-    # ------------------------------------------------------------------ one group
-    def _observe_group(self, state: GroupState, found_inf: Tensor | None, record: bool) -> bool:
-        """Gather, compute and (when ``record``) accumulate one group's step; True when it was accumulated."""
-        if "steady" in state.cache:
-            if record and found_inf is None and self._steady_step(state):
-                return True
-            self._drop_steady(state)
-        return self._general_step(state, found_inf, record)
-
-    @torch.no_grad()
-    def _general_step(self, state: GroupState, found_inf: Tensor | None, record: bool) -> bool:
-        """The group's step through the general path: gather, validate, choose a backend, compute, keep."""
-        gathered = self.gatherer.gather(state, found_inf, record, self.observations)
-        if gathered is None:
-            return False
-        if isinstance(gathered, EmptyShard):
-            return self._join_empty(state, gathered)
-        step, keys, shards = gathered
-        if state.count == 0 and state.kept is None:  # an adapter's η is checked on its group's first observed step
-            problem = validate_first_step(self.adapter, step)
-            if problem is not None:
-                raise AdapterError(problem)  # (the per-group boundary disables the group, with one warning)
-        result = self._compute(state, step)
-        self.memory.keep(state, keys, result.etas, result.scales, self.observations)
-        if not record:
-            return False
-        if result.terms is None:  # the backend added the row itself
-            state.last_finite = result.finite
-        else:
-            terms, n = result.terms, result.n
-            if shards is not None:
-                terms, n = sharding.combine(terms, n, shards.process_group, step.device, step.dtype)
-            state.last_finite = add_step(step.accumulators, terms, n, step.weight, step.found_inf)
-        if shards is not None:  # every rank joins the shares' reduction, as the terms'
-            table = sharding.combine_shares(result.per_tensor, shards.positions, len(shards.keys),
-                                            shards.process_group, step.device, step.dtype)
-            state.tensors.add(shards.keys, table, step.weight, state.last_finite)
-        elif result.per_tensor is not None:
-            state.tensors.add(keys, result.per_tensor, step.weight, state.last_finite)
-        if state.count == 0:
-            state.clock_offset = self._optimizer_step(step.states) - self.observe_every
-        state.count += 1
-        if result.terms is None and result.etas is not None and shards is None and self.observe_every == 1:
-            try:
-                self._plan_steady(state, step, keys)
-            except Exception:  # a plan only saves host time: without one the general path keeps running the group
-                state.cache.pop("steady", None)
-        return True
-
-    def _steady_step(self, state: GroupState) -> bool:
-        """The group's step through its :class:`SteadyPlan` (nothing it checks changed since the last step); False
-        when the plan no longer applies (nothing was computed)."""
-        try:
-            finite = state.cache["steady"].run(state.group, self.optimizer.state, self.observations)
-        except Exception as error:  # as a backend that fails: not used again, the general path takes the step
-            self._failed_backends.add(state.backend)
-            self._warn_once(f"{state.backend}-failed", f"the {state.backend} backend failed ({type(error).__name__}: "
-                            f"{error}); the foreach backend runs instead")
-            return False
-        if finite is None:
-            return False
-        assert state.kept is not None
-        state.last_finite = finite
-        state.kept = (self.observations, *state.kept[1:])  # η_t is in the kept views, written over η_{t−1}
-        state.count += 1
-        return True
-
-    def _plan_steady(self, state: GroupState, step: backends.GroupStep, keys: list[Tensor]) -> None:
-        """Keep what this native step found, for the group's next steps (when :meth:`SteadyPlan.build` can)."""
-        buffer = state.cache.get("buffer")
-        plan = SteadyPlan.build(
-            step.group, self.optimizer.state, self.adapter, keys, step.states, step.form, state.cache.get(state.backend),
-            buffer[0] if buffer else None, step.accumulators, step.weight, state.tensors, self.options.coordinates,
-            self.observations,
-        )
-        if plan is not None:
-            state.cache["steady"] = plan
-
-    def _drop_steady(self, state: GroupState) -> None:
-        """Forget the group's plan; its parameters' η_{t−1} were taken at the plan's last step."""
-        plan = state.cache.pop("steady", None)
-        if plan is not None:
-            self.memory.taken(plan.keys, plan.last)
-
-    def _join_empty(self, state: GroupState, empty: EmptyShard) -> bool:
-        """A sharded group of which this rank holds nothing joins the reduction with neutral terms and counts as
-        observed: the verdicts and the switch run on every rank alike."""
-        assert state.accumulators is not None
-        shards, dtype = empty.shards, state.accumulators.dtype
-        terms, n = sharding.combine(None, 0, shards.process_group, empty.device, dtype)
-        state.last_finite = add_step(state.accumulators, terms, n, float(self.observe_every))
-        table = sharding.combine_shares(None, [], len(shards.keys), shards.process_group, empty.device, dtype)
-        state.tensors.add(shards.keys, table, float(self.observe_every), state.last_finite)
-        if state.count == 0:
-            state.clock_offset = self._optimizer_step(empty.states) - self.observe_every
-        state.count += 1
-        return True
-
-    def _optimizer_step(self, states: list[dict[str, Any]]) -> int:
-        """The optimizer's own step count t of a group (its first parameter's ``state["step"]``, read once per
-        group: a device counter costs one synchronisation then), else this tracker's observations."""
-        counter = states[0].get("step") if states else None
-        if counter is None:
-            return self.observations
-        return int(round(float(sharding.local_view(counter))))
-
-    def _compute(self, state: GroupState, step: backends.GroupStep) -> backends.StepResult:
-        """The step through the group's best backend that takes it; a backend that fails is never used again."""
-        for name in backends.candidates(self.kernel, step.device):
-            if name in self._failed_backends:
-                continue
-            backend = backends.backend(name)
-            why = backend.unavailable(step.device) or backend.decline(step)
-            if why is not None:
-                if name == self.kernel and why != PARTIAL:
-                    self._warn_once(f"{name}-declined-{why}", f"kernel={name!r} does not run for a group: {why}; the foreach backend runs it")
-                continue
-            if name == "foreach":
-                state.backend = name
-                return backend.run(step)
-            try:
-                result = backend.run(step)
-            except Exception as error:
-                self._failed_backends.add(name)
-                self._warn_once(f"{name}-failed", f"the {name} backend failed ({type(error).__name__}: {error}); the foreach backend runs instead")
-                state.cache.clear()
-                continue
-            state.backend = name
-            return result
-        raise RuntimeError("no backend took the step")  # pragma: no cover - foreach takes every step
-
     # ------------------------------------------------------------------ verdicts and the switch
     def _update_verdicts(self, state: GroupState) -> bool:
         """Feed the group's detectors (:func:`lightning_adamtype.verdicts.update_verdicts`); True when a sample was
@@ -466,31 +331,10 @@ class ConditionTracker:
         return update_verdicts(state, self.observe_every, self.trend_options) and self.switch_to_amsgrad
 
     def _maybe_switch(self, state: GroupState, name: str) -> None:
-        if name in self.switched or state.group is None:
-            return
-        detector = state.detectors["bias"]
-        if not agreed_violation(detector):
-            return
-        was_amsgrad = state.group.get("amsgrad", False)
-        why_not = switch_to_amsgrad(self.optimizer, self.adapter, state.group)
+        why_not = maybe_switch(self.optimizer, self.adapter, state, name, self.switched, self.switch_events,
+                               self.options, self.memory)
         if why_not is not None:
             self._warn_once("switch", f"switch_to_amsgrad=True but {why_not}")
-            self.switched[name] = -1
-            return
-        if was_amsgrad:
-            return
-        if self.previous_stepsize == "recomputed":
-            state.kept = None
-            self._seed_stored_stepsizes(state.group)
-        step = state.clock + 1  # the first optimizer step run as AMSGrad (the verdicts' clock)
-        self.switched[name] = step
-        options = self.trend_options
-        self.switch_events.append((name, step, switch_reason(float(detector.slope), options.margin, options.patience)))
-
-    def _seed_stored_stepsizes(self, group: dict[str, Any]) -> None:
-        """After a switch in recomputed mode the group stores η_{t−1} (a running max cannot be undone): η_t now."""
-        for p, eta in current_stepsizes(self.optimizer, self.adapter, group):
-            self.memory.store(p, eta)
 
     # ------------------------------------------------------------------ reading
     def group_names(self) -> list[str]:
@@ -505,23 +349,10 @@ class ConditionTracker:
     def stepsizes(self) -> dict[str, Tensor]:
         """``{group name: η of every coordinate}`` (flat float32 CPU) from the latest observed step: the kept
         η_{t−1}, or (recomputed mode) read now from the optimizer state through the adapter."""
+        from .readout import stepsizes
+
         self._align_groups()
-        out: dict[str, Tensor] = {}
-        for name, state in zip(self.group_names(), self._groups):
-            pieces = []
-            params = [p for p in (state.group or {}).get("params", [])]
-            for p in params:
-                eta = self.memory.previous.get(id(p))
-                if eta is None and id(p) in self.memory.scales and self.adapter is not None and self.optimizer.state.get(p):
-                    with torch.no_grad():
-                        eta = self.adapter.effective_stepsizes(state.group or {}, [self.optimizer.state[p]])[0]
-                if isinstance(eta, Tensor) and eta.numel() > 1:  # (kept as −η where inactive)
-                    pieces.append(sharding.local_view(eta).detach().reshape(-1).abs().to("cpu", torch.float32))
-                elif eta is not None:
-                    pieces.append(torch.full((sharding.local_view(p).numel(),), abs(float(eta)), dtype=torch.float32))
-            if pieces:
-                out[name] = torch.cat(pieces)
-        return out
+        return stepsizes(self.group_names(), self._groups, self.memory, self.adapter, self.optimizer)
 
     def compute(self) -> dict[str, dict[str, float]]:
         """``{group name: {key: value}}`` with one host transfer per device (and one for the per-tensor shares).
@@ -557,15 +388,10 @@ class ConditionTracker:
         """``{group name: [(parameter name, [B_i, C_i, activations_i, inactive_i]), ...]}``: each parameter's
         accumulated b and c (its share is B_i / Σ B), activations, and inactive coordinates at the latest step.
         Names come from ``parameter_names`` (the callback passes ``named_parameters()``), else ``<group>[i]``."""
+        from .readout import tensor_shares
+
         self._align_groups()
-        out = {}
-        for name, state in zip(self.group_names(), self._groups):
-            rows = state.tensors.read()
-            if rows:
-                index = {id(p): i for i, p in enumerate((state.group or {}).get("params", []))}
-                named = {id(p): n for p, n in self.parameter_names.items()}
-                out[name] = [(named.get(id(p), f"{name}[{index.get(id(p), '?')}]"), values) for p, values in rows]
-        return out
+        return tensor_shares(self.group_names(), self._groups, self.parameter_names)
 
     def summary(self) -> str:
         """A short text report (see :func:`lightning_adamtype.summary.summary_text`): per group both verdicts, their
@@ -576,37 +402,29 @@ class ConditionTracker:
     def held_tensors(self) -> list[Tensor]:
         """Every tensor the tracker keeps between steps (accumulators, η_{t−1} and its (s, e), the backends' buffers,
         trend-detector buffers, coupled-decay copies). For memory accounting."""
-        from .readout import tensors_in
+        from .readout import held_tensors
 
-        memory = self.memory
-        return tensors_in([memory.previous, memory.scales, memory.snapshots, [
-            # (the one-pass backends' "eligible" entry and the steady plan hold the optimizer's own state tensors, not
-            # the tracker's; the plan's η buffer is the "buffer" entry)
-            (s.accumulators, {k: v for k, v in s.cache.items() if k not in ("eligible", "steady")}, s.detectors, s.last_finite)
-            for s in self._groups
-        ]])
+        return held_tensors(self.memory, self._groups)
 
     def held_bytes(self) -> int:
         """Bytes of the storages behind :meth:`held_tensors` (a storage shared by several views counts once)."""
-        storages = {}
-        for t in self.held_tensors():
-            storage = t.untyped_storage()
-            storages[(storage.data_ptr(), storage.nbytes())] = storage.nbytes()
-        return sum(storages.values())
+        from .readout import storage_bytes
+
+        return storage_bytes(self.held_tensors())
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
         """Accumulators, verdict state and each parameter's η_{t−1} (on the CPU), so a resumed run continues."""
         self._align_groups()
         for state in self._groups:
-            self._drop_steady(state)
+            self.stepper.drop_steady(state)
         return tracker_state(self)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output (also the previous version's); tensors move to the parameters'
         devices; an η_{t−1} whose parameter is missing or changed shape is dropped, with one warning."""
         for state in self._groups:
-            self._drop_steady(state)
+            self.stepper.drop_steady(state)
         load_tracker_state(self, state_dict)
 
     def __repr__(self) -> str:

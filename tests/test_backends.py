@@ -682,11 +682,14 @@ def large_steps(gradients: torch.Tensor, sizes: tuple[int, ...], previous_stepsi
     return _large_steps[key]
 
 
+#: recomputed mode at 4M: its sums are the stored mode's (the same reductions, checked at 40M above); only η_{t−1}
+#: comes from elsewhere, which does not depend on the size (the float64 reference at 40M costs 35 s of the suite)
+RECOMPUTED_SIZES = (3_000_000, 990_000, 10_000)
 LARGE_BACKENDS = [  # (grouped by inputs: each set of inputs and its expectations is made once)
     pytest.param("foreach", LARGE_SIZES, "stored", id="foreach-40M-stored"),
     pytest.param("native", LARGE_SIZES, "stored", marks=NEEDS_NATIVE, id="native-40M-stored"),
-    pytest.param("foreach", LARGE_SIZES, "recomputed", id="foreach-40M-recomputed"),
-    pytest.param("native", LARGE_SIZES, "recomputed", marks=NEEDS_NATIVE, id="native-40M-recomputed"),
+    pytest.param("foreach", RECOMPUTED_SIZES, "recomputed", id="foreach-4M-recomputed"),
+    pytest.param("native", RECOMPUTED_SIZES, "recomputed", marks=NEEDS_NATIVE, id="native-4M-recomputed"),
     pytest.param("triton", TRITON_LARGE_SIZES, "stored", marks=NEEDS_TRITON, id="triton-1M-stored"),
     pytest.param("triton", TRITON_LARGE_SIZES, "recomputed", marks=NEEDS_TRITON, id="triton-1M-recomputed"),
 ]
