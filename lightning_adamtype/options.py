@@ -16,7 +16,7 @@ KERNELS = {
     "auto": "default: 'triton' on CUDA groups when Triton is installed, 'native' on CPU groups when the C kernel "
     "builds, else 'foreach'",
     "foreach": "the reference multi-tensor backend (every optimizer, dtype and device)",
-    "native": "one C call per group (CPU, square-root-form optimizers with float32 state)",
+    "native": "one C call per group (CPU, square-root-form optimizers with float32 or float64 state)",
     "triton": "two Triton launches per group (CUDA, square-root-form optimizers with float32 state)",
 }
 #: ``previous_stepsize=`` values

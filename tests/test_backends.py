@@ -290,6 +290,40 @@ def test_backend_step_matches_the_float64_oracle(name, sizes, mode, coordinates)
     assert_kept(result, x, expected)
 
 
+def as_float64(x: Inputs) -> Inputs:
+    """The same step with float64 v, g, η_{t−1} and (s, e) (an optimizer training in float64)."""
+    previous = [p.double() for p in x.previous] if x.previous is not None else None
+    return Inputs([v.double() for v in x.vs], [g.double() for g in x.gs], x.table.double(), previous, x.mode, x.update)
+
+
+@pytest.mark.parametrize("coordinates", ["active", "all"])
+@pytest.mark.parametrize("mode", list(MODES), ids=list(MODES))
+@pytest.mark.parametrize("sizes", [pytest.param(SIZES["native"], id="threads"), pytest.param(SMALL, id="one-thread")])
+@NEEDS_NATIVE
+def test_native_float64_step_matches_the_float64_oracle(sizes, mode, coordinates):
+    """A float64 group on the native kernel (its float64 twin, ``adamtype_group_terms_f64``): η = s / (sqrt(v) + e)
+    in float64 as the oracle computes it, sums in float64: the nine terms and each tensor's share within 1e-12
+    relative of the float64 oracle, the counts exact, the kept signed η_t equal to the oracle's to the last bit or
+    two (the division and square root are IEEE's in both)."""
+    x = as_float64(make_inputs(sizes, MODES[mode], seed=1))
+    expected = x.expected(coordinates)
+    result = backend("native").run(x.step(coordinates))
+    got, want = result.terms, expected.terms
+    assert got.dtype == torch.float64 and got[5:].tolist() == want[5:].tolist()
+    if want[5] > 0:
+        torch.testing.assert_close(got[0], want[0], rtol=1e-15, atol=0)
+    torch.testing.assert_close(got[1:5], want[1:5], rtol=1e-12, atol=1e-300)
+    assert result.per_tensor[:, 2:].tolist() == expected.per_tensor[:, 2:].tolist()
+    torch.testing.assert_close(result.per_tensor[:, :2], expected.per_tensor[:, :2], rtol=1e-12,
+                               atol=1e-15 * float(expected.c_scale.max()))
+    if x.mode in (FIRST, STORED):
+        kept = torch.cat([e.reshape(-1) for e in result.etas])
+        assert kept.dtype == torch.float64
+        want_kept = torch.cat([e.reshape(-1) for e in expected.kept])
+        assert torch.equal(torch.signbit(kept), torch.signbit(want_kept))
+        torch.testing.assert_close(kept, want_kept, rtol=4e-16, atol=0)
+
+
 @pytest.mark.parametrize("name", ["foreach", *ONE_PASS])
 def test_a_group_without_an_active_coordinate_adds_zeros_not_nan(name):
     """Every v = 0 (the first steps of a layer that gets no gradient): nothing is counted in the active mode, the
@@ -953,7 +987,7 @@ def test_candidates_and_backend_names():
 def test_one_pass_kernel_asked_for_on_bfloat16_state_warns_once_and_measures(name):
     params = [torch.nn.Parameter(torch.randn(n, dtype=torch.bfloat16)) for n in (40, 3)]
     opt = torch.optim.Adam(params, lr=1e-2)
-    with pytest.warns(UserWarning, match="contiguous float32 state") as record:
+    with pytest.warns(UserWarning, match="contiguous float32( or float64)? state") as record:
         tracker = ConditionTracker(opt, kernel=name)
         for _ in range(3):
             for p in params:
@@ -1548,7 +1582,7 @@ def _quadratic_run(monkeypatch, observe_every: int, steps: int) -> tuple[dict, i
     monkeypatch.setattr(
         foreach.ForeachBackend, "run", lambda self, step: runs.append(step.fuse) or original(self, step)
     )
-    tracker = ConditionTracker(opt, observe_every=observe_every, trend=NO_SAMPLES)  # float64: the foreach backend
+    tracker = ConditionTracker(opt, observe_every=observe_every, trend=NO_SAMPLES, kernel="foreach")  # (counted)
     for _ in range(steps):
         x.grad = x.detach() + torch.randn(200, generator=gen, dtype=torch.float64)  # noisy quadratic
         opt.step()

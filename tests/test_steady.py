@@ -65,9 +65,9 @@ STEPS, CHANGE_AT = 10, 5
 KEYS = ("a", "b", "c", "c2", "a_mean", "c_mean", "activations", "inactive", "coordinates", "steps", "nonfinite_steps")
 
 
-def _model() -> nn.Module:
+def _model(dtype: torch.dtype = torch.float32) -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).to(dtype)
 
 
 def _swap_states(opt, model):
@@ -137,13 +137,13 @@ GRAD_CHANGES = {"gradient-missing": _drop_gradient, "gradient-non-contiguous": _
                 "gradient-expanded": _expanded_gradient}
 
 
-def _train(kernel: str, change=None, grad_change=None, skip_first_steps_of=None):
-    model = _model()
+def _train(kernel: str, change=None, grad_change=None, skip_first_steps_of=None, dtype=torch.float32):
+    model = _model(dtype)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     tracker = ConditionTracker(opt, kernel=kernel)
     gen = torch.Generator().manual_seed(1)
     for t in range(1, STEPS + 1):
-        x, y = torch.randn(8, 6, generator=gen), torch.randn(8, 3, generator=gen)
+        x, y = torch.randn(8, 6, generator=gen).to(dtype), torch.randn(8, 3, generator=gen).to(dtype)
         opt.zero_grad(set_to_none=True)
         nn.functional.mse_loss(model(x), y).backward()
         if skip_first_steps_of is not None and t <= 2:
@@ -228,6 +228,24 @@ def test_a_gradient_change_gives_the_reference_numbers(name, plan, monkeypatch):
     foreach, _ = _train("foreach", grad_change=GRAD_CHANGES[name])
     _assert_same_numbers(native, foreach)
     assert counted.declined >= 1 and counted.taken >= STEPS - 5
+
+
+@pytest.mark.parametrize("plan", [p for p in KERNELS if p.values[0] != "triton"])
+def test_a_float64_group_runs_the_plan_with_the_reference_numbers(plan, monkeypatch):
+    """A float64 model on the native kernel: every step after the first through the plan (η, the sums and the table
+    in float64), the numbers the foreach backend gives (rtol 1e-12: both in float64), training untouched."""
+    kernel, checks = _kernel(plan, monkeypatch)
+    counted = _Counted(monkeypatch)
+    native, params_native = _train(kernel, dtype=torch.float64)
+    assert (counted.taken, counted.declined) == (STEPS - 1, 0)
+    if checks is not None:
+        assert checks.calls == STEPS - 1
+    foreach, params_foreach = _train("foreach", dtype=torch.float64)
+    assert native.backends() == {"Adam/pg0": "native"} and foreach.backends() == {"Adam/pg0": "foreach"}
+    assert all(torch.equal(a, b) for a, b in zip(params_native, params_foreach))
+    got, expected = native.compute()["Adam/pg0"], foreach.compute()["Adam/pg0"]
+    for key in KEYS:
+        assert got[key] == pytest.approx(expected[key], rel=1e-12, abs=1e-300), (key, got[key], expected[key])
 
 
 @pytest.mark.parametrize("plan", KERNELS)

@@ -8,7 +8,9 @@ rows are folded, in float64 and in piece order (so the result does not depend on
 group's terms and each tensor's share (b_i, c_i, activations_i, inactive_i), and, when asked, the step is added to
 the float64 accumulators as :func:`lightning_adamtype.row.add_step` does (levels included). η in float32 with the
 optimizer's roundings, sums in float32 within a block of 64 coordinates (256 when vectorised with OpenMP), blocks
-folded in float64 (2e-7 relative or better at any size); counts exact.
+folded in float64 (2e-7 relative or better at any size); counts exact. A group of float64 tensors goes through
+the float64 twin of the loop (``adamtype_group_terms_f64``: η, the table and every sum in float64; 1e-12 relative
+of a float64 computation, ``tests/test_backends.py``).
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ PIECE = 16384
 PARALLEL_MIN_NUMEL = 2 * PIECE
 
 
+#: the C type of the kernel's reals, by the tensors' dtype
+_C_REAL = {torch.float32: ctypes.c_float, torch.float64: ctypes.c_double}
+
+
 def _table(values: list[int]) -> Tensor:
     return torch.tensor(values, dtype=torch.int64)
 
@@ -44,6 +50,7 @@ class GroupLaunch(FlatEtaLayout):
     outputs; η lives in the group's flat buffer as :class:`FlatEtaLayout` places it."""
 
     device: torch.device
+    dtype: torch.dtype = torch.float32  # of v, g, η and the (s, e) table: float32 or float64
     out: Tensor = field(init=False)  # float64 [9]: the terms of the latest call
     per_tensor: Tensor = field(init=False)  # float64 [n, 4]: each tensor's (b_i, c_i, activations_i, inactive_i)
     finite: Tensor = field(init=False)  # uint8: was the latest accumulated step finite
@@ -71,18 +78,21 @@ class GroupLaunch(FlatEtaLayout):
         self.finite = torch.empty((), dtype=torch.uint8)
         self.finite_flag = self.finite.view(torch.bool)
         self._tables = ((ctypes.c_int64 * len(self.sizes))(), (ctypes.c_int64 * len(self.sizes))())
-        self._host_table = torch.empty(len(self.sizes), 2, dtype=torch.float32)
-        self._host_table_type = ctypes.c_float * (2 * len(self.sizes))
+        if self.dtype not in _C_REAL:
+            raise ValueError(f"the native kernel takes float32 or float64 tensors, not {self.dtype}")
+        self._host_table = torch.empty(len(self.sizes), 2, dtype=self.dtype)
+        self._host_table_type = _C_REAL[self.dtype] * (2 * len(self.sizes))
+        self._function = "adamtype_group_terms" if self.dtype == torch.float32 else "adamtype_group_terms_f64"
         self._threads = 1 if sum(self.sizes) < PARALLEL_MIN_NUMEL else 0
 
     def scalar_table(self, scalars: Sequence[tuple[Scalar, Scalar]]) -> Tensor:
-        """The float32 [n, 2] (s, e) table :meth:`terms` takes; host floats are written into a table the launch
-        keeps (overwritten by the next call), other scalars go through :func:`adapters.scalar_table`."""
+        """The [n, 2] (s, e) table of the launch's dtype that :meth:`terms` takes; host floats are written into a
+        table the launch keeps (overwritten by the next call), other scalars go through :func:`adapters.scalar_table`."""
         flat = list(chain.from_iterable(scalars))
         if len(flat) == 2 * len(self.sizes) and set(map(type, flat)) == {float}:
             self.host_table()[:] = flat
             return self._host_table
-        return scalar_table(scalars, torch.float32, self.device)
+        return scalar_table(scalars, self.dtype, self.device)
 
     def terms(
         self,
@@ -103,7 +113,7 @@ class GroupLaunch(FlatEtaLayout):
         the levels (:func:`lightning_adamtype.row.add_step`), and write whether the step was finite into
         :attr:`finite`; with ``shares`` (float64 [n, 4], contiguous) also add k·(b_i, c_i, activations_i) to it and set
         inactive_i when the step is finite (:class:`lightning_adamtype.tensor_shares.TensorShares`)."""
-        self.check_launch(vs, gs, eta, table, mode)
+        self.check_launch(vs, gs, eta, table, mode, self.dtype)
         if coordinates not in ("active", "all"):
             raise ValueError(f"coordinates={coordinates!r}: expected 'active' or 'all'")
         v_ptrs, g_ptrs = self._tables
@@ -152,7 +162,7 @@ class GroupLaunch(FlatEtaLayout):
         ]
 
     def host_table(self) -> ctypes.Array:
-        """The launch's float32 [n, 2] (s, e) host table (:meth:`scalar_table`) as a ctypes array over its memory."""
+        """The launch's [n, 2] (s, e) host table (:meth:`scalar_table`) as a ctypes array over its memory."""
         return self._host_table_type.from_address(self._host_table.data_ptr())  # type: ignore[attr-defined]
 
     def threads(self) -> int:
@@ -160,9 +170,9 @@ class GroupLaunch(FlatEtaLayout):
         return self._threads or max(1, torch.get_num_threads())
 
     def call(self, *args: object) -> None:
-        """``adamtype_group_terms(*args)``: the one place the C function is called (benchmarks/host_time.py stubs
+        """``adamtype_group_terms(*args)`` (``_f64`` for float64): the one place the C function is called (benchmarks/host_time.py stubs
         it to time what the host does around it)."""
-        native_build.library().adamtype_group_terms(*args)
+        getattr(native_build.library(), self._function)(*args)
 
 
 class NativeBackend(OnePassBackend):
@@ -170,6 +180,7 @@ class NativeBackend(OnePassBackend):
 
     name = "native"
     device_type = "cpu"
+    dtypes = (torch.float32, torch.float64)
     launch_class = GroupLaunch
 
     def unavailable(self, device: torch.device) -> str | None:

@@ -33,12 +33,12 @@ __all__ = [
 
 #: the version of the library's C interface; a loaded library whose ``adamtype_abi_version()`` differs is not used
 #: (3: the nine-term row over active coordinates, signed η, per-parameter shares, per-piece partial rows; 4: the
-#: shares also accumulated into a caller's [n, 4] table with the step)
-ABI_VERSION = 4
+#: shares also accumulated into a caller's [n, 4] table with the step; 5: ``adamtype_group_terms_f64`` for float64)
+ABI_VERSION = 5
 #: seconds one compiler run may take (``$LIGHTNING_ADAMTYPE_COMPILE_TIMEOUT`` overrides it)
 COMPILE_TIMEOUT_S = 30
 
-_KERNEL_SOURCE = r"""
+_COMMON_SOURCE = r"""
 #include <math.h>
 #include <stdint.h>
 
@@ -65,7 +65,7 @@ enum { BLOCK = 64 };
 #define COUNT_TERMS(et, step, act)                                                                                    \
     {                                                                                                                 \
         int counted_ = all | (act);                                                                                   \
-        float low_ = counted_ ? (et) : INFINITY;                                                                      \
+        REAL low_ = counted_ ? (et) : INFINITY;                                                                       \
         lo = lo < low_ ? lo : low_;                                                                                   \
         b += counted_ ? (step) * (step) : 0.0f;                                                                       \
         total += counted_ ? (et) : 0.0f;                                                                              \
@@ -75,12 +75,19 @@ enum { BLOCK = 64 };
 #define PAIR_TERMS(diff, act, was)                                                                                    \
     {                                                                                                                 \
         int pair_ = all | ((act) & (was));                                                                            \
-        c += pair_ ? fabsf(diff) : 0.0f;                                                                              \
+        c += pair_ ? REAL_ABS(diff) : 0.0f;                                                                           \
         c2 += pair_ ? (diff) * (diff) : 0.0f;                                                                         \
         pairs += pair_ ? 1.0f : 0.0f;                                                                                 \
         started += ((act) & !(was)) ? 1.0f : 0.0f;                                                                    \
     }
 
+"""
+
+#: the typed part: block_terms, piece_terms and adamtype_group_terms for float32 tensors (REAL = float); 
+#: :func:`_float64_kernel` derives the float64 ones from it
+_FLOAT32_KERNEL = r"""
+#define REAL float
+#define REAL_ABS(x) fabsf(x)
 /* One block [0, len) (len <= BLOCK) of one tensor: its sums (in float32) folded into row[TERMS] (in float64). */
 static void block_terms(int mode, int all, const float *restrict v, const float *restrict g, float *restrict eta,
                         int64_t len, float s, float e, float s_prev, float e_prev, float inverse_keep, float weight,
@@ -225,6 +232,8 @@ int adamtype_group_terms(int mode, int all, int64_t n, const int64_t *v_ptrs, co
     }
     return 0;
 }
+#undef REAL
+#undef REAL_ABS
 """
 
 _ABI_SOURCE = """
@@ -233,7 +242,18 @@ int adamtype_abi_version(void) { return %d; }
 """
 
 #: the C source compiled: the kernel and the ABI version
-SOURCE = _KERNEL_SOURCE + _ABI_SOURCE % ABI_VERSION
+def _float64_kernel(source: str) -> str:
+    """The float64 kernel: :data:`_FLOAT32_KERNEL` with double for float (tensors, η, the table, the scalars and the
+    block sums), the double math functions, and ``_f64`` after each function's name."""
+    for old, new in (("float ", "double "), ("float *", "double *"), ("sqrtf(", "sqrt("), ("fabsf(", "fabs("),
+                     ("copysignf(", "copysign("), ("0.0f", "0.0"), ("1.0f", "1.0"), ("#define REAL float", "#define REAL double"),
+                     ("block_terms(", "block_terms_f64("), ("piece_terms(", "piece_terms_f64("),
+                     ("adamtype_group_terms(", "adamtype_group_terms_f64(")):
+        source = source.replace(old, new)
+    return source
+
+
+SOURCE = _COMMON_SOURCE + _FLOAT32_KERNEL + _float64_kernel(_FLOAT32_KERNEL) + _ABI_SOURCE % ABI_VERSION
 
 _FLAGS = ("-O3", "-fPIC", "-shared", "-fno-math-errno", "-ffp-contract=off")
 #: the optional flags, tried in this order until one set compiles (a timeout ends the search): a compiler without
@@ -272,8 +292,12 @@ def _load(path: str) -> tuple[ctypes.CDLL | None, str]:
     if found != ABI_VERSION:
         return None, f"has ABI version {found}, not {ABI_VERSION}"
     p, i64, f32, f64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_double, ctypes.c_int
-    function.argtypes = [i32, i32, i64, p, p, p, p, p, p, i64, p, i64, f32, f32, f32, p, p, p, i32, p, f64, p, p, i32]
-    function.restype = i32
+    function64 = getattr(library, "adamtype_group_terms_f64", None)
+    if function64 is None:
+        return None, "is not this package's library (adamtype_group_terms_f64 missing)"
+    for f, real in ((function, f32), (function64, f64)):
+        f.argtypes = [i32, i32, i64, p, p, p, p, p, p, i64, p, i64, real, real, real, p, p, p, i32, p, f64, p, p, i32]
+        f.restype = i32
     return library, ""
 
 

@@ -76,19 +76,20 @@ class FlatEtaLayout:
             offset += -(-n // 4) * 4
         self.eta_numel = offset
 
-    def check_launch(self, vs: Sequence[Tensor], gs: Sequence[Tensor], eta: Tensor | None, table: Tensor, mode: int) -> None:
-        """The kernels read raw addresses: n v's and g's, a contiguous float32 [n, ≥2] table (≥4 in RECOMPUTED) and,
-        in FIRST / STORED, an η buffer of :attr:`eta_numel` elements; ValueError naming what is wrong else."""
+    def check_launch(self, vs: Sequence[Tensor], gs: Sequence[Tensor], eta: Tensor | None, table: Tensor, mode: int,
+                     dtype: torch.dtype = torch.float32) -> None:
+        """The kernels read raw addresses: n v's and g's, a contiguous [n, ≥2] table of ``dtype`` (≥4 in RECOMPUTED)
+        and, in FIRST / STORED, an η buffer of :attr:`eta_numel` elements; ValueError naming what is wrong else."""
         n, columns = len(self.sizes), 4 if mode == RECOMPUTED else 2
         bad_table = (
             table.dim() != 2 or table.shape[0] != n or table.shape[1] < columns
-            or table.dtype != torch.float32 or not table.is_contiguous()
+            or table.dtype != dtype or not table.is_contiguous()
         )
         needs_eta = mode in (FIRST, STORED)
         if len(vs) != n or len(gs) != n or bad_table or (needs_eta and (eta is None or eta.numel() < self.eta_numel)):
             raise ValueError(
                 f"a launch for {n} tensors (η buffer of {self.eta_numel}) got {len(vs)} v, {len(gs)} g, a "
-                f"{table.dtype} table of shape {tuple(table.shape)} (expected contiguous float32, {n} rows of at "
+                f"{table.dtype} table of shape {tuple(table.shape)} (expected contiguous {str(dtype).replace('torch.', '')}, {n} rows of at "
                 f"least {columns} in mode {mode}) and {'no η buffer' if eta is None else f'an η buffer of {eta.numel()}'}"
             )
 
@@ -111,14 +112,16 @@ class OnePassBackend:
 
     name = ""
     device_type = ""
+    #: the dtypes the kernel takes (v, g and η of one dtype)
+    dtypes: tuple[torch.dtype, ...] = (torch.float32,)
     launch_class: Any = None
 
     def unavailable(self, device: torch.device) -> str | None:  # pragma: no cover - overridden
         raise NotImplementedError
 
     def decline(self, step: GroupStep) -> str | None:
-        """None when the group has a square-root form, contiguous float32 v and g on this backend's device, all or
-        none of its parameters with an η_{t−1}, and no GradScaler flag to apply on the device."""
+        """None when the group has a square-root form, contiguous v and g of one of :attr:`dtypes` on this backend's
+        device, all or none of its parameters with an η_{t−1}, and no GradScaler flag to apply on the device."""
         if step.form is None:
             return "its effective stepsize is not of the form s / (sqrt(v) + e)"
         if step.activity is not step.form[0]:  # (the kernels read activity from the v they read: v ≠ 0)
@@ -137,25 +140,27 @@ class OnePassBackend:
             if why is not None:
                 return why
             step.cache["eligible"] = list(map(weakref.ref, vs))
-        elif set(map(_dtype, step.grads)) != {torch.float32} or not all(map(Tensor.is_contiguous, step.grads)):
-            return self._ineligible(step.grads)  # (a gradient's device is its parameter's: torch enforces it)
+        elif set(map(_dtype, step.grads)) != {vs[0].dtype} or not all(map(Tensor.is_contiguous, step.grads)):
+            return self._ineligible([*vs, *step.grads])  # (a gradient's device is its parameter's: torch enforces it)
         return None
 
-    def _float32_contiguous(self, t: Tensor) -> bool:
-        return t.dtype is torch.float32 and t.is_contiguous() and t.device.type == self.device_type
+    def _contiguous_on_device(self, t: Tensor) -> bool:
+        return t.dtype in self.dtypes and t.is_contiguous() and t.device.type == self.device_type
 
     def _ineligible(self, tensors: list[Tensor]) -> str | None:
-        if not all(map(self._float32_contiguous, tensors)):
+        if not all(map(self._contiguous_on_device, tensors)) or len(set(map(_dtype, tensors))) != 1:
             kinds = sorted({f"{t.dtype}{'' if t.is_contiguous() else ' non-contiguous'} on {t.device}" for t in tensors})
-            return f"it needs contiguous float32 state and gradients on {self.device_type}; the group has {', '.join(kinds)}"
+            wanted = " or ".join(str(d).replace("torch.", "") for d in self.dtypes)
+            return (f"it needs contiguous {wanted} state and gradients of one dtype on {self.device_type}; the group "
+                    f"has {', '.join(kinds)}")
         if len({t.device for t in tensors}) != 1:
             return "its tensors are on more than one device"
         return None
 
-    def _launch(self, step: GroupStep, sizes: tuple[int, ...]) -> Any:
+    def _launch(self, step: GroupStep, sizes: tuple[int, ...], dtype: torch.dtype) -> Any:
         launch = step.cache.get(self.name)
-        if launch is None or launch.sizes != sizes or launch.device != step.device:
-            launch = step.cache[self.name] = self.launch_class(sizes, step.device)
+        if launch is None or launch.sizes != sizes or launch.device != step.device or launch.dtype != dtype:
+            launch = step.cache[self.name] = self.launch_class(sizes, step.device, dtype)
             step.cache.pop("buffer", None)
         return launch
 
@@ -167,15 +172,16 @@ class OnePassBackend:
         vs, scalars = step.form
         sizes = tuple(map(Tensor.numel, vs))
         n = sum(sizes)
-        launch = self._launch(step, sizes)
+        real = vs[0].dtype
+        launch = self._launch(step, sizes, real)
         accumulate = (step.accumulators, float(step.weight)) if step.fuse else None
         has_previous = step.with_previous > 0
         coordinates = step.coordinates
         if step.update is not None:
             keep, weight = step.update
-            table = scalar_table(scalars, torch.float32, step.device)
+            table = scalar_table(scalars, real, step.device)
             if has_previous:
-                both = torch.cat([table, torch.stack(step.previous_scales).to(torch.float32)], dim=1)  # type: ignore[arg-type]
+                both = torch.cat([table, torch.stack(step.previous_scales).to(real)], dim=1)  # type: ignore[arg-type]
                 terms = launch.terms(vs, step.grads, None, both, RECOMPUTED, 1.0 / keep, weight, accumulate, coordinates)
             else:
                 terms = launch.terms(vs, step.grads, None, table, CURRENT, accumulate=accumulate, coordinates=coordinates)
@@ -207,7 +213,7 @@ class OnePassBackend:
                 if list(map(_shape, views)) == shapes:
                     return buffer, views
         shapes = shapes or list(map(_shape, step.params))
-        buffer = torch.empty(launch.eta_numel, dtype=torch.float32, device=step.device)
+        buffer = torch.empty(launch.eta_numel, dtype=launch.dtype, device=step.device)
         views = launch.eta_views(buffer, shapes)
         if has_previous:
             for into, old in zip(views, step.previous):

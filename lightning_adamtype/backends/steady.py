@@ -13,7 +13,7 @@ the rest still holds:
 - each v (read again from its state under the same key) still starts at the same address, and each step counter
   is the same object, a host number or a CPU tensor (device counters, of fused or capturable optimizers, take the
   general path); the plan holds them, so an address seen again is the same live allocation;
-- each gradient is a contiguous tensor of the bytes its v has (float32 of the same count);
+- each gradient is a contiguous tensor of the bytes its v has (of the launch's dtype, the same count);
 - the adapter's square-root form still reads that v (an AMSGrad switch changes the key) and gives host floats;
 - the group's coupled weight decay is still 0 and η_{t−1} is the previous optimizer step's.
 
@@ -70,7 +70,8 @@ class _NativeCall:
         self._held = (eta, accumulators, values)
         self._g_ptrs = (ctypes.c_int64 * n)()
         self._v_ptrs = (ctypes.c_int64 * n)(*map(Tensor.data_ptr, vs))
-        table = launch.scalar_table([(0.0, 0.0)] * n)  # the launch's host table (float32 [n, 2]), written each step
+        table = launch.scalar_table([(0.0, 0.0)] * n)  # the launch's host table ([n, 2]), written each step
+        self.double = launch.dtype == torch.float64
         self._table, self._table_address, self.n = launch.host_table(), table.data_ptr(), n
         # for the compiled checks: the counts of the v tensors, and where the step counts are read to
         self._numels = (ctypes.c_int64 * n)(*(v.numel() for v in vs))
@@ -90,7 +91,7 @@ class _NativeCall:
             self._g_ptrs[:] = list(map(Tensor.data_ptr, grads))
         if type(scalars) is tuple:
             if checks is not None:
-                checks.fill_pairs(self._table_address, self.n, *scalars)
+                checks.fill_pairs(self._table_address, self.n, *scalars, self.double)
             else:
                 self._table[:] = list(scalars) * self.n
         else:
@@ -102,7 +103,7 @@ class _NativeCall:
 
     def gather_arguments(self) -> tuple:
         """The trailing arguments of :func:`steady_checks.gather` for this call's address tables."""
-        return (self._v_address, self._numels_address, ctypes.addressof(self._g_ptrs), self._steps_address)
+        return (self._v_address, self._numels_address, ctypes.addressof(self._g_ptrs), self._steps_address, self.double)
 
 
 class _TritonCall:

@@ -7,10 +7,11 @@ C++ call over the lists, reading the tensors through torch's own headers (about 
 
 - ``params`` (the group's list) holds the same objects as ``cached_params``, each a plain ``Tensor`` or ``Parameter``;
 - the parameters that ``mask`` marks have a gradient, the others none; each gradient is a plain, dense, contiguous
-  float32 CPU tensor (no negation or conjugation bit) with as many elements as its v; its address goes to ``g_out``;
+  CPU tensor of the plan's dtype (float32, or float64 when ``double``; no negation or conjugation bit) with as many
+  elements as its v; its address goes to ``g_out``;
 - ``opt_state`` holds, in order, the same state dicts as ``cached_values``;
-- each state's ``v_key`` entry is the same tensor as in ``cached_vs``, still a contiguous float32 CPU tensor at the
-  address in ``v_ptrs`` with the count in ``numels``;
+- each state's ``v_key`` entry is the same tensor as in ``cached_vs``, still a contiguous CPU tensor of the plan's
+  dtype at the address in ``v_ptrs`` with the count in ``numels``;
 - each state's ``"step"`` is a host number or a plain CPU tensor of one float32/float64 element; its value goes to
   ``steps_out``.
 
@@ -43,7 +44,8 @@ from .trusted_build import BuildInfo
 __all__ = ["ABI_VERSION", "RECIPE", "build_info", "compiled", "wait"]
 
 #: the version of the extension's interface (gather, fill_pairs); a module that reports another is not used
-ABI_VERSION = 1
+#: (2: float64 tensors too, named by a last argument)
+ABI_VERSION = 2
 #: seconds one compiler run may take (C++ against torch's headers: about 12 s on an idle 2-core machine)
 COMPILE_TIMEOUT_S = 180
 _MODULE = "adamtype_steady_checks"
@@ -61,8 +63,8 @@ namespace {
 
 PyObject* step_key = nullptr;  /* "step", interned at import */
 
-bool dense_cpu_float(const at::Tensor& t, int64_t numel) {
-    return t.defined() && t.layout() == at::kStrided && t.device().is_cpu() && t.scalar_type() == at::kFloat &&
+bool dense_cpu(const at::Tensor& t, int64_t numel, at::ScalarType dtype) {
+    return t.defined() && t.layout() == at::kStrided && t.device().is_cpu() && t.scalar_type() == dtype &&
            !t.is_neg() && !t.is_conj() && t.numel() == numel && t.is_contiguous();
 }
 
@@ -86,7 +88,7 @@ bool read_step(PyObject* step, double* out) {
 }
 
 /* gather(params, cached_params, mask, opt_state, cached_values, states, v_key, cached_vs, v_ptrs, numels, g_out,
-   steps_out) -> 0 | 1 | 2 (see the Python module's docstring) */
+   steps_out, double) -> 0 | 1 | 2 (see the Python module's docstring) */
 int gather_checked(PyObject* const* a) {
     PyObject *params = a[0], *cached_params = a[1], *mask = a[2], *opt_state = a[3], *cached_values = a[4];
     PyObject *states = a[5], *v_key = a[6], *cached_vs = a[7];
@@ -94,6 +96,7 @@ int gather_checked(PyObject* const* a) {
     const int64_t* numels = static_cast<const int64_t*>(PyLong_AsVoidPtr(a[9]));
     int64_t* g_out = static_cast<int64_t*>(PyLong_AsVoidPtr(a[10]));
     double* steps_out = static_cast<double*>(PyLong_AsVoidPtr(a[11]));
+    at::ScalarType dtype = PyObject_IsTrue(a[12]) ? at::kDouble : at::kFloat;
     if (PyErr_Occurred()) return -1;
     if (!PyList_Check(params) || !same_items(params, cached_params)) return 0;
     Py_ssize_t n = PyList_GET_SIZE(states);
@@ -112,7 +115,7 @@ int gather_checked(PyObject* const* a) {
             if (g.defined()) return 0;
             continue;
         }
-        if (k >= n || !dense_cpu_float(g, numels[k])) return 0;
+        if (k >= n || !dense_cpu(g, numels[k], dtype)) return 0;
         g_out[k++] = reinterpret_cast<int64_t>(g.const_data_ptr());
     }
     if (k != n) return 0;
@@ -128,7 +131,7 @@ int gather_checked(PyObject* const* a) {
         PyObject* v = PyDict_GetItemWithError(state, v_key);
         if (v == nullptr || v != PyList_GET_ITEM(cached_vs, i) || !THPVariable_CheckExact(v)) { PyErr_Clear(); return 0; }
         const at::Tensor& vt = THPVariable_Unpack(v);
-        if (!dense_cpu_float(vt, numels[i]) || reinterpret_cast<int64_t>(vt.const_data_ptr()) != v_ptrs[i]) return 0;
+        if (!dense_cpu(vt, numels[i], dtype) || reinterpret_cast<int64_t>(vt.const_data_ptr()) != v_ptrs[i]) return 0;
         PyObject* step = PyDict_GetItemWithError(state, step_key);
         if (step == nullptr) PyErr_Clear();
         if (step == nullptr || !read_step(step, &steps_out[i])) return 0;
@@ -138,10 +141,10 @@ int gather_checked(PyObject* const* a) {
 }
 
 PyObject* gather(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-    if (nargs != 12 || !PyList_Check(args[1]) || !PyList_Check(args[4]) || !PyList_Check(args[5]) ||
+    if (nargs != 13 || !PyList_Check(args[1]) || !PyList_Check(args[4]) || !PyList_Check(args[5]) ||
         !PyList_Check(args[7]) || !PyUnicode_Check(args[6]) || (args[2] != Py_None && !PyBytes_Check(args[2]))) {
         PyErr_SetString(PyExc_TypeError, "gather(params, cached_params: list, mask: bytes | None, opt_state, "
-                        "cached_values: list, states: list, v_key: str, cached_vs: list, v_ptrs, numels, g_out, steps_out)");
+                        "cached_values: list, states: list, v_key: str, cached_vs: list, v_ptrs, numels, g_out, steps_out, double)");
         return nullptr;
     }
     int answer;
@@ -154,14 +157,21 @@ PyObject* gather(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     return PyLong_FromLong(answer);
 }
 
-/* fill_pairs(address, n, s, e): n rows (s, e) of float32 at address */
+template <typename Real>
+void fill(void* address, Py_ssize_t n, double s, double e) {
+    Real* table = static_cast<Real*>(address);
+    for (Py_ssize_t i = 0; i < n; ++i) { table[2 * i] = static_cast<Real>(s); table[2 * i + 1] = static_cast<Real>(e); }
+}
+
+/* fill_pairs(address, n, s, e, double): n rows (s, e) at address, of float64 when double, else of float32 */
 PyObject* fill_pairs(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-    if (nargs != 4) { PyErr_SetString(PyExc_TypeError, "fill_pairs(address, n, s, e)"); return nullptr; }
-    float* table = static_cast<float*>(PyLong_AsVoidPtr(args[0]));
+    if (nargs != 5) { PyErr_SetString(PyExc_TypeError, "fill_pairs(address, n, s, e, double)"); return nullptr; }
+    void* address = PyLong_AsVoidPtr(args[0]);
     Py_ssize_t n = PyLong_AsSsize_t(args[1]);
-    float s = static_cast<float>(PyFloat_AsDouble(args[2])), e = static_cast<float>(PyFloat_AsDouble(args[3]));
+    double s = PyFloat_AsDouble(args[2]), e = PyFloat_AsDouble(args[3]);
+    int real64 = PyObject_IsTrue(args[4]);
     if (PyErr_Occurred()) return nullptr;
-    for (Py_ssize_t i = 0; i < n; ++i) { table[2 * i] = s; table[2 * i + 1] = e; }
+    if (real64) fill<double>(address, n, s, e); else fill<float>(address, n, s, e);
     Py_RETURN_NONE;
 }
 

@@ -271,6 +271,7 @@ class GroupLaunch(FlatEtaLayout):
     places it."""
 
     device: torch.device
+    dtype: torch.dtype = torch.float32  # (the kernels take float32 only: TritonBackend.dtypes)
     block_tensor: Tensor = field(init=False)
     block_start: Tensor = field(init=False)
     sizes_table: Tensor = field(init=False)
