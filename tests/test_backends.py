@@ -659,10 +659,8 @@ def test_float32_norms_are_why_sums_are_taken_in_pieces(one_magnitude, gradients
     assert rel(head_l1, head.double().sum().item()) > 1e-6
 
 
-# ---------------------------------------------------------------------------------------------- backends at 40M
+# ---------------------------------------------------------------------------------------------- backends at size
 
-#: three tensors, 40M coordinates: each backend's step at size
-LARGE_SIZES = (30_000_000, 9_900_000, 100_000)
 #: Triton's interpreter takes about 100 s per step at 40M; its sums are per program (BLOCK coordinates, a few per
 #: lane) folded in float64, so what the size can show (many programs folded) shows at 1M (62 programs)
 TRITON_LARGE_SIZES = (750_000, 245_000, 5_000)
@@ -716,14 +714,16 @@ def large_steps(gradients: torch.Tensor, sizes: tuple[int, ...], previous_stepsi
     return _large_steps[key]
 
 
-#: recomputed mode at 4M: its sums are the stored mode's (the same reductions, checked at 40M above); only η_{t−1}
-#: comes from elsewhere, which does not depend on the size (the float64 reference at 40M costs 35 s of the suite)
-RECOMPUTED_SIZES = (3_000_000, 990_000, 10_000)
+#: the backends' two steps at size: 4M coordinates in three tensors (one of them without an active coordinate at
+#: first), both launch modes and both coordinates modes. The sums' accuracy at 40M is
+#: test_tracker_matches_float64_at_size's (Adam on every kernel, NAdam): the float64 reference of these inputs at
+#: 40M cost 35 s of the suite per mode and checks the same reductions
+BACKEND_LARGE_SIZES = (3_000_000, 990_000, 10_000)
 LARGE_BACKENDS = [  # (grouped by inputs: each set of inputs and its expectations is made once)
-    pytest.param("foreach", LARGE_SIZES, "stored", id="foreach-40M-stored"),
-    pytest.param("native", LARGE_SIZES, "stored", marks=NEEDS_NATIVE, id="native-40M-stored"),
-    pytest.param("foreach", RECOMPUTED_SIZES, "recomputed", id="foreach-4M-recomputed"),
-    pytest.param("native", RECOMPUTED_SIZES, "recomputed", marks=NEEDS_NATIVE, id="native-4M-recomputed"),
+    pytest.param("foreach", BACKEND_LARGE_SIZES, "stored", id="foreach-4M-stored"),
+    pytest.param("native", BACKEND_LARGE_SIZES, "stored", marks=NEEDS_NATIVE, id="native-4M-stored"),
+    pytest.param("foreach", BACKEND_LARGE_SIZES, "recomputed", id="foreach-4M-recomputed"),
+    pytest.param("native", BACKEND_LARGE_SIZES, "recomputed", marks=NEEDS_NATIVE, id="native-4M-recomputed"),
     pytest.param("triton", TRITON_LARGE_SIZES, "stored", marks=NEEDS_TRITON, id="triton-1M-stored"),
     pytest.param("triton", TRITON_LARGE_SIZES, "recomputed", marks=NEEDS_TRITON, id="triton-1M-recomputed"),
 ]
@@ -731,7 +731,7 @@ LARGE_BACKENDS = [  # (grouped by inputs: each set of inputs and its expectation
 
 @pytest.mark.parametrize("name,sizes,previous_stepsize", LARGE_BACKENDS)
 def test_backend_steps_at_size_match_float64(name, sizes, previous_stepsize, gradients):
-    """Two steps at 40M coordinates (Triton's interpreter: 1M) with activations and inactive coordinates, in both coordinates
+    """Two steps at 4M coordinates (Triton's interpreter: 1M) with activations and inactive coordinates, in both coordinates
     modes: the group terms within 1e-6 relative of float64 (3e-7 measured), the counts exact,
     each tensor's share within 1e-6 (the foreach backend's shares are float32 norms: 1e-3, :data:`SHARE_RTOL`), the
     kept η within 1e-6."""
