@@ -12,7 +12,8 @@ that rank. Rank zero's loggers write TensorBoard events and a CSV under ``<out>/
 switch happens inside this short run). ``deaf``: the same, but rank 1's detectors can never flag (patience out of
 reach, same sampling grid: its own verdicts stay unknown), so rank 1 switches only because rank 0's decision is
 broadcast to it.
-``--devices 1`` is the single-process reference over the same global batches (batch size 2·BATCH).
+``--devices 1`` is the single-process reference over the same global batches (batch size 2·BATCH); the tests run
+it in their own process (:func:`main` with the arguments).
 """
 
 from __future__ import annotations
@@ -112,13 +113,17 @@ class RecordingCSV(CSVLogger):
         super().log_metrics(metrics, step)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """One run (``argv``: the command line's arguments, default ``sys.argv[1:]``); ``--devices 1`` may also be run
+    in the caller's process (no launcher, nothing re-run)."""
+    CALLS.clear()
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
     parser.add_argument("--devices", type=int, default=2)
     parser.add_argument("--switch", choices=("off", "on", "deaf"), default="off")
     parser.add_argument("--weight-decay", type=float, default=0.0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
 
     # Lightning's launcher sets LOCAL_RANK for the processes it starts; the first one has none yet.
@@ -166,6 +171,7 @@ def main() -> None:
     with open(os.path.join(args.out, f"rank{trainer.global_rank}.json"), "w") as f:
         json.dump(result, f)
     sys.stdout.flush()
+    torch.set_num_threads(threads)
     if args.devices > 1:
         # Both ranks have written their results; leave without the interpreter's teardown, where destroying
         # gloo's state aborts now and then (SIGABRT) after all the work is done (tests/gloo_ranks.py).

@@ -79,6 +79,9 @@ class Run:
 
 def _run(out: Path, devices: int = 2, switch: str = "off", weight_decay: float = 0.0) -> Run:
     out.mkdir(parents=True, exist_ok=True)
+    if devices == 1:  # the single-process reference: no launcher, so in this process (Lightning is imported already)
+        script.main([str(out), "--devices", "1", "--switch", switch, "--weight-decay", str(weight_decay)])
+        return Run(out, 0, "", devices)
     env = dict(os.environ)
     env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
