@@ -103,15 +103,19 @@ def _train_sharded(rank: int, case: str) -> dict:
                                                     "shares": t.tensor_shares()} for option, t in trackers.items()}}
 
 
-_sharded_runs: dict[str, list[dict]] = {}
+def _train_every_case(rank: int) -> dict:
+    """:func:`_train_sharded` for every case of CASES, one after another in the same two ranks."""
+    return {case: _train_sharded(rank, case) for case in CASES}
+
+
+_sharded_runs: list[dict] = []
 
 
 def _sharded_run(tmp_path, case: str) -> list[dict]:
-    """The ranks' results of one sharded run of ``case`` (one spawn per case, shared by its options' tests)."""
-    if case not in _sharded_runs:
-        _sharded_runs.clear()
-        _sharded_runs[case] = _spawn(tmp_path, "train", case)
-    return _sharded_runs[case]
+    """The ranks' results of the sharded run of ``case`` (one spawn runs every case, shared by their tests)."""
+    if not _sharded_runs:
+        _sharded_runs.extend(_spawn(tmp_path, "train"))
+    return [run[case] for run in _sharded_runs]
 
 
 def _train_resumed(rank: int) -> dict:
@@ -166,7 +170,7 @@ def _combine_terms(rank: int) -> dict:
     return out
 
 
-JOBS = {"train": _train_sharded, "resume": _train_resumed, "combine": _combine_terms}
+JOBS = {"train": _train_every_case, "resume": _train_resumed, "combine": _combine_terms}
 
 
 def _same(a, b) -> bool:
