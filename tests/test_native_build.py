@@ -157,7 +157,41 @@ def test_fresh_cache_builds_once_then_loads_without_compiling(tmp_path, monkeypa
     check_kernel(native_build.library())
     assert runs(counter) == built
     assert native_build.build_info().from_cache and native_build.build_info().path == info.path
-    assert sorted(os.listdir(root)) == [os.path.basename(info.path)]  # no marker, no leftover build folder
+    # no marker, no leftover build folder; the lock file the build held
+    assert sorted(os.listdir(root)) == sorted([os.path.basename(info.path), os.path.basename(info.path)[:-3] + ".lock"])
+
+
+def test_a_build_waits_for_the_process_building_it_and_loads_its_library(tmp_path, monkeypatch, expected_name):
+    """Another process holds the build lock of the cache root (here a thread of this test, through its own open
+    file) and puts the library in place before it lets go: the build waits for it and loads that library from the
+    cache instead of running the compiler (the ranks of a distributed run compile once)."""
+    import fcntl
+    import threading
+
+    monkeypatch.setenv("LIGHTNING_ADAMTYPE_CACHE", str(tmp_path / "scratch"))
+    native_build.reset()
+    built = native_build.build_info().path  # a library to put in place, built in another root
+    native_build.reset()
+    root = cache_root(tmp_path)
+    monkeypatch.setenv("LIGHTNING_ADAMTYPE_CACHE", str(root))
+    lock = os.open(root / (expected_name[:-3] + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+
+    def other_builder():
+        time.sleep(0.5)
+        shutil.copy(built, root / expected_name)
+        os.chmod(root / expected_name, 0o700)
+        os.close(lock)  # (lets go of the lock)
+
+    thread = threading.Thread(target=other_builder)
+    start = time.monotonic()
+    thread.start()
+    check_kernel(native_build.library())
+    waited = time.monotonic() - start
+    thread.join()
+    info = native_build.build_info()
+    assert info.from_cache and info.path == str(root / expected_name) and info.reason == ""
+    assert waited >= 0.45
 
 
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="chown to another user needs root")

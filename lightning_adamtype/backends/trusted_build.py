@@ -28,12 +28,15 @@ code, so the loader follows one rule:
   that fails (a timeout, or an error on every flag set) is remembered in ``<prefix>_<key>.failed`` in a trusted
   cache root, and later processes (reading the marker only if it passes the same test) do not run the compiler
   again until it is deleted. Not finding a compiler costs no compiler run, so it is not remembered.
+- Processes sharing a cache root build one at a time (an exclusive lock on ``<prefix>_<key>.lock`` in the trusted
+  root, the wait bounded): the ranks of a distributed run compile once, the others load the result.
 
 Without ``os.geteuid`` (Windows) the cache is never trusted and each process builds privately.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -42,7 +45,8 @@ import stat
 import subprocess
 import tempfile
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -291,7 +295,44 @@ def _build_private(recipe: Recipe, compiler: str, name: str, note: str,
         shutil.rmtree(folder, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def _one_builder(recipe: Recipe, root: str, name: str) -> Iterator[None]:
+    """Processes sharing the trusted ``root`` (the ranks of a distributed run, test workers) look for and build
+    ``name`` one at a time: an exclusive ``flock`` on ``<name>.lock`` there, so the others wait and then find it
+    built. The wait is bounded (the compiler's timeout and 10 s more: a holder that is stopped, not dead, is not
+    waited for); where no lock can be taken (no ``fcntl``, a read-only root) nobody waits."""
+    try:
+        import fcntl
+    except ImportError:  # (Windows: the cache is never trusted there anyway)
+        yield
+        return
+    try:
+        fd = os.open(os.path.join(root, name + ".lock"), os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    except OSError:
+        yield
+        return
+    try:
+        deadline = time.monotonic() + _timeout(recipe) + 10.0
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)  # (releases the lock)
+
+
 def _build_cached(recipe: Recipe, compiler: str, root: str, name: str) -> tuple[Any, BuildInfo]:
+    """Load ``name`` from the trusted ``root``, or build it there, one process at a time."""
+    with _one_builder(recipe, root, name):
+        return _load_or_build_cached(recipe, compiler, root, name)
+
+
+def _load_or_build_cached(recipe: Recipe, compiler: str, root: str, name: str) -> tuple[Any, BuildInfo]:
     """Load ``name`` from the trusted ``root``, or build it there; see the module's docstring for what is refused."""
     path, marker = os.path.join(root, name + ".so"), os.path.join(root, name + ".failed")
     if os.path.lexists(path):
