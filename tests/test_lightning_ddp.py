@@ -57,9 +57,9 @@ STEPS = script.EPOCHS * script.BATCHES  # optimizer steps (global_step at the en
 LOGGED_STEPS = sorted({*range(script.LOG_EVERY, STEPS + 1, script.LOG_EVERY), STEPS})  # 4, 8, …, 20
 GROUPS = ("Adam/pg0", "Adam/head")
 SWITCH_STEP = 9  # with script.FORCE: samples at 5, 6, 7 (slope known at 7), patience 2 → flagged at 8, AMSGrad from 9
-#: Adam's coupled weight decay (first group) in the "deaf" run, which the coupled-decay test reads too (one launch
-#: fewer)
-DEAF_WEIGHT_DECAY = 1e-2
+#: Adam's coupled weight decay (first group) in the runs that switch ("on", "deaf", on one process and two), which
+#: the coupled-decay test reads too (one launch fewer); the "off" runs have none
+SWITCH_WEIGHT_DECAY = 1e-2
 #: the keys that follow from a rank's own verdicts (three-state verdict, the step it last changed, steps still needed)
 VERDICTS = tuple(f"{kind}_{field}" for kind in ("variance", "bias") for field in ("violation", "changed_at", "steps_needed"))
 
@@ -111,7 +111,7 @@ def runs(tmp_path_factory):
 
     def get(switch: str, devices: int = 2) -> Run:
         if (switch, devices) not in cache:
-            weight_decay = DEAF_WEIGHT_DECAY if switch == "deaf" else 0.0
+            weight_decay = SWITCH_WEIGHT_DECAY if switch != "off" else 0.0
             run = _run(tmp_path_factory.mktemp(f"{switch}_{devices}dev"), devices=devices, switch=switch,
                        weight_decay=weight_decay)
             assert run.returncode == 0, run.output[-4000:]
@@ -282,9 +282,9 @@ def test_rank_one_follows_rank_zeros_decision(runs):
 # Lightning computes the gradients inside the closure it passes to optimizer.step, after the step pre-hook: the
 # tracker takes its copy of x_t (for g = ∇ + λx) after the closure returns (it used to crash on the first step).
 def test_coupled_weight_decay_under_lightning_ddp(runs):
-    """The "deaf" run has coupled weight decay on its first group: both ranks trained through it, and every number
-    but rank 1's own verdicts (which the deaf run keeps unknown by design) is the same on both."""
-    r0, r1 = runs("deaf").ranks
+    """The "on" run has coupled weight decay on its first group: both ranks trained through it (and the switch), and
+    every number is the same on both."""
+    r0, r1 = runs("on").ranks
     _assert_ddp_ran(r0, r1)
-    _assert_identical(r0, r1, skip=VERDICTS)
+    _assert_identical(r0, r1)
     assert all(r0["compute"][group]["b"] > 0 and r0["compute"][group]["c"] > 0 for group in GROUPS)
