@@ -39,11 +39,12 @@ class _CountedChecks:
     """The compiled extension, its gather calls counted."""
 
     def __init__(self, module):
-        self.module, self.calls = module, 0
+        self.module, self.calls, self.answers = module, 0, []
 
     def gather(self, *args):
         self.calls += 1
-        return self.module.gather(*args)
+        self.answers.append(self.module.gather(*args))
+        return self.answers[-1]
 
     def fill_pairs(self, *args):
         return self.module.fill_pairs(*args)
@@ -137,8 +138,20 @@ GRAD_CHANGES = {"gradient-missing": _drop_gradient, "gradient-non-contiguous": _
                 "gradient-expanded": _expanded_gradient}
 
 
-def _train(kernel: str, change=None, grad_change=None, skip_first_steps_of=None, dtype=torch.float32):
-    model = _model(dtype)
+class _TaggedParameter(nn.Parameter):
+    """A Parameter subclass (as some libraries use): the compiled checks read only plain tensors and leave it to
+    the Python checks."""
+
+
+def _with_tagged_parameters(model: nn.Module) -> nn.Module:
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            setattr(module, name, _TaggedParameter(p.detach().clone()))
+    return model
+
+
+def _train(kernel: str, change=None, grad_change=None, skip_first_steps_of=None, dtype=torch.float32, tagged=False):
+    model = _with_tagged_parameters(_model(dtype)) if tagged else _model(dtype)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     tracker = ConditionTracker(opt, kernel=kernel)
     gen = torch.Generator().manual_seed(1)
@@ -246,6 +259,21 @@ def test_a_float64_group_runs_the_plan_with_the_reference_numbers(plan, monkeypa
     got, expected = native.compute()["Adam/pg0"], foreach.compute()["Adam/pg0"]
     for key in KEYS:
         assert got[key] == pytest.approx(expected[key], rel=1e-12, abs=1e-300), (key, got[key], expected[key])
+
+
+@pytest.mark.parametrize("plan", [p for p in KERNELS if p.values[0] != "triton"])
+def test_parameter_subclasses_run_the_plan_through_the_python_checks(plan, monkeypatch):
+    """Parameters of a subclass: the compiled gather declines them (it reads plain tensors only) and the same
+    step's Python checks take it, so the plan still runs every step after the first, with the reference numbers."""
+    kernel, checks = _kernel(plan, monkeypatch)
+    counted = _Counted(monkeypatch)
+    native, params_native = _train(kernel, tagged=True)
+    assert (counted.taken, counted.declined) == (STEPS - 1, 0)
+    if checks is not None:
+        assert checks.answers == [0] * (STEPS - 1)  # asked every step, declined every step: the Python checks took it
+    foreach, params_foreach = _train("foreach", tagged=True)
+    assert all(torch.equal(a, b) for a, b in zip(params_native, params_foreach))
+    _assert_same_numbers(native, foreach)
 
 
 @pytest.mark.parametrize("plan", KERNELS)

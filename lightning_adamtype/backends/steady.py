@@ -205,16 +205,17 @@ class SteadyPlan:
         finite flag (a bool tensor), or None when something checked has changed (nothing was computed)."""
         if observation != self.last + 1 or group is not self.group or opt_state is not self.opt_state:
             return None
-        call, checks = self.call, None
+        call, checks, answer = self.call, None, 0
         grads: list[Tensor] | None
         if isinstance(call, _NativeCall) and (checks := steady_checks.compiled()) is not None:
-            # the checks and reads of _gradients, _state_holds and _step_values in one C++ call
+            # the checks and reads of _gradients, _state_holds and _step_values in one C++ call; what it does not
+            # take (a change, or tensors it does not read, such as a Parameter subclass) goes to the Python checks
             answer = checks.gather(group["params"], self.params, self.mask_bytes, opt_state, self.state_values,
                                    self.states, self.v_key, self.vs, *call.gather_arguments())
-            if answer == 0:
-                return None
-            grads, values = None, None if answer == 1 else list(call.steps)
+        if answer:
+            grads, values = None, None if answer == 1 else list(call.steps)  # type: ignore[union-attr]
         else:
+            checks = None
             grads = self._gradients(group)
             if grads is None or not self._state_holds(opt_state):
                 return None
