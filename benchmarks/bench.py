@@ -64,6 +64,7 @@ OPTIMIZERS = {
     "Adam (fused)": lambda ps: torch.optim.Adam(ps, lr=1e-3, fused=True),
     "AdamW (foreach)": lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=1e-2, foreach=True),
     "Adagrad (foreach)": lambda ps: torch.optim.Adagrad(ps, lr=1e-2, foreach=True),
+    "NAdam (foreach)": lambda ps: torch.optim.NAdam(ps, lr=1e-3, foreach=True),
 }
 
 

@@ -290,19 +290,24 @@ class NAdamAdapter:
     """
 
     def effective_stepsizes(self, group: dict[str, Any], states: Sequence[dict[str, Any]]) -> list[Tensor]:
+        return from_sqrt_form(*self.sqrt_form(group, states))
+
+    def sqrt_form(self, group: dict[str, Any], states: Sequence[dict[str, Any]]) -> SqrtForm:
+        """η = s / (sqrt(v) + e) with s = lr·w_t·sqrt(1 − β2^t), e = eps·sqrt(1 − β2^t) (the same η as above; w_t
+        depends on the parameter's own ``mu_product``, so the (s, e) are computed per parameter)."""
         beta1, beta2 = (float(b) for b in group["betas"])
-        psi = float(group["momentum_decay"])
+        psi, eps = float(group["momentum_decay"]), float(group["eps"])
         lr = group_lr(group)
-        steps = [step_value(s) for s in states]
-        numerators: list[Scalar] = []
-        for s, t in zip(states, steps):
+        scalars: list[tuple[Scalar, Scalar]] = []
+        for s in states:
+            t = step_value(s)
             prod = s["mu_product"]
             prod = float(prod) if not isinstance(prod, Tensor) or prod.device.type == "cpu" else prod
             mu = beta1 * (1.0 - 0.5 * 0.96 ** (t * psi))
             mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((t + 1) * psi))
-            numerators.append(lr * ((1 - mu) / (1 - prod) + mu_next / (1 - prod * mu_next)))
-        denominators = sqrt_plus_eps([s["exp_avg_sq"] for s in states], group["eps"], [host_or_device_sqrt(1 - beta2**t) for t in steps])
-        return scale_over_denominator(numerators, denominators)
+            root = host_or_device_sqrt(1 - beta2**t)
+            scalars.append((lr * ((1 - mu) / (1 - prod) + mu_next / (1 - prod * mu_next)) * root, eps * root))
+        return [s["exp_avg_sq"] for s in states], scalars
 
     def activity(self, group: dict[str, Any], states: Sequence[dict[str, Any]]) -> list[Tensor]:
         """v = ``exp_avg_sq``: > 0 exactly where a coordinate has had a non-zero gradient."""

@@ -839,7 +839,7 @@ LARGE = [
     # (each 40M case costs 45–65 s of one core; what depends on the optimizer, the adapter's η, does not depend on
     # the size: Adagrad's native run and SGD's foreach run are the 4M cases below)
     Large("adam-40M", optim.Adam, dict(lr=1e-2), N_LARGE, ("foreach", "native", "auto"), SQRT_FORM),
-    Large("nadam-40M", optim.NAdam, dict(lr=2e-2), N_LARGE, ("foreach",), OTHER),
+    Large("nadam-40M", optim.NAdam, dict(lr=2e-2), N_LARGE, ("foreach", "native"), SQRT_FORM),
     # 4M coordinates: every other optimizer and kernel
     Large("adamw-4M", optim.AdamW, dict(lr=1e-2, weight_decay=0.1), 4_000_000, ("foreach", "native", "auto"),
           SQRT_FORM),
@@ -848,7 +848,7 @@ LARGE = [
     Large("rmsprop-centered-4M", optim.RMSprop, dict(lr=1e-2, centered=True), 4_000_000, ("foreach", "auto"), OTHER),
     Large("sgd-momentum-4M", optim.SGD, dict(lr=0.1, momentum=0.9), 4_000_000, ("foreach", "auto"), OTHER),
     Large("adamax-4M", optim.Adamax, dict(lr=2e-2), 4_000_000, ("foreach", "auto"), OTHER),
-    Large("nadam-4M", optim.NAdam, dict(lr=2e-2), 4_000_000, ("auto",), OTHER),
+    Large("nadam-4M", optim.NAdam, dict(lr=2e-2), 4_000_000, ("auto",), SQRT_FORM),
     # RAdam's first 5 steps are un-adapted (ρ_t ≤ 5): observed from step 6, on the rectified branch
     Large("radam-4M", optim.RAdam, dict(lr=1e-2), 4_000_000, ("foreach", "auto"), OTHER, warm=5),
 ]
@@ -941,8 +941,9 @@ def test_chunked_reference_is_the_reference(name, cls, kwargs):
 
 
 def test_a_backend_is_chosen_per_group():
-    """kernel="auto" on the CPU: "native" for a float32 Adam group, "foreach" for bf16 state, a non-contiguous
-    parameter, NAdam and SGD (no square-root form); no warning for any (auto only falls back)."""
+    """kernel="auto" on the CPU: "native" for a float32 Adam group and NAdam (its η has a square-root form too),
+    "foreach" for bf16 state, a non-contiguous parameter and SGD (no square-root form); no warning for any (auto only
+    falls back)."""
     torch.manual_seed(0)
     f32 = torch.nn.Parameter(torch.randn(40, 3))
     bf16 = torch.nn.Parameter(torch.randn(40, dtype=torch.bfloat16))
@@ -963,7 +964,7 @@ def test_a_backend_is_chosen_per_group():
     assert package_warnings(record) == []
     assert [t.backends() for t in trackers] == [
         {"Adam/pg0": "native" if NATIVE_WHY is None else "foreach", "Adam/pg1": "foreach", "Adam/pg2": "foreach"},
-        {"NAdam/pg0": "foreach"},
+        {"NAdam/pg0": "native" if NATIVE_WHY is None else "foreach"},
         {"SGD/pg0": "foreach"},
     ]
     assert all(row["steps"] == 3 for t in trackers for row in t.compute().values())
@@ -1042,7 +1043,7 @@ def test_triton_where_it_cannot_run_warns_once_and_measures(monkeypatch):
 
 def test_native_kernel_asked_for_on_a_group_without_square_root_form_warns_once():
     _falls_back_once(r"kernel='native' does not run for a group: its effective stepsize is not of the form", "native",
-                     "nadam-foreach")
+                     "radam-wd")
 
 
 @NEEDS_NATIVE
