@@ -20,8 +20,8 @@ counts are all equal, 2 when everything holds and they differ. It never raises f
 while reading a tensor answers 0); it raises TypeError only for arguments of the wrong kind (a caller's bug).
 
 The extension is built by :mod:`.trusted_build`'s rules (owned, private, version-checked, the compiler bounded),
-with the system's C++ compiler (``$CXX``, else ``c++``, ``g++`` or ``clang++``) against the running torch's headers
-and libraries; its key includes torch's version and build and Python's, and the module must report the same
+with the system's C++ compiler (``$CXX``, else ``c++``, ``g++`` or ``clang++``; C++20, which torch 2.14's headers need,
+else C++17) against the running torch's headers and libraries; its key includes torch's version and build and Python's, and the module must report the same
 :data:`ABI_VERSION` and ``torch.__version__`` before it is used. The build (about 12 s on 2 cores) runs in a
 background thread started by the first plan: until it has loaded, plans check in Python (:func:`compiled` gives
 None), so no training step waits for it. ``LIGHTNING_ADAMTYPE_STEADY_CHECKS=python`` keeps the Python checks.
@@ -214,7 +214,7 @@ def _source() -> str:
 def _flags() -> tuple[str, ...]:
     include, _ = _torch_dirs()
     abi = int(bool(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", True)))
-    return ("-O2", "-fPIC", "-shared", "-std=c++17", "-w", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-I{include}",
+    return ("-O2", "-fPIC", "-shared", "-w", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-I{include}",
             f"-I{sysconfig.get_paths()['include']}")
 
 
@@ -258,7 +258,7 @@ def _disabled() -> str:
 RECIPE = trusted_build.Recipe(
     prefix="adamtype_steady_checks", source=_source(), source_name="adamtype_steady_checks.cpp",
     compilers=lambda: (os.environ.get("CXX"), "c++", "g++", "clang++"), language="C++",
-    flags=_flags(), optional_flags=((),), libraries=_libraries(), key=_key, load=_load, disabled=_disabled,
+    flags=_flags(), optional_flags=(("-std=c++20",), ("-std=c++17",)), libraries=_libraries(), key=_key, load=_load, disabled=_disabled,
     skip_hint="set CXX to another compiler, or LIGHTNING_ADAMTYPE_STEADY_CHECKS=python to skip it",
     timeout_s=COMPILE_TIMEOUT_S,
 )
