@@ -103,3 +103,40 @@ def test_an_owned_extension_of_another_torch_is_loaded_but_never_called_and_remo
     assert _marks(marker) == ["loaded"]  # imported to read its versions, then refused: gather never called
     assert not os.path.lexists(path)  # removed: the next process builds it again
     assert "failed" in steady_checks.build_info().reason
+
+
+def test_where_no_build_thread_can_start_the_plan_checks_in_python(monkeypatch):
+    """``threading.Thread.start`` raising (a process at its thread limit): the extension is unavailable, with that
+    reason, nothing leaves ``optimizer.step()``, no warning, and the group is measured on the native backend (its plan
+    with the Python checks)."""
+    import threading
+    import warnings
+
+    from lightning_adamtype import ConditionTracker
+    from lightning_adamtype.backends import backend
+
+    if backend("native").unavailable(torch.device("cpu")) is not None:
+        pytest.skip(backend("native").unavailable(torch.device("cpu")))
+
+    def refuse(self):
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.delenv("LIGHTNING_ADAMTYPE_STEADY_CHECKS", raising=False)
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    steady_checks.reset()
+    try:
+        p = torch.nn.Parameter(torch.randn(40))
+        opt = torch.optim.Adam([p], lr=1e-2)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            tracker = ConditionTracker(opt)
+            for _ in range(4):
+                p.grad = torch.randn_like(p)
+                opt.step()
+        assert steady_checks.compiled() is None
+        assert "no build thread can be started (can't start new thread)" in steady_checks.build_info().reason
+        assert not [w for w in caught if "lightning_adamtype" in str(w.message)]
+        assert tracker.backends() == {"Adam/pg0": "native"} and tracker.compute()["Adam/pg0"]["steps"] == 4
+    finally:
+        monkeypatch.undo()
+        steady_checks.reset()

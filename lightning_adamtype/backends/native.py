@@ -36,8 +36,8 @@ PIECE = 16384
 PARALLEL_MIN_NUMEL = 2 * PIECE
 
 
-#: the C type of the kernel's reals, by the tensors' dtype
-_C_REAL = {torch.float32: ctypes.c_float, torch.float64: ctypes.c_double}
+#: the C type of the kernel's reals (and of CPU scalar tensors read through ctypes), by dtype
+C_REAL = {torch.float32: ctypes.c_float, torch.float64: ctypes.c_double}
 
 
 def _table(values: list[int]) -> Tensor:
@@ -78,10 +78,10 @@ class GroupLaunch(FlatEtaLayout):
         self.finite = torch.empty((), dtype=torch.uint8)
         self.finite_flag = self.finite.view(torch.bool)
         self._tables = ((ctypes.c_int64 * len(self.sizes))(), (ctypes.c_int64 * len(self.sizes))())
-        if self.dtype not in _C_REAL:
+        if self.dtype not in C_REAL:
             raise ValueError(f"the native kernel takes float32 or float64 tensors, not {self.dtype}")
         self._host_table = torch.empty(len(self.sizes), 2, dtype=self.dtype)
-        self._host_table_type = _C_REAL[self.dtype] * (2 * len(self.sizes))
+        self._host_table_type = C_REAL[self.dtype] * (2 * len(self.sizes))
         self._function = "adamtype_group_terms" if self.dtype == torch.float32 else "adamtype_group_terms_f64"
         self._threads = 1 if sum(self.sizes) < PARALLEL_MIN_NUMEL else 0
 

@@ -98,7 +98,8 @@ class FlatEtaLayout:
         return [buffer.narrow(0, o, n).view(shape) for o, n, shape in zip(self.offsets, self.sizes, shapes)]
 
 
-def _same_objects(a: Sequence[Any], b: Sequence[Any]) -> bool:
+def same_objects(a: Sequence[Any], b: Sequence[Any]) -> bool:
+    """Whether ``a`` and ``b`` hold the same objects (``is``), in the same order."""
     return len(a) == len(b) and all(map(operator.is_, a, b))
 
 
@@ -206,7 +207,7 @@ class OnePassBackend:
         if kept is not None:
             buffer, views = kept
             if has_previous:  # η_{t−1} has its parameter's shape (the tracker checks): the views are the layout
-                if _same_objects(step.previous, views):
+                if same_objects(step.previous, views):
                     return buffer, views
             else:
                 shapes = list(map(_shape, step.params))

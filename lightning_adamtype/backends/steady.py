@@ -31,7 +31,7 @@ from __future__ import annotations
 import ctypes
 import operator
 from itertools import chain, compress, repeat
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -39,7 +39,7 @@ from torch import Tensor
 from ..adapter_kit import to_device
 from ..tensor_shares import TensorShares
 from . import native, steady_checks
-from .one_pass import STORED
+from .one_pass import STORED, same_objects
 
 __all__ = ["SteadyPlan"]
 
@@ -47,11 +47,6 @@ _grad = operator.attrgetter("grad")
 _value = operator.attrgetter("value")
 _nbytes = operator.attrgetter("nbytes")
 _step = operator.itemgetter("step")
-_C_SCALAR = {torch.float32: ctypes.c_float, torch.float64: ctypes.c_double}
-
-
-def _same(a: Sequence[Any], b: Sequence[Any]) -> bool:
-    return len(a) == len(b) and all(map(operator.is_, a, b))
 
 
 class _NativeCall:
@@ -76,8 +71,9 @@ class _NativeCall:
         # for the compiled checks: the counts of the v tensors, and where the step counts are read to
         self._numels = (ctypes.c_int64 * n)(*(v.numel() for v in vs))
         self.steps = (ctypes.c_double * n)()
-        self._v_address, self._numels_address = ctypes.addressof(self._v_ptrs), ctypes.addressof(self._numels)
-        self._steps_address = ctypes.addressof(self.steps)
+        #: the trailing arguments of steady_checks.gather: this call's address tables and whether it reads float64
+        self.gather_arguments = (ctypes.addressof(self._v_ptrs), ctypes.addressof(self._numels),
+                                 ctypes.addressof(self._g_ptrs), ctypes.addressof(self.steps), self.double)
         self._args = launch.arguments(STORED, coordinates, self._v_ptrs, self._g_ptrs, eta, table, 1.0, 0.0,
                                       accumulators.data_ptr(), float(weight), values.data_ptr())
 
@@ -100,10 +96,6 @@ class _NativeCall:
         args[-1] = self.launch.threads()
         self.launch.call(*args)
         return self.launch.finite_flag
-
-    def gather_arguments(self) -> tuple:
-        """The trailing arguments of :func:`steady_checks.gather` for this call's address tables."""
-        return (self._v_address, self._numels_address, ctypes.addressof(self._g_ptrs), self._steps_address, self.double)
 
 
 class _TritonCall:
@@ -168,9 +160,9 @@ class SteadyPlan:
         if len(kinds) != 1:
             raise ValueError(f"step counters of mixed kinds {kinds}")
         dtype, device, dim = next(iter(kinds))  # type: ignore[misc]
-        if device != "cpu" or dim != 0 or dtype not in _C_SCALAR:
+        if device != "cpu" or dim != 0 or dtype not in native.C_REAL:
             raise ValueError(f"step counters {dtype} on {device}")
-        return [_C_SCALAR[dtype].from_address(s.data_ptr()) for s in steps]
+        return [native.C_REAL[dtype].from_address(s.data_ptr()) for s in steps]
 
     @classmethod
     def build(cls, group: dict[str, Any], opt_state: dict, adapter: Any, keys: list[Tensor], states: list[dict],
@@ -183,10 +175,10 @@ class SteadyPlan:
             return None
         if callable(getattr(adapter, "consumed_gradients", None)) or adapter.coupled_weight_decay(group) != 0.0:
             return None
-        if not _same(shares.params, keys):
+        if not same_objects(shares.params, keys):
             return None
         params = group["params"]
-        if not _same(list(compress(params, map(operator.is_not, map(_grad, params), repeat(None)))), keys):
+        if not same_objects(list(compress(params, map(operator.is_not, map(_grad, params), repeat(None)))), keys):
             return None  # some parameters with a gradient were left out (empty, sparse, ...): the general path's case
         vs = form[0]
         v_key = next((k for k, x in states[0].items() if x is vs[0]), None) if states else None
@@ -211,7 +203,7 @@ class SteadyPlan:
             # the checks and reads of _gradients, _state_holds and _step_values in one C++ call; what it does not
             # take (a change, or tensors it does not read, such as a Parameter subclass) goes to the Python checks
             answer = checks.gather(group["params"], self.params, self.mask_bytes, opt_state, self.state_values,
-                                   self.states, self.v_key, self.vs, *call.gather_arguments())
+                                   self.states, self.v_key, self.vs, *call.gather_arguments)
         if answer:
             grads, values = None, None if answer == 1 else list(call.steps)  # type: ignore[union-attr]
         else:
@@ -230,7 +222,7 @@ class SteadyPlan:
 
     def _gradients(self, group: dict[str, Any]) -> list[Tensor] | None:
         params = group["params"]
-        if not _same(params, self.params):
+        if not same_objects(params, self.params):
             return None
         grads = list(map(_grad, params))
         if self.everyone:
@@ -254,7 +246,7 @@ class SteadyPlan:
         if list(map(Tensor.data_ptr, map(operator.itemgetter(self.v_key), self.states))) != self.v_ptrs:
             return False
         # (host-number counters are read afresh each step; tensor counters through their cells, so they must be the same)
-        return self.step_cells is None or _same(list(map(_step, self.states)), self.steps)
+        return self.step_cells is None or same_objects(list(map(_step, self.states)), self.steps)
 
     def _step_values(self) -> list[float] | None:
         """The step counts read in Python; None when they are all equal."""

@@ -410,13 +410,19 @@ class Attempt:
             return self._done
 
     def start(self) -> None:
-        """Start the attempt in a daemon thread, unless one was made or is running."""
+        """Start the attempt in a daemon thread, unless one was made or is running (never raises: where no thread
+        can be started the attempt is done, with that reason)."""
         with self._lock:
             if self._done is not None or self._thread is not None:
                 return
-            self._thread = threading.Thread(target=self._background, args=(self._generation,),
-                                            name=f"{self.recipe.prefix}-build", daemon=True)
-            self._thread.start()
+            thread = threading.Thread(target=self._background, args=(self._generation,),
+                                      name=f"{self.recipe.prefix}-build", daemon=True)
+            try:
+                thread.start()
+            except RuntimeError as error:  # (no thread can be started: the artefact is unavailable, not an error)
+                self._done = None, BuildInfo(reason=f"no build thread can be started ({one_line(str(error))})")
+                return
+            self._thread = thread
 
     def _background(self, generation: int) -> None:
         done = self._attempt()
