@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
+from . import readout
 from .adapter_kit import NotMapped
 from .adapters import adapter_lookup
 from .checkpoint import load_tracker_state, tracker_state
@@ -349,10 +350,8 @@ class ConditionTracker:
     def stepsizes(self) -> dict[str, Tensor]:
         """``{group name: η of every coordinate}`` (flat float32 CPU) from the latest observed step: the kept
         η_{t−1}, or (recomputed mode) read now from the optimizer state through the adapter."""
-        from .readout import stepsizes
-
         self._align_groups()
-        return stepsizes(self.group_names(), self._groups, self.memory, self.adapter, self.optimizer)
+        return readout.stepsizes(self.group_names(), self._groups, self.memory, self.adapter, self.optimizer)
 
     def compute(self) -> dict[str, dict[str, float]]:
         """``{group name: {key: value}}`` with one host transfer per device (and one for the per-tensor shares).
@@ -365,10 +364,8 @@ class ConditionTracker:
         ``c_share_top<i>`` (the largest per-tensor shares, names in :meth:`tensor_shares`); measured (0 once the
         group's measurement failed). Groups never observed are left out. A verdict that turned to violation since
         the previous call gives one warning (rank zero)."""
-        from .readout import read_groups
-
         self._align_groups()
-        out = read_groups(self.group_names(), self._groups)
+        out = readout.read_groups(self.group_names(), self._groups)
         shares = self.tensor_shares()
         for name, row in out.items():
             for column, key in ((0, "b"), (1, "c")):
@@ -388,10 +385,8 @@ class ConditionTracker:
         """``{group name: [(parameter name, [B_i, C_i, activations_i, inactive_i]), ...]}``: each parameter's
         accumulated b and c (its share is B_i / Σ B), activations, and inactive coordinates at the latest step.
         Names come from ``parameter_names`` (the callback passes ``named_parameters()``), else ``<group>[i]``."""
-        from .readout import tensor_shares
-
         self._align_groups()
-        return tensor_shares(self.group_names(), self._groups, self.parameter_names)
+        return readout.tensor_shares(self.group_names(), self._groups, self.parameter_names)
 
     def summary(self) -> str:
         """A short text report (see :func:`lightning_adamtype.summary.summary_text`): per group both verdicts, their
@@ -402,15 +397,11 @@ class ConditionTracker:
     def held_tensors(self) -> list[Tensor]:
         """Every tensor the tracker keeps between steps (accumulators, η_{t−1} and its (s, e), the backends' buffers,
         trend-detector buffers, coupled-decay copies). For memory accounting."""
-        from .readout import held_tensors
-
-        return held_tensors(self.memory, self._groups)
+        return readout.held_tensors(self.memory, self._groups)
 
     def held_bytes(self) -> int:
         """Bytes of the storages behind :meth:`held_tensors` (a storage shared by several views counts once)."""
-        from .readout import storage_bytes
-
-        return storage_bytes(self.held_tensors())
+        return readout.storage_bytes(self.held_tensors())
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
